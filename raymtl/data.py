@@ -1,0 +1,227 @@
+"""Data: read the task files, carve validation splits, tokenize with Ray Data, pad batches.
+
+Readers validate every row against the task table (``raymtl.tasks``). A bad row is never
+guessed at and never dropped silently: it is reported as ``file:line: reason``, counted
+per file, and the read fails when a file has more bad rows than ``max_bad_fraction``
+allows, or lacks a required column.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from raymtl.tasks import TaskSpec
+
+log = logging.getLogger("raymtl.data")
+
+
+class DataError(ValueError):
+    """A data file cannot be used; the message names the file and line or column."""
+
+
+@dataclass
+class ReadReport:
+    path: str
+    rows: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+
+    def summary(self) -> str:
+        s = f"{self.path}: {self.rows} rows read, {len(self.bad)} skipped"
+        for line, reason in self.bad[:5]:
+            s += f"\n  {self.path}:{line}: {reason}"
+        if len(self.bad) > 5:
+            s += f"\n  ... and {len(self.bad) - 5} more"
+        return s
+
+
+def read_bytes(path: str) -> bytes:
+    """Read a local path or any URI pyarrow understands (s3://, gs://, hdfs://)."""
+    import pyarrow.fs as pafs
+    try:
+        fs, p = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"cannot read data file {path}: {e}") from None
+
+
+def read_task_file(spec: TaskSpec, path: str, *, with_labels: bool = True, max_rows: int = 0,
+                   max_bad_fraction: float = 0.01, allow_empty_text: bool = False
+                   ) -> tuple[list[dict[str, Any]], ReadReport]:
+    """Read a TAB-separated task file (minBERT ``.csv`` or GLUE ``.tsv``) by header names.
+
+    Returns rows ``{"id", "line", "text_a", "text_b", "label"}`` and a report of skipped rows.
+    """
+    raw_lines = read_bytes(path).split(b"\n")
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()
+    if not raw_lines:
+        raise DataError(f"{path}: file is empty")
+    header = raw_lines[0].decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r").split("\t")
+    required = ["id", *spec.text_cols] + ([spec.label_col] if with_labels else [])
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path}:1: missing required column(s) {missing} for task {spec.name!r}; "
+                        f"header has {header}")
+    col = {c: header.index(c) for c in required}
+    report = ReadReport(path)
+    rows: list[dict[str, Any]] = []
+    for lineno, raw in enumerate(raw_lines[1:], start=2):
+        if max_rows and report.rows + len(report.bad) >= max_rows:
+            break
+        try:
+            text = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            report.bad.append((lineno, f"not valid UTF-8 (byte {e.start})"))
+            continue
+        fields = text.split("\t")
+        if len(fields) != len(header):
+            report.bad.append((lineno, f"expected {len(header)} TAB-separated fields, got {len(fields)}"))
+            continue
+        texts = [fields[col[c]].strip() for c in spec.text_cols]
+        empty = [c for c, t in zip(spec.text_cols, texts) if not t]
+        if empty and not allow_empty_text:
+            report.bad.append((lineno, f"empty text in column(s) {empty}"))
+            continue
+        row = {"id": fields[col["id"]].strip(), "line": lineno, "text_a": texts[0],
+               "text_b": texts[1] if spec.is_pair else "", "label": 0.0}
+        if with_labels:
+            try:
+                row["label"] = float(spec.parse_label(fields[col[spec.label_col]]))
+            except ValueError as e:
+                report.bad.append((lineno, str(e)))
+                continue
+        rows.append(row)
+        report.rows += 1
+    total = report.rows + len(report.bad)
+    for line, reason in report.bad[:20]:
+        log.warning("%s:%d: skipped row: %s", path, line, reason)
+    if total and len(report.bad) / total > max_bad_fraction:
+        raise DataError(f"{path}: {len(report.bad)} of {total} rows are malformed, more than "
+                        f"max_bad_fraction={max_bad_fraction}\n" + report.summary())
+    if not rows:
+        raise DataError(f"{path}: no usable rows\n" + report.summary())
+    return rows, report
+
+
+def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded shuffle, then carve ``val_fraction`` of the rows (at least one) for validation."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(len(rows) * val_fraction)))
+    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+
+
+# ---------------------------------------------------------------------------- tokenization
+def encode(tokenizer, text_a: list[str], text_b: list[str], mode: str | None, max_length: int
+           ) -> dict[str, list[list[int]]]:
+    """Token ids for one batch. mode None: single sentence; 'cross': one joint sequence;
+    'bi': two separate sequences (ids_b)."""
+    if mode == "cross":
+        enc = tokenizer(text_a, text_b, truncation="longest_first", max_length=max_length,
+                        return_token_type_ids=True)
+        return {"ids_a": enc["input_ids"], "tt_a": enc["token_type_ids"],
+                "ids_b": [[] for _ in text_a]}
+    enc_a = tokenizer(text_a, truncation=True, max_length=max_length)
+    ids_b = (tokenizer(text_b, truncation=True, max_length=max_length)["input_ids"]
+             if mode == "bi" else [[] for _ in text_a])
+    return {"ids_a": enc_a["input_ids"], "tt_a": [[0] * len(x) for x in enc_a["input_ids"]],
+            "ids_b": ids_b}
+
+
+class Tokenize:
+    """Ray Data ``map_batches`` callable: loads the tokenizer once per actor."""
+
+    def __init__(self, tokenizer_source: str, modes: dict[str, str | None], max_length: int):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(tokenizer_source)
+        self.modes, self.max_length = modes, max_length
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = {"ids_a": [], "tt_a": [], "ids_b": []}
+        tasks = batch["task"]
+        # A batch may mix tasks; encode each task's rows with its own input mode.
+        idx_by_task: dict[str, list[int]] = {}
+        for i, t in enumerate(tasks):
+            idx_by_task.setdefault(str(t), []).append(i)
+        cols: dict[str, list] = {k: [None] * len(tasks) for k in out}
+        for task, idx in idx_by_task.items():
+            enc = encode(self.tok, [batch["text_a"][i] for i in idx], [batch["text_b"][i] for i in idx],
+                         self.modes[task], self.max_length)
+            for k in out:
+                for j, i in enumerate(idx):
+                    cols[k][i] = np.asarray(enc[k][j], dtype=np.int32)
+        return {"task": batch["task"], "split": batch["split"], "line": batch["line"],
+                "label": batch["label"].astype(np.float32), **cols}
+
+
+def _pad(seqs, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Pad each batch only to its own longest row (dynamic padding)."""
+    ids_a, mask_a = _pad(batch["ids_a"])
+    tt_a, _ = _pad(batch["tt_a"])
+    out = {"input_ids": ids_a, "attention_mask": mask_a, "token_type_ids": tt_a,
+           "label": torch.as_tensor(np.asarray(batch["label"], dtype=np.float32)),
+           "line": torch.as_tensor(np.asarray(batch["line"], dtype=np.int64))}
+    if len(batch["ids_b"]) and len(batch["ids_b"][0]):
+        out["input_ids_b"], out["attention_mask_b"] = _pad(batch["ids_b"])
+    return out
+
+
+def batch_from_rows(tokenizer, rows: list[dict], mode: str | None, max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize and collate rows directly (evaluation / prediction outside Ray Data)."""
+    enc = encode(tokenizer, [r["text_a"] for r in rows], [r["text_b"] for r in rows], mode, max_length)
+    return collate({**enc, "label": [r["label"] for r in rows], "line": [r["line"] for r in rows]})
+
+
+# ---------------------------------------------------------------------------- Ray Data
+def load_splits(data_cfg) -> tuple[dict[str, tuple[list[dict], list[dict]]], list[ReadReport]]:
+    """Read every task's train file and carve its seeded validation split."""
+    from raymtl.tasks import TASKS
+    splits, reports = {}, []
+    for name in data_cfg.tasks:
+        spec = TASKS[name]
+        rows, report = read_task_file(spec, f"{data_cfg.data_dir.rstrip('/')}/{spec.path}",
+                                      max_rows=data_cfg.max_rows,
+                                      max_bad_fraction=data_cfg.max_bad_fraction)
+        reports.append(report)
+        splits[name] = split_rows(rows, data_cfg.val_fraction, data_cfg.split_seed)
+    return splits, reports
+
+
+def tokenized_datasets(splits, tokenizer_source: str, modes: dict[str, str | None],
+                       max_length: int) -> dict[str, "ray.data.Dataset"]:
+    """One Ray Data pass tokenizes every task and split; returns ``{"train_sst": ds, "val_sst": ds, ...}``.
+
+    The result is materialized so that training workers, which hold the CPUs during
+    ``fit``, never wait on a streaming tokenizer (see RAY_NOTES: 2-CPU deadlock).
+    """
+    import ray
+    items = [{"task": t, "split": s, "line": r["line"], "text_a": r["text_a"],
+              "text_b": r["text_b"], "label": r["label"]}
+             for t, (train, val) in splits.items() for s, rows in (("train", train), ("val", val))
+             for r in rows]
+    ds = ray.data.from_items(items).map_batches(
+        Tokenize, fn_constructor_kwargs={"tokenizer_source": tokenizer_source, "modes": modes,
+                                         "max_length": max_length},
+        batch_size=512, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).materialize()
+    out = {}
+    for t in splits:
+        for s in ("train", "val"):
+            out[f"{s}_{t}"] = ds.filter(
+                expr=f"task == '{t}' and split == '{s}'").drop_columns(["task", "split"]).materialize()
+    return out

@@ -1,0 +1,48 @@
+"""Evaluation and prediction shared by the training loop and the ``raymtl`` CLI."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from raymtl.metrics import overall, task_metric
+
+
+@torch.no_grad()
+def predict_batches(model, task: str, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``model`` over collated batches of one task -> (predictions, labels, line numbers)."""
+    was_training = model.training
+    model.eval()
+    preds, labels, lines = [], [], []
+    for b in batches:
+        out = model(task, b)
+        preds.append(model.heads[task].predict(out).float().cpu().numpy())
+        labels.append(b["label"].numpy())
+        lines.append(b["line"].numpy())
+    model.train(was_training)
+    if not preds:
+        return np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.concatenate(preds), np.concatenate(labels), np.concatenate(lines)
+
+
+def row_batches(tokenizer, rows: list[dict], mode, max_length: int, batch_size: int = 64):
+    from raymtl.data import batch_from_rows
+    for i in range(0, len(rows), batch_size):
+        yield batch_from_rows(tokenizer, rows[i:i + batch_size], mode, max_length)
+
+
+def evaluate_rows(model, tokenizer, rows_by_task: dict[str, list[dict]], max_length: int = 128
+                  ) -> dict[str, float]:
+    """Scores per task plus ``overall`` for labelled rows."""
+    scores = {}
+    for task, rows in rows_by_task.items():
+        preds, labels, _ = predict_batches(model, task, row_batches(tokenizer, rows, model.modes[task], max_length))
+        scores[task] = task_metric(task, preds, labels)
+    return {**scores, "overall": overall(scores)}
+
+
+def format_table(scores: dict[str, float]) -> str:
+    names = {"sst": "SST accuracy", "quora": "Quora accuracy", "sts": "STS Pearson", "overall": "overall"}
+    width = max(len(names.get(k, k)) for k in scores)
+    return "\n".join(f"{names.get(k, k):<{width}}  {v:.4f}" for k, v in scores.items())

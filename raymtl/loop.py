@@ -1,0 +1,153 @@
+"""The one per-worker training loop, used by every stage.
+
+``train_loop_per_worker(config)`` runs inside each Ray Train worker. It reads everything
+from its ``config`` argument (never from module globals): ``config["cfg"]`` is the nested
+``MTLConfig`` dict.
+"""
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raymtl.config import MTLConfig
+from raymtl.data import collate
+from raymtl.evaluation import predict_batches
+from raymtl.metrics import overall, task_metric
+from raymtl.model import MultiTaskModel, tokenizer_source
+from raymtl.objectives import LOSSES
+from raymtl.sampling import get_sampler
+
+
+def cycle_batches(shard, batch_size: int, seed: int):
+    """Endless stream of padded batches from a Ray Data shard, reshuffled every epoch."""
+    epoch = 0
+    while True:
+        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,
+                                              local_shuffle_buffer_size=4 * batch_size,
+                                              local_shuffle_seed=seed + epoch):
+            yield batch
+        epoch += 1
+
+
+def validate(module, tasks, rank: int, world: int, shard_eval: bool) -> dict[str, float]:
+    """Scores on the validation splits. Batches are divided among ranks and gathered,
+    except under ZeRO-3, where every rank must run every forward (parameters are gathered
+    collectively) and so each evaluates all batches."""
+    import ray.train
+    scores = {}
+    for t in tasks:
+        batches = ray.train.get_dataset_shard(f"val_{t}").iter_torch_batches(batch_size=64, collate_fn=collate)
+        mine = (b for i, b in enumerate(batches) if not shard_eval or i % world == rank)
+        preds, labels, _ = predict_batches(module, t, mine)
+        if shard_eval and world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, (preds, labels))
+            preds = np.concatenate([p for p, _ in parts])
+            labels = np.concatenate([lab for _, lab in parts])
+        scores[t] = task_metric(t, preds, labels)
+    return scores
+
+
+class Progress:
+    """Rank-0 progress line: step, examples/s, ETA, per-task losses (window means)."""
+
+    def __init__(self, total: int, start: int, rows_per_step_fn):
+        self.total, self.start, self.t0 = total, start, time.time()
+        self.rows, self.losses = 0, {}
+        self.rows_per_step = rows_per_step_fn
+
+    def update(self, tasks, losses: dict[str, float]):
+        self.rows += self.rows_per_step(tasks)
+        for t, v in losses.items():
+            self.losses.setdefault(t, []).append(v)
+
+    def line(self, step: int) -> str:
+        dt = time.time() - self.t0
+        done = step - self.start
+        eta = dt / max(done, 1) * (self.total - step)
+        loss = " ".join(f"{t} {np.mean(v):.3f}" for t, v in self.losses.items())
+        self.losses = {}
+        return (f"[raymtl] step {step}/{self.total} | {self.rows / max(dt, 1e-9):.1f} ex/s | "
+                f"eta {eta / 60:.1f} min | loss {loss}")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+    from transformers import AutoTokenizer
+
+    from raymtl import engine as eng
+    from raymtl.trainer import quiet_ray_data
+    quiet_ray_data()
+
+    # 1. config, seeds, threads --------------------------------------------------------
+    cfg = MTLConfig.from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)
+    tasks = list(cfg.data.tasks)
+    sizes = config["train_sizes"]
+    sampler, rng = get_sampler(cfg.train.sampling), random.Random(cfg.train.seed)
+
+    # 2. model and DeepSpeed engine ------------------------------------------------------
+    model = MultiTaskModel.from_config(cfg.model, tasks, seed=cfg.train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.init_from or cfg.model.encoder))
+    engine = eng.initialize(model, cfg)
+    device = engine.device
+
+    # 3. resume from the last checkpoint of this run, if any -----------------------------
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            step = eng.load_checkpoint(engine, Path(d))
+        if rank == 0:
+            print(f"[raymtl] resumed from checkpoint at step {step}", flush=True)
+    rng.seed(cfg.train.seed + step)  # the sampler stream continues deterministically
+
+    # 4. data: one endless stream of padded batches per task ----------------------------
+    mb = cfg.micro_batch_size()
+    streams = {t: cycle_batches(ray.train.get_dataset_shard(f"train_{t}"), mb, cfg.train.seed + rank + step)
+               for t in tasks}
+    progress = Progress(cfg.train.steps, step, lambda ts: len(ts) * cfg.train.batch_size)
+    heads = model.heads
+
+    # 5. train --------------------------------------------------------------------------
+    engine.train()
+    while step < cfg.train.steps:
+        chosen = sampler(sizes, step, cfg.train.steps, rng)
+        window = {t: 0.0 for t in chosen}
+        for _ in range(cfg.train.grad_accum):
+            losses = {}
+            for t in chosen:
+                batch = {k: v.to(device) for k, v in next(streams[t]).items()}
+                out = engine(t, batch)
+                losses[t] = LOSSES[heads[t].kind](out, batch["label"])
+            engine.backward(sum(losses.values()))
+            engine.step()
+            for t, v in losses.items():
+                window[t] += v.item() / cfg.train.grad_accum
+        step += 1
+        if rank == 0:
+            progress.update(chosen, window)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                print(progress.line(step), flush=True)
+
+        # 6. validate, checkpoint, report (every rank: report is a barrier) ------------
+        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            scores = validate(engine.module, tasks, rank, world, shard_eval=cfg.scale.zero_stage < 3)
+            metrics = {**{f"val_{t}": v for t, v in scores.items()}, "overall": overall(scores),
+                       "step": step, "lr": engine.get_lr()[0]}
+            if rank == 0:
+                print("[raymtl] validation step %d: %s" % (step, " ".join(
+                    f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "overall")))), flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

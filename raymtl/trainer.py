@@ -1,0 +1,103 @@
+"""Driver side: read and tokenize the data, build the ``TorchTrainer``, fit, summarise."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from raymtl.config import MTLConfig
+from raymtl.data import load_splits, tokenized_datasets
+from raymtl.evaluation import format_table
+from raymtl.model import tokenizer_source
+from raymtl.tasks import TASKS
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-dataset progress bars drown raymtl's own progress lines."""
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a local one."""
+    import ray
+    quiet_ray_data()
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+@dataclass
+class FitSummary:
+    metrics: dict
+    best_checkpoint: str | None
+    best_metrics: dict
+    run_dir: str
+
+
+def storage_path(output: str) -> str:
+    return output if "://" in output else str(Path(output).expanduser().resolve())
+
+
+def build_trainer(cfg: MTLConfig, datasets: dict, train_sizes: dict[str, int], loop=None, callbacks=None):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raymtl.loop import train_loop_per_worker
+    s = cfg.scale
+    scaling = ray.train.ScalingConfig(
+        num_workers=s.num_workers, use_gpu=s.use_gpu,
+        resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})})
+    run = ray.train.RunConfig(
+        name=cfg.run.name, storage_path=storage_path(cfg.run.output),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute="overall",
+            checkpoint_score_order="max"),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        callbacks=callbacks)
+    return TorchTrainer(
+        loop or train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "train_sizes": train_sizes},
+        scaling_config=scaling, run_config=run, datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train_")]))
+
+
+def prepare_data(cfg: MTLConfig, verbose: bool = True):
+    """Read, validate, split and tokenize every task (one Ray Data pass)."""
+    splits, reports = load_splits(cfg.data)
+    if verbose:
+        for r in reports:
+            print("[raymtl] data " + r.summary(), flush=True)
+    modes = {t: (cfg.model.mode_of(t) if TASKS[t].is_pair else None) for t in splits}
+    datasets = tokenized_datasets(splits, tokenizer_source(cfg.model.init_from or cfg.model.encoder),
+                                  modes, cfg.data.max_length)
+    sizes = {t: len(train) for t, (train, _) in splits.items()}
+    return datasets, sizes
+
+
+def fit(cfg: MTLConfig, verbose: bool = True, callbacks=None) -> FitSummary:
+    ensure_ray()
+    datasets, sizes = prepare_data(cfg, verbose)
+    result = build_trainer(cfg, datasets, sizes, callbacks=callbacks).fit()
+    best = result.get_best_checkpoint("overall", "max") if result.best_checkpoints else None
+    best_metrics = next((m for c, m in result.best_checkpoints if best and c.path == best.path), {})
+    summary = FitSummary(metrics=result.metrics or {}, best_checkpoint=best.path if best else None,
+                         best_metrics=best_metrics, run_dir=result.path)
+    if verbose:
+        print_summary(summary)
+    return summary
+
+
+def print_summary(s: FitSummary) -> None:
+    if s.best_metrics:
+        scores = {k[4:]: v for k, v in s.best_metrics.items() if k.startswith("val_")}
+        scores["overall"] = s.best_metrics["overall"]
+        print(f"\n[raymtl] best checkpoint (step {s.best_metrics.get('step')}) validation scores:")
+        print(format_table(scores))
+    print(f"[raymtl] best checkpoint: {s.best_checkpoint}")
+    print(f"[raymtl] run directory: {s.run_dir}", flush=True)
