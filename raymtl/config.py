@@ -44,6 +44,9 @@ class DataConfig:
     split_seed: int = _help("seed of the train/validation split", default=1234)
     max_length: int = _help("truncate tokenized inputs to this many tokens", default=128)
     max_rows: int = _help("read at most this many rows per task file (0 = all); for smoke runs", default=0)
+    bucket_batches: int = _help(
+        "group rows of similar length: sort windows of this many batches by length, so "
+        "batches carry little padding (1 = off)", default=16)
     max_bad_fraction: float = _help(
         "fail when more than this fraction of a file's rows is malformed", default=0.01)
 
@@ -57,6 +60,7 @@ class DataConfig:
             raise ValueError(f"val_fraction={self.val_fraction!r} must be in (0, 1)")
         _positive("max_length", self.max_length)
         _positive("max_rows", self.max_rows, allow_zero=True)
+        _positive("bucket_batches", self.bucket_batches)
         if not 0 <= self.max_bad_fraction < 1:
             raise ValueError(f"max_bad_fraction={self.max_bad_fraction!r} must be in [0, 1)")
 
@@ -87,21 +91,22 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _help("optimizer steps (each step sees one batch of every sampled task)", default=600)
+    steps: int = _help("optimizer steps (each step sees one batch of every sampled task)", default=300)
     batch_size: int = _help("global batch size per task per step (all workers, all accumulation)", default=32)
     grad_accum: int = _help("gradient accumulation micro-steps per optimizer step", default=1)
-    lr: float = _help("peak learning rate", default=5e-5)
+    lr: float = _help("peak learning rate of the encoder", default=5e-5)
+    head_lr: float = _help("peak learning rate of the task heads", default=1e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
     warmup_ratio: float = _help("fraction of steps with linear warm-up", default=0.06)
     grad_clip: float = _help("clip the global gradient norm (0 = off)", default=1.0)
-    eval_every: int = _help("validate and checkpoint every N steps (and at the end)", default=200)
+    eval_every: int = _help("validate and checkpoint every N steps (and at the end)", default=100)
     sampling: str = _help("task sampling strategy (see raymtl.sampling.SAMPLERS)", default="round_robin")
     seed: int = _help("training seed", default=42)
     log_every: int = _help("print progress every N steps", default=10)
 
     def __post_init__(self):
         from raymtl.sampling import SAMPLERS
-        for name in ("steps", "batch_size", "grad_accum", "lr", "eval_every", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "lr", "head_lr", "eval_every", "log_every"):
             _positive(name, getattr(self, name))
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _positive("grad_clip", self.grad_clip, allow_zero=True)
@@ -117,7 +122,7 @@ class TrainConfig:
 class ScaleConfig:
     num_workers: int = _help("Ray Train workers (0 = Train's in-process local mode)", default=1)
     use_gpu: bool = _help("one GPU per worker (NCCL); CPU workers use gloo", default=False)
-    cpus_per_worker: float = _help("CPUs reserved per worker", default=1.0)
+    cpus_per_worker: float = _help("CPUs reserved per worker (also its torch threads)", default=2.0)
     zero_stage: int = _help("DeepSpeed ZeRO stage 0-3", default=0)
     precision: str = _help("'fp32', or on GPU 'bf16' / 'fp16'", default="fp32")
 

@@ -175,8 +175,8 @@ def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     ids_a, mask_a = _pad(batch["ids_a"])
     tt_a, _ = _pad(batch["tt_a"])
     out = {"input_ids": ids_a, "attention_mask": mask_a, "token_type_ids": tt_a,
-           "label": torch.as_tensor(np.asarray(batch["label"], dtype=np.float32)),
-           "line": torch.as_tensor(np.asarray(batch["line"], dtype=np.int64))}
+           "label": torch.tensor(np.asarray(batch["label"], dtype=np.float32)),
+           "line": torch.tensor(np.asarray(batch["line"], dtype=np.int64))}
     if len(batch["ids_b"]) and len(batch["ids_b"][0]):
         out["input_ids_b"], out["attention_mask_b"] = _pad(batch["ids_b"])
     return out

@@ -10,7 +10,29 @@ import torch.distributed as dist
 DS_TAG = "state"
 
 
-def deepspeed_config(cfg) -> dict:
+def param_groups(model: torch.nn.Module, cfg) -> tuple[list[dict], list[float]]:
+    """AdamW groups: encoder weights (decayed), encoder biases/LayerNorm (not decayed), and the
+    task heads at their own, higher learning rate: a fresh linear head on small-norm mean-pooled
+    features barely moves at an encoder-sized learning rate. Returns (groups, peak lr per group)."""
+    enc_decay, enc_plain, heads = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("heads."):
+            heads.append(p)
+        elif p.ndim < 2:
+            enc_plain.append(p)
+        else:
+            enc_decay.append(p)
+    t = cfg.train
+    groups = [({"params": enc_decay, "weight_decay": t.weight_decay}, t.lr),
+              ({"params": enc_plain, "weight_decay": 0.0}, t.lr),
+              ({"params": heads, "weight_decay": t.weight_decay}, t.head_lr)]
+    groups = [(g, lr) for g, lr in groups if g["params"]]
+    return [g for g, _ in groups], [lr for _, lr in groups]
+
+
+def deepspeed_config(cfg, peak_lrs: list[float] | None = None) -> dict:
     """The DeepSpeed JSON config for one run; precision and ZeRO stage come from ``cfg.scale``."""
     t, s = cfg.train, cfg.scale
     return {
@@ -26,7 +48,8 @@ def deepspeed_config(cfg) -> dict:
                                                   "torch_adam": True}},
         "scheduler": {"type": "WarmupDecayLR", "params": {
             "total_num_steps": t.steps, "warmup_num_steps": max(1, t.warmup_steps()),
-            "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_type": "linear"}},
+            "warmup_min_lr": [0.0] * len(peak_lrs) if peak_lrs else 0.0,
+            "warmup_max_lr": peak_lrs or t.lr, "warmup_type": "linear"}},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -34,9 +57,9 @@ def deepspeed_config(cfg) -> dict:
 
 def initialize(model: torch.nn.Module, cfg):
     import deepspeed
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
-                                           config=deepspeed_config(cfg))
+    groups, peak_lrs = param_groups(model, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                           config=deepspeed_config(cfg, peak_lrs))
     return engine
 
 

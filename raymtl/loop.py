@@ -24,14 +24,29 @@ from raymtl.objectives import LOSSES
 from raymtl.sampling import get_sampler
 
 
-def cycle_batches(shard, batch_size: int, seed: int):
-    """Endless stream of padded batches from a Ray Data shard, reshuffled every epoch."""
+def cycle_batches(shard, batch_size: int, seed: int, bucket: int):
+    """Endless stream of padded batches from a Ray Data shard, reshuffled every epoch.
+
+    Length bucketing: a window of ``bucket`` batches is sorted by row length and cut into
+    batches, which are then yielded in random order, so a batch pads to a similar length.
+    """
+    rng = np.random.default_rng(seed)
     epoch = 0
     while True:
-        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,
-                                              local_shuffle_buffer_size=4 * batch_size,
-                                              local_shuffle_seed=seed + epoch):
-            yield batch
+        yielded = False
+        for window in shard.iter_batches(batch_size=batch_size * bucket, batch_format="numpy",
+                                         local_shuffle_buffer_size=4 * batch_size * bucket,
+                                         local_shuffle_seed=seed + epoch):
+            n = len(window["label"]) // batch_size * batch_size   # drop the ragged tail
+            lengths = np.array([len(a) + len(b) for a, b in zip(window["ids_a"], window["ids_b"])])
+            order = np.argsort(lengths[:n] + rng.random(n), kind="stable") if bucket > 1 else np.arange(n)
+            chunks = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+            for j in rng.permutation(len(chunks)):
+                yielded = True
+                yield collate({k: v[chunks[j]] for k, v in window.items()})
+        if not yielded:
+            raise ValueError(f"a training shard has fewer rows than one batch ({batch_size}); "
+                             "lower batch_size or num_workers")
         epoch += 1
 
 
@@ -114,7 +129,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     # 4. data: one endless stream of padded batches per task ----------------------------
     mb = cfg.micro_batch_size()
-    streams = {t: cycle_batches(ray.train.get_dataset_shard(f"train_{t}"), mb, cfg.train.seed + rank + step)
+    streams = {t: cycle_batches(ray.train.get_dataset_shard(f"train_{t}"), mb, cfg.train.seed + rank + step,
+                                cfg.data.bucket_batches)
                for t in tasks}
     progress = Progress(cfg.train.steps, step, lambda ts: len(ts) * cfg.train.batch_size)
     heads = model.heads
