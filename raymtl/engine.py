@@ -82,9 +82,15 @@ def save_checkpoint(engine, directory: Path, step: int, rank: int, tokenizer, cf
         dist.barrier()
 
 
-def load_checkpoint(engine, directory: Path) -> int:
-    """Restore engine weights, optimizer and scheduler; returns the step to continue from."""
+def load_checkpoint(engine, directory: Path, total_steps: int) -> int:
+    """Restore engine weights, optimizer and scheduler; returns the step to continue from.
+
+    The restored schedule is stretched to ``total_steps``, so re-running with more
+    steps continues the decay over the new horizon instead of sitting at lr 0.
+    """
     _, client = engine.load_checkpoint(str(directory / "deepspeed"), tag=DS_TAG)
     if client is None:
         raise RuntimeError(f"could not load DeepSpeed state from {directory / 'deepspeed'}")
+    if hasattr(engine.lr_scheduler, "total_num_steps"):
+        engine.lr_scheduler.total_num_steps = total_steps
     return int(client["step"])

@@ -7,6 +7,7 @@ from its ``config`` argument (never from module globals): ``config["cfg"]`` is t
 from __future__ import annotations
 
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,12 @@ from raymtl.metrics import overall, task_metric
 from raymtl.model import MultiTaskModel, tokenizer_source
 from raymtl.objectives import LOSSES
 from raymtl.sampling import get_sampler
+
+
+def say(msg: str) -> None:
+    """Print once. (Train V2 patches ``print`` and tees it when stdout is wrapped, which
+    doubled every progress line on the driver.)"""
+    print(msg, file=sys.__stdout__, flush=True)
 
 
 def cycle_batches(shard, batch_size: int, seed: int, bucket: int):
@@ -122,10 +129,11 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            step = eng.load_checkpoint(engine, Path(d))
+            step = eng.load_checkpoint(engine, Path(d), cfg.train.steps)
         if rank == 0:
-            print(f"[raymtl] resumed from checkpoint at step {step}", flush=True)
+            say(f"[raymtl] resumed from checkpoint at step {step}")
     rng.seed(cfg.train.seed + step)  # the sampler stream continues deterministically
+    start_step, loss_sum, loss_n = step, 0.0, 0
 
     # 4. data: one endless stream of padded batches per task ----------------------------
     mb = cfg.micro_batch_size()
@@ -151,19 +159,22 @@ def train_loop_per_worker(config: dict) -> None:
             for t, v in losses.items():
                 window[t] += v.item() / cfg.train.grad_accum
         step += 1
+        loss_sum, loss_n = loss_sum + sum(window.values()), loss_n + 1
         if rank == 0:
             progress.update(chosen, window)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                print(progress.line(step), flush=True)
+                say(progress.line(step))
 
         # 6. validate, checkpoint, report (every rank: report is a barrier) ------------
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
             scores = validate(engine.module, tasks, rank, world, shard_eval=cfg.scale.zero_stage < 3)
             metrics = {**{f"val_{t}": v for t, v in scores.items()}, "overall": overall(scores),
-                       "step": step, "lr": engine.get_lr()[0]}
+                       "train_loss": loss_sum / max(loss_n, 1), "step": step, "start_step": start_step,
+                       "lr": engine.get_lr()[0]}
+            loss_sum, loss_n = 0.0, 0
             if rank == 0:
-                print("[raymtl] validation step %d: %s" % (step, " ".join(
-                    f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "overall")))), flush=True)
+                say("[raymtl] validation step %d: %s" % (step, " ".join(
+                    f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "overall")))))
             with tempfile.TemporaryDirectory() as tmp:
                 eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

@@ -1,0 +1,27 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from raymtl.config import DEFAULT_DATA_DIR
+
+DATA_DIR = os.environ.get("RAYMTL_DATA_DIR", DEFAULT_DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    if not Path(DATA_DIR, "sst", "train.csv").is_file():
+        pytest.fail(f"real data not found in {DATA_DIR}; set RAYMTL_DATA_DIR")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray instance for the whole session (never two on one machine)."""
+    import ray
+
+    from raymtl.trainer import quiet_ray_data
+    quiet_ray_data()
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
+    yield ray
+    ray.shutdown()

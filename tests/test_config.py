@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from raymtl.config import MTLConfig, smoke
+from raymtl.engine import deepspeed_config
+from raymtl.sampling import SAMPLERS
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("zero_stage", 4, r"zero_stage=4 is not valid; choose one of \[0, 1, 2, 3\]"),
+    ("sampling", "lottery", r"sampling='lottery' is not valid; choose one of \['annealed'"),
+    ("tasks", ("sst", "mnli"), r"tasks='mnli' is not valid"),
+    ("lr", -1.0, r"lr=-1.0 must be > 0"),
+    ("val_fraction", 1.5, r"val_fraction=1.5 must be in \(0, 1\)"),
+    ("pair_mode", {"sts": "siamese"}, r"pair_mode\[sts\]='siamese' is not valid"),
+    ("precision", "fp16", r"precision='fp16' needs use_gpu=True"),
+    ("batch_size", 33, r"batch_size=33 must be divisible by num_workers x grad_accum = 2"),
+    ("no_such_field", 1, r"unknown config field 'no_such_field'; valid fields: \["),
+])
+def test_bad_values_name_the_field(field, value, message):
+    overrides = {field: value}
+    if field == "batch_size":
+        overrides["num_workers"] = 2
+    with pytest.raises(ValueError, match=message):
+        MTLConfig().replace(**overrides)
+
+
+def test_round_trip_through_a_file(tmp_path):
+    cfg = smoke().replace(lr=3e-4, tasks=("sst", "sts"))
+    cfg.save(tmp_path / "c.json")
+    assert MTLConfig.load(tmp_path / "c.json") == cfg
+    (tmp_path / "flat.json").write_text(json.dumps({"lr": 1e-4, "zero_stage": 2}))
+    flat = MTLConfig.load(tmp_path / "flat.json")
+    assert flat.train.lr == 1e-4 and flat.scale.zero_stage == 2
+    (tmp_path / "broken.json").write_text('{"lr": 1e-4,\n oops}')
+    with pytest.raises(ValueError, match=r"broken.json:2: not valid JSON"):
+        MTLConfig.load(tmp_path / "broken.json")
+
+
+def test_derived_batch_numbers_and_deepspeed_config():
+    cfg = MTLConfig().replace(batch_size=32, num_workers=2, grad_accum=2, zero_stage=2)
+    assert cfg.micro_batch_size() == 8
+    ds = deepspeed_config(cfg, [5e-5, 5e-5, 1e-3])
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 2 and ds["optimizer"]["params"]["torch_adam"]
+    assert ds["scheduler"]["params"]["warmup_max_lr"] == [5e-5, 5e-5, 1e-3]
+
+
+def test_job_flags_map_onto_config_fields():
+    import argparse
+
+    from raymtl.cli import add_config_args, config_from_args
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+    cfg = config_from_args(p.parse_args(["--smoke", "--lr", "0.01", "--tasks", "sst,sts",
+                                         "--pair-mode", "sts=cross", "--use-gpu", "--zero-stage", "1"]))
+    assert cfg.model.encoder == "tiny-random" and cfg.train.lr == 0.01
+    assert cfg.data.tasks == ("sst", "sts") and cfg.model.mode_of("sts") == "cross"
+    assert cfg.scale.use_gpu and cfg.scale.zero_stage == 1
+
+
+def test_samplers():
+    import random
+    sizes = {"sst": 100, "quora": 10000, "sts": 100}
+    assert SAMPLERS["round_robin"](sizes, 0, 10, random.Random(0)) == ["sst", "quora", "sts"]
+    draws = [SAMPLERS["proportional"](sizes, 0, 10, random.Random(i))[0] for i in range(200)]
+    assert draws.count("quora") > 180
+    late = [SAMPLERS["annealed"](sizes, 9, 10, random.Random(i))[0] for i in range(300)]
+    assert late.count("quora") < 200  # annealed towards uniform
