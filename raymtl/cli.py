@@ -61,9 +61,11 @@ def _load(checkpoint: str):
     from transformers import AutoTokenizer
 
     from raymtl.model import MultiTaskModel
+    import json
     model = MultiTaskModel.load(checkpoint)
     tok = AutoTokenizer.from_pretrained(Path(checkpoint) / "encoder")
-    return model.eval(), tok
+    max_length = json.loads((Path(checkpoint) / "raymtl.json").read_text()).get("max_length", 128)
+    return model.eval(), tok, max_length
 
 
 def cmd_evaluate(a) -> int:
@@ -73,7 +75,7 @@ def cmd_evaluate(a) -> int:
     from raymtl.data import read_task_file, split_rows
     from raymtl.evaluation import evaluate_rows, format_table
     from raymtl.tasks import TASKS
-    model, tok = _load(a.checkpoint)
+    model, tok, max_length = _load(a.checkpoint)
     files = {t: getattr(a, t) for t in TASKS if getattr(a, t)}
     rows_by_task = {}
     if files:
@@ -95,7 +97,7 @@ def cmd_evaluate(a) -> int:
     if unknown:
         print(f"error: checkpoint {a.checkpoint} has no head for {unknown}", file=sys.stderr)
         return 2
-    print(format_table(evaluate_rows(model, tok, rows_by_task)))
+    print(format_table(evaluate_rows(model, tok, rows_by_task, max_length)))
     return 0
 
 
@@ -103,14 +105,14 @@ def cmd_predict(a) -> int:
     from raymtl.data import read_task_file
     from raymtl.evaluation import predict_batches, row_batches
     from raymtl.tasks import TASKS
-    model, tok = _load(a.checkpoint)
+    model, tok, max_length = _load(a.checkpoint)
     if a.task not in model.heads:
         print(f"error: checkpoint {a.checkpoint} has no head for task {a.task!r}; it has {list(model.heads)}",
               file=sys.stderr)
         return 2
     rows, report = read_task_file(TASKS[a.task], a.input, with_labels=False, max_bad_fraction=0.0,
                                   allow_empty_text=True)
-    preds, _, _ = predict_batches(model, a.task, row_batches(tok, rows, model.modes[a.task], 128))
+    preds, _, _ = predict_batches(model, a.task, row_batches(model, tok, a.task, rows, max_length))
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     with open(a.output, "w", newline="") as f:
         w = csv.writer(f)

@@ -76,6 +76,13 @@ class ModelConfig:
     pooling: str = _help("sentence embedding pooling: 'mean' or 'cls'", default="mean")
     head_dropout: float = _help("dropout before each task head", default=0.1)
     init_from: str = _help("start from this raymtl checkpoint (encoder and heads) instead", default="")
+    pals: bool = _help("add PALs (per-task low-rank attention in parallel to every layer)", default=False)
+    pal_rank: int = _help("PAL projection size r (a multiple of pal_heads)", default=96)
+    pal_heads: int = _help("attention heads inside each PAL", default=8)
+    train_only_adapters: bool = _help("freeze the encoder; train PALs, prefixes and heads only", default=False)
+    task_prefix: str = _help("'none', 'text' (a 'task :' prefix in the input) or 'learned' "
+                             "(trainable vectors after [CLS])", default="none")
+    prefix_length: int = _help("vectors per task for task_prefix='learned'", default=4)
 
     def __post_init__(self):
         for task, mode in self.pair_mode.items():
@@ -84,6 +91,17 @@ class ModelConfig:
         _choice("pooling", self.pooling, {"mean", "cls"})
         if not 0 <= self.head_dropout < 1:
             raise ValueError(f"head_dropout={self.head_dropout!r} must be in [0, 1)")
+        _choice("task_prefix", self.task_prefix, {"none", "text", "learned"})
+        _positive("prefix_length", self.prefix_length)
+        if self.pals:
+            from raymtl.adapters import PALConfig
+            PALConfig(self.pal_rank, self.pal_heads)
+        if self.train_only_adapters and not (self.pals or self.task_prefix == "learned"):
+            raise ValueError("train_only_adapters=True needs pals=True or task_prefix='learned' "
+                             "(otherwise only the heads would train)")
+
+    def pal_settings(self) -> dict | None:
+        return {"rank": self.pal_rank, "heads": self.pal_heads} if self.pals else None
 
     def mode_of(self, task: str) -> str:
         return self.pair_mode.get(task, TASKS[task].default_pair_mode)
@@ -101,6 +119,14 @@ class TrainConfig:
     grad_clip: float = _help("clip the global gradient norm (0 = off)", default=1.0)
     eval_every: int = _help("validate and checkpoint every N steps (and at the end)", default=100)
     sampling: str = _help("task sampling strategy (see raymtl.sampling.SAMPLERS)", default="round_robin")
+    fusion: str = _help("gradient fusion of per-task gradients (see raymtl.fusion.FUSION_METHODS)",
+                        default="sum")
+    weighting: str = _help("loss weighting: fixed, uncertainty, dwa, softmax (raymtl.weighting)",
+                           default="fixed")
+    task_weights: dict[str, float] = _help("fixed loss weight per task (others weigh 1)",
+                                           default_factory=dict)
+    diagnostics: bool = _help("measure per-task gradient cosines and the fused norm every step "
+                              "(always on when fusion is not 'sum')", default=False)
     seed: int = _help("training seed", default=42)
     log_every: int = _help("print progress every N steps", default=10)
 
@@ -113,6 +139,20 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         _choice("sampling", self.sampling, SAMPLERS)
+        from raymtl.fusion import FACTORIES
+        from raymtl.weighting import WEIGHTINGS
+        _choice("fusion", self.fusion, FACTORIES)
+        _choice("weighting", self.weighting, WEIGHTINGS)
+        for task, w in self.task_weights.items():
+            _choice("task_weights task", task, TASKS)
+            try:
+                self.task_weights[task] = float(w)
+            except (TypeError, ValueError):
+                raise ValueError(f"task_weights[{task}]={w!r} is not a number") from None
+            _positive(f"task_weights[{task}]", self.task_weights[task], allow_zero=True)
+
+    def per_task_gradients(self) -> bool:
+        return self.fusion != "sum" or self.diagnostics
 
     def warmup_steps(self) -> int:
         return int(self.steps * self.warmup_ratio)
@@ -161,6 +201,11 @@ class MTLConfig:
     run: RunSettings = field(default_factory=RunSettings)
 
     def __post_init__(self):
+        if self.train.per_task_gradients() and self.scale.zero_stage == 3:
+            raise ValueError(
+                f"fusion={self.train.fusion!r} (diagnostics={self.train.diagnostics}) needs each task's full "
+                "gradient of every shared parameter, which ZeRO-3 partitions across workers; use "
+                "zero_stage 0-2 with gradient fusion, or fusion='sum' with ZeRO-3")
         if self.train.batch_size % self.micro_divisor():
             raise ValueError(
                 f"batch_size={self.train.batch_size} must be divisible by num_workers x grad_accum "

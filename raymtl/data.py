@@ -118,10 +118,13 @@ def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[d
 
 
 # ---------------------------------------------------------------------------- tokenization
-def encode(tokenizer, text_a: list[str], text_b: list[str], mode: str | None, max_length: int
-           ) -> dict[str, list[list[int]]]:
+def encode(tokenizer, text_a: list[str], text_b: list[str], mode: str | None, max_length: int,
+           prefix: str = "") -> dict[str, list[list[int]]]:
     """Token ids for one batch. mode None: single sentence; 'cross': one joint sequence;
-    'bi': two separate sequences (ids_b)."""
+    'bi': two separate sequences (ids_b). ``prefix`` is a textual task prefix."""
+    if prefix:
+        text_a = [prefix + x for x in text_a]
+        text_b = [prefix + x for x in text_b] if mode == "bi" else text_b
     if mode == "cross":
         enc = tokenizer(text_a, text_b, truncation="longest_first", max_length=max_length,
                         return_token_type_ids=True)
@@ -137,10 +140,11 @@ def encode(tokenizer, text_a: list[str], text_b: list[str], mode: str | None, ma
 class Tokenize:
     """Ray Data ``map_batches`` callable: loads the tokenizer once per actor."""
 
-    def __init__(self, tokenizer_source: str, modes: dict[str, str | None], max_length: int):
+    def __init__(self, tokenizer_source: str, modes: dict[str, str | None], max_length: int,
+                 prefixes: dict[str, str]):
         from transformers import AutoTokenizer
         self.tok = AutoTokenizer.from_pretrained(tokenizer_source)
-        self.modes, self.max_length = modes, max_length
+        self.modes, self.max_length, self.prefixes = modes, max_length, prefixes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         out = {"ids_a": [], "tt_a": [], "ids_b": []}
@@ -152,7 +156,7 @@ class Tokenize:
         cols: dict[str, list] = {k: [None] * len(tasks) for k in out}
         for task, idx in idx_by_task.items():
             enc = encode(self.tok, [batch["text_a"][i] for i in idx], [batch["text_b"][i] for i in idx],
-                         self.modes[task], self.max_length)
+                         self.modes[task], self.max_length, self.prefixes.get(task, ""))
             for k in out:
                 for j, i in enumerate(idx):
                     cols[k][i] = np.asarray(enc[k][j], dtype=np.int32)
@@ -182,9 +186,10 @@ def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return out
 
 
-def batch_from_rows(tokenizer, rows: list[dict], mode: str | None, max_length: int) -> dict[str, torch.Tensor]:
+def batch_from_rows(tokenizer, rows: list[dict], mode: str | None, max_length: int,
+                    prefix: str = "") -> dict[str, torch.Tensor]:
     """Tokenize and collate rows directly (evaluation / prediction outside Ray Data)."""
-    enc = encode(tokenizer, [r["text_a"] for r in rows], [r["text_b"] for r in rows], mode, max_length)
+    enc = encode(tokenizer, [r["text_a"] for r in rows], [r["text_b"] for r in rows], mode, max_length, prefix)
     return collate({**enc, "label": [r["label"] for r in rows], "line": [r["line"] for r in rows]})
 
 
@@ -204,7 +209,7 @@ def load_splits(data_cfg) -> tuple[dict[str, tuple[list[dict], list[dict]]], lis
 
 
 def tokenized_datasets(splits, tokenizer_source: str, modes: dict[str, str | None],
-                       max_length: int) -> dict[str, "ray.data.Dataset"]:
+                       max_length: int, prefixes: dict[str, str] | None = None) -> dict[str, "ray.data.Dataset"]:
     """One Ray Data pass tokenizes every task and split; returns ``{"train_sst": ds, "val_sst": ds, ...}``.
 
     The result is materialized so that training workers, which hold the CPUs during
@@ -217,7 +222,7 @@ def tokenized_datasets(splits, tokenizer_source: str, modes: dict[str, str | Non
              for r in rows]
     ds = ray.data.from_items(items).map_batches(
         Tokenize, fn_constructor_kwargs={"tokenizer_source": tokenizer_source, "modes": modes,
-                                         "max_length": max_length},
+                                         "max_length": max_length, "prefixes": prefixes or {}},
         batch_size=512, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).materialize()
     out = {}
     for t in splits:

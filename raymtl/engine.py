@@ -18,7 +18,7 @@ def param_groups(model: torch.nn.Module, cfg) -> tuple[list[dict], list[float]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith("heads."):
+        if not name.startswith("encoder."):  # task heads and learnable loss weights
             heads.append(p)
         elif p.ndim < 2:
             enc_plain.append(p)
@@ -68,13 +68,14 @@ def save_checkpoint(engine, directory: Path, step: int, rank: int, tokenizer, cf
     """Collective: every rank writes its DeepSpeed shard; rank 0 also writes the HF model."""
     engine.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG, client_state={"step": step})
     model = engine.module
+    extra = {"step": step, "max_length": cfg_dict["data"]["max_length"]}
     if engine.zero_optimization_stage() == 3:
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if rank == 0:
-                model.save(directory, tokenizer, extra={"step": step})
+                model.save(directory, tokenizer, extra=extra)
     elif rank == 0:
-        model.save(directory, tokenizer, extra={"step": step})
+        model.save(directory, tokenizer, extra=extra)
     if rank == 0:
         (directory / "config.json").write_text(json.dumps(cfg_dict, indent=2))
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))

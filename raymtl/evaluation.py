@@ -26,10 +26,12 @@ def predict_batches(model, task: str, batches: Iterable[dict]) -> tuple[np.ndarr
     return np.concatenate(preds), np.concatenate(labels), np.concatenate(lines)
 
 
-def row_batches(tokenizer, rows: list[dict], mode, max_length: int, batch_size: int = 64):
+def row_batches(model, tokenizer, task: str, rows: list[dict], max_length: int, batch_size: int = 64):
+    """Collated batches of rows, encoded the way ``model`` was trained for ``task``."""
     from raymtl.data import batch_from_rows
     for i in range(0, len(rows), batch_size):
-        yield batch_from_rows(tokenizer, rows[i:i + batch_size], mode, max_length)
+        yield batch_from_rows(tokenizer, rows[i:i + batch_size], model.modes[task], max_length,
+                              model.text_prefix(task))
 
 
 def evaluate_rows(model, tokenizer, rows_by_task: dict[str, list[dict]], max_length: int = 128
@@ -37,7 +39,7 @@ def evaluate_rows(model, tokenizer, rows_by_task: dict[str, list[dict]], max_len
     """Scores per task plus ``overall`` for labelled rows."""
     scores = {}
     for task, rows in rows_by_task.items():
-        preds, labels, _ = predict_batches(model, task, row_batches(tokenizer, rows, model.modes[task], max_length))
+        preds, labels, _ = predict_batches(model, task, row_batches(model, tokenizer, task, rows, max_length))
         scores[task] = task_metric(task, preds, labels)
     return {**scores, "overall": overall(scores)}
 

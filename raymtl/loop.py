@@ -19,10 +19,12 @@ import torch.distributed as dist
 from raymtl.config import MTLConfig
 from raymtl.data import collate
 from raymtl.evaluation import predict_batches
+from raymtl.fusion import fused_surrogate, make_fusion
 from raymtl.metrics import overall, task_metric
 from raymtl.model import MultiTaskModel, tokenizer_source
 from raymtl.objectives import LOSSES
 from raymtl.sampling import get_sampler
+from raymtl.weighting import make_weighting
 
 
 def say(msg: str) -> None:
@@ -120,6 +122,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     # 2. model and DeepSpeed engine ------------------------------------------------------
     model = MultiTaskModel.from_config(cfg.model, tasks, seed=cfg.train.seed)
+    # learnable loss weights train with the heads, inside the DeepSpeed engine
+    model.weighting = make_weighting(cfg.train.weighting, tasks, cfg.train.task_weights)
+    shared = [p for n, p in model.named_parameters() if n.startswith("encoder.") and p.requires_grad]
+    others = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
+    fuse = make_fusion(cfg.train.fusion, len(tasks)) if cfg.train.per_task_gradients() else None
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.init_from or cfg.model.encoder))
     engine = eng.initialize(model, cfg)
     device = engine.device
@@ -133,7 +140,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             say(f"[raymtl] resumed from checkpoint at step {step}")
     rng.seed(cfg.train.seed + step)  # the sampler stream continues deterministically
-    start_step, loss_sum, loss_n = step, 0.0, 0
+    start_step, loss_sum, loss_n, diag_sum = step, 0.0, 0, {}
 
     # 4. data: one endless stream of padded batches per task ----------------------------
     mb = cfg.micro_batch_size()
@@ -154,7 +161,14 @@ def train_loop_per_worker(config: dict) -> None:
                 batch = {k: v.to(device) for k, v in next(streams[t]).items()}
                 out = engine(t, batch)
                 losses[t] = LOSSES[heads[t].kind](out, batch["label"])
-            engine.backward(sum(losses.values()))
+            weighted = model.weighting(losses, step)
+            if fuse is None:
+                engine.backward(sum(weighted.values()))
+            else:
+                diag = {}
+                engine.backward(fused_surrogate(weighted, shared, others, fuse, diag))
+                for k, v in diag.items():
+                    diag_sum[k] = diag_sum.get(k, 0.0) + v / cfg.train.grad_accum
             engine.step()
             for t, v in losses.items():
                 window[t] += v.item() / cfg.train.grad_accum
@@ -170,8 +184,9 @@ def train_loop_per_worker(config: dict) -> None:
             scores = validate(engine.module, tasks, rank, world, shard_eval=cfg.scale.zero_stage < 3)
             metrics = {**{f"val_{t}": v for t, v in scores.items()}, "overall": overall(scores),
                        "train_loss": loss_sum / max(loss_n, 1), "step": step, "start_step": start_step,
-                       "lr": engine.get_lr()[0]}
-            loss_sum, loss_n = 0.0, 0
+                       "lr": engine.get_lr()[0],
+                       **{k: v / max(loss_n, 1) for k, v in diag_sum.items()}}
+            loss_sum, loss_n, diag_sum = 0.0, 0, {}
             if rank == 0:
                 say("[raymtl] validation step %d: %s" % (step, " ".join(
                     f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "overall")))))

@@ -3,7 +3,7 @@
 Checkpoint layout (everything loads without pickle)::
 
     encoder/            AutoModel.save_pretrained (safetensors) + tokenizer
-    heads.safetensors   task heads, keys "<task>.<param>"
+    heads.safetensors   task heads ("heads.<task>.*"), PALs ("pals.*"), learned prefixes
     raymtl.json         model config (encoder source, pair modes, pooling, tasks)
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymtl.adapters import PALConfig, add_pals, mark_only_pals_as_trainable
+from raymtl.prefixes import TaskPrefix, text_prefix
 from raymtl.tasks import TASKS, TaskSpec
 
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -88,35 +90,64 @@ class Head(nn.Module):
 
 class MultiTaskModel(nn.Module):
     def __init__(self, encoder: nn.Module, tasks: list[str], pair_mode: dict[str, str],
-                 pooling: str = "mean", head_dropout: float = 0.1, source: str = "default"):
+                 pooling: str = "mean", head_dropout: float = 0.1, source: str = "default",
+                 pals: dict | None = None, task_prefix: str = "none", prefix_length: int = 4):
         super().__init__()
         self.encoder, self.pooling, self.source = encoder, pooling, source
         self.modes = {t: (pair_mode.get(t, TASKS[t].default_pair_mode) if TASKS[t].is_pair else None)
                       for t in tasks}
         hidden = encoder.config.hidden_size
         self.heads = nn.ModuleDict({t: Head(TASKS[t], self.modes[t], hidden, head_dropout) for t in tasks})
+        self.active_task, self.active_padding = None, None      # read by the PAL hooks
+        self.pal_settings, self.task_prefix, self.prefix_length = pals, task_prefix, prefix_length
+        if pals:
+            add_pals(self, list(tasks), PALConfig(**pals))
+        self.prefix = TaskPrefix(list(tasks), hidden, prefix_length) if task_prefix == "learned" else None
+
+    def text_prefix(self, task: str) -> str:
+        return text_prefix(task) if self.task_prefix == "text" else ""
 
     @classmethod
     def from_config(cls, model_cfg, tasks, seed: int = 0) -> "MultiTaskModel":
+        extras = dict(pals=model_cfg.pal_settings(), task_prefix=model_cfg.task_prefix,
+                      prefix_length=model_cfg.prefix_length)
         if model_cfg.init_from:
-            return cls.load(model_cfg.init_from, tasks=tasks)
-        return cls(build_encoder(model_cfg.encoder, seed), list(tasks), model_cfg.pair_mode,
-                   model_cfg.pooling, model_cfg.head_dropout, source=model_cfg.encoder)
+            model = cls.load(model_cfg.init_from, tasks=tasks, **extras)
+        else:
+            model = cls(build_encoder(model_cfg.encoder, seed), list(tasks), model_cfg.pair_mode,
+                        model_cfg.pooling, model_cfg.head_dropout, source=model_cfg.encoder, **extras)
+        if model_cfg.train_only_adapters:
+            mark_only_pals_as_trainable(model)
+        return model
 
-    def embed(self, ids: torch.Tensor, mask: torch.Tensor, tt: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.encoder(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    def embed(self, task: str, ids: torch.Tensor, mask: torch.Tensor, tt: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = (self.prefix(task, self.encoder, ids, mask, tt) if self.prefix is not None else
+                  {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt})
+        mask = inputs["attention_mask"]
+        self.active_task, self.active_padding = task, mask == 0
+        try:
+            hidden = self.encoder(**inputs).last_hidden_state        # (B, T, H)
+        finally:
+            self.active_task, self.active_padding = None, None
         return pool(hidden, mask, self.pooling)                      # (B, H)
 
     def forward(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        u = self.embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-        v = (self.embed(batch["input_ids_b"], batch["attention_mask_b"])
+        u = self.embed(task, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        v = (self.embed(task, batch["input_ids_b"], batch["attention_mask_b"])
              if self.modes[task] == "bi" else None)
         return self.heads[task](u, v)
 
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict:
         return {"source": self.source, "pooling": self.pooling, "modes": self.modes,
-                "head_dropout": self.heads[next(iter(self.heads))].drop.p}
+                "head_dropout": self.heads[next(iter(self.heads))].drop.p,
+                "pals": self.pal_settings, "task_prefix": self.task_prefix,
+                "prefix_length": self.prefix_length}
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Weights outside the HF encoder: heads, PALs, learned prefixes (``heads.safetensors``)."""
+        keep = ("heads.", "pals.", "prefix.")
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k.startswith(keep)}
 
     def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None) -> None:
         from safetensors.torch import save_file
@@ -125,13 +156,13 @@ class MultiTaskModel(nn.Module):
         self.encoder.save_pretrained(d / "encoder", safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(d / "encoder")
-        heads = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
-        save_file(heads, str(d / "heads.safetensors"))
+        save_file(self.extra_state(), str(d / "heads.safetensors"))
         (d / "raymtl.json").write_text(json.dumps({**self.meta(), **(extra or {})}, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path, tasks: list[str] | None = None) -> "MultiTaskModel":
-        """Load a raymtl checkpoint. With ``tasks``, heads missing from it start fresh."""
+    def load(cls, directory: str | Path, tasks: list[str] | None = None, **overrides) -> "MultiTaskModel":
+        """Load a raymtl checkpoint. With ``tasks``, heads missing from it start fresh;
+        ``overrides`` (pals, task_prefix, prefix_length) add adapters the checkpoint lacks."""
         from safetensors.torch import load_file
         from transformers import AutoModel
         d = Path(directory)
@@ -140,9 +171,11 @@ class MultiTaskModel(nn.Module):
         meta = json.loads((d / "raymtl.json").read_text())
         tasks = list(tasks or meta["modes"])
         encoder = AutoModel.from_pretrained(d / "encoder", add_pooling_layer=False)
+        extras = {k: meta.get(k) for k in ("pals", "task_prefix", "prefix_length") if meta.get(k) is not None}
+        extras.update({k: v for k, v in overrides.items() if v not in (None, "none")})
         model = cls(encoder, tasks, {t: m for t, m in meta["modes"].items() if m},
-                    meta["pooling"], meta.get("head_dropout", 0.1), source=meta["source"])
+                    meta["pooling"], meta.get("head_dropout", 0.1), source=meta["source"], **extras)
         saved = load_file(str(d / "heads.safetensors"))
-        own = model.heads.state_dict()
-        model.heads.load_state_dict({k: saved.get(k, v) for k, v in own.items()})
+        own = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+        model.load_state_dict({k: saved.get(k, v) for k, v in own.items()}, strict=False)
         return model

@@ -74,8 +74,10 @@ def prepare_data(cfg: MTLConfig, verbose: bool = True):
         for r in reports:
             print("[raymtl] data " + r.summary(), flush=True)
     modes = {t: (cfg.model.mode_of(t) if TASKS[t].is_pair else None) for t in splits}
+    from raymtl.prefixes import text_prefix
+    prefixes = {t: text_prefix(t) for t in splits} if cfg.model.task_prefix == "text" else {}
     datasets = tokenized_datasets(splits, tokenizer_source(cfg.model.init_from or cfg.model.encoder),
-                                  modes, cfg.data.max_length)
+                                  modes, cfg.data.max_length, prefixes)
     sizes = {t: len(train) for t, (train, _) in splits.items()}
     return datasets, sizes
 

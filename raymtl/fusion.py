@@ -1,0 +1,115 @@
+"""Gradient fusion: combine per-task gradients of the shared parameters into one update.
+
+Every method is a callable ``[T, D] float tensor -> [D]`` registered in ``FUSION_METHODS``.
+The aggregators come from TorchJD (Quinton & Rey, "Jacobian Descent for Multi-Objective
+Optimization", 2024), which implements them as published; raymtl only adapts them:
+
+    sum       plain sum of task gradients (what ``sum(losses).backward()`` computes)
+    pcgrad    Yu et al. 2020, "Gradient Surgery for Multi-Task Learning"
+    gradvac   Wang et al. 2021, "Gradient Vaccine" (stateful: EMA of target similarities)
+    cagrad    Liu et al. 2021, "Conflict-Averse Gradient Descent" (c = 0.4)
+    mgda      Sener & Koltun 2018, exact min-norm point of the convex hull (Frank-Wolfe)
+    imtl_g    Liu et al. 2021, "Towards Impartial Multi-task Learning", gradient part
+    nash_mtl  Navon et al. 2022, "Multi-Task Learning as a Bargaining Game" (stateful)
+    upgrad    Quinton & Rey 2024, projection of each gradient onto the dual cone, averaged
+
+Stateful methods keep state across steps, so training builds a fresh instance per run
+with ``make_fusion(name, num_tasks)``; ``FUSION_METHODS`` holds ready-made instances for
+direct use. Per-task surgery needs each task's full gradient of every shared parameter,
+which ZeRO-3 partitions across workers: the config refuses that combination.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+Fusion = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _sum(G: torch.Tensor) -> torch.Tensor:
+    return G.sum(0)                                                  # [T, D] -> [D]
+
+
+def _torchjd(cls_name: str, **kw) -> Callable[[int], Fusion]:
+    def factory(num_tasks: int) -> Fusion:
+        import torchjd.aggregation as agg
+        if cls_name == "NashMTL":
+            kw["n_tasks"] = num_tasks
+        return getattr(agg, cls_name)(**kw)
+    return factory
+
+
+FACTORIES: dict[str, Callable[[int], Fusion]] = {
+    "sum": lambda num_tasks: _sum,
+    "pcgrad": _torchjd("PCGrad"),
+    "gradvac": _torchjd("GradVac"),
+    "cagrad": _torchjd("CAGrad", c=0.4),
+    "mgda": _torchjd("MGDA"),
+    "imtl_g": _torchjd("IMTLG"),
+    "nash_mtl": _torchjd("NashMTL"),
+    "upgrad": _torchjd("UPGrad"),
+}
+
+
+def make_fusion(name: str, num_tasks: int) -> Fusion:
+    if name not in FACTORIES:
+        raise ValueError(f"unknown fusion method {name!r}; valid: {sorted(FACTORIES)}")
+    return FACTORIES[name](num_tasks)
+
+
+class _Registry(dict):
+    def __missing__(self, name):
+        raise KeyError(f"unknown fusion method {name!r}; valid: {sorted(FACTORIES)}")
+
+
+FUSION_METHODS: dict[str, Fusion] = _Registry({name: make_fusion(name, 3) for name in FACTORIES})
+
+
+# ---------------------------------------------------------------- use in the training loop
+def global_task_gradients(G: torch.Tensor) -> torch.Tensor:
+    """Average the per-task gradient matrix over data-parallel workers, so every worker
+    fuses the same, globally averaged ``[T, D]`` (fusion is nonlinear: fusing local
+    gradients and averaging afterwards would give a different update)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(G, op=dist.ReduceOp.SUM)
+        G /= dist.get_world_size()
+    return G
+
+
+def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
+                    heads: list[torch.nn.Parameter], fuse: Fusion,
+                    diagnostics: dict | None = None) -> torch.Tensor:
+    """A scalar whose gradient w.r.t. the shared parameters is the fused gradient and w.r.t.
+    every other parameter (task heads) is the plain gradient of the summed losses.
+
+    ``engine.backward(surrogate)`` then leaves DeepSpeed in charge of accumulation,
+    averaging (every worker holds the same fused vector), clipping and ZeRO 1-2 partitioning.
+    """
+    names = list(losses)
+    rows = []
+    for t in names:                                                  # one backward per task graph
+        g = torch.autograd.grad(losses[t], shared, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
+                               for x, p in zip(g, shared)]))
+    G = global_task_gradients(torch.stack(rows))                     # [T, D]
+    fused = fuse(G) if len(names) > 1 else G[0]                      # [D]
+    if diagnostics is not None:
+        unit = torch.nn.functional.normalize(G, dim=1)
+        cos = unit @ unit.T                                          # [T, T]
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                diagnostics[f"gradcos_{names[i]}_{names[j]}"] = cos[i, j].item()
+        diagnostics["fused_norm"] = fused.norm().item()
+    surrogate, offset = 0.0, 0
+    for p in shared:
+        n = p.numel()
+        surrogate = surrogate + (fused[offset:offset + n].view_as(p).detach() * p).sum()
+        offset += n
+    if heads:  # task heads: the ordinary gradient of the summed losses
+        hg = torch.autograd.grad(sum(losses.values()), heads, allow_unused=True)
+        for p, g in zip(heads, hg):
+            if g is not None:
+                surrogate = surrogate + (g.detach() * p).sum()
+    return surrogate

@@ -1,0 +1,70 @@
+"""PALs and task prefixes: exact key sets, identity at init, freezing, checkpoint round trip."""
+import pytest
+import torch
+
+from raymtl.adapters import pal_state_dict
+from raymtl.config import ModelConfig
+from raymtl.model import MultiTaskModel
+
+TASKS = ["sst", "quora", "sts"]
+
+
+def tiny(**kw):
+    return MultiTaskModel.from_config(ModelConfig(encoder="tiny-random", **kw), TASKS, seed=0).eval()
+
+
+def batch(pair=False):
+    ids = torch.tensor([[101, 2023, 2003, 102, 0], [101, 2307, 102, 0, 0]])
+    b = {"input_ids": ids, "attention_mask": (ids > 0).long(), "token_type_ids": torch.zeros_like(ids)}
+    if pair:
+        b.update(input_ids_b=ids, attention_mask_b=(ids > 0).long())
+    return b
+
+
+def test_pal_keys_and_fresh_pals_leave_outputs_unchanged():
+    plain, pals = tiny(), tiny(pals=True, pal_rank=8, pal_heads=2)
+    pals.encoder.load_state_dict(plain.encoder.state_dict())
+    pals.heads.load_state_dict(plain.heads.state_dict())
+    keys = set(pal_state_dict(pals))
+    layers = plain.encoder.config.num_hidden_layers
+    expected = {f"pals.{t}.{w}.weight" for t in TASKS for w in ("enc", "dec")}
+    for t in TASKS:
+        for i in range(layers):
+            expected |= {f"pals.{t}.layers.{i}.attn.{k}" for k in
+                         ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")}
+    assert keys == expected
+    assert torch.allclose(plain("sst", batch()), pals("sst", batch()), atol=1e-6)
+
+
+def test_only_adapters_train_and_the_round_trip_restores_them(tmp_path):
+    m = tiny(pals=True, pal_rank=8, pal_heads=2, train_only_adapters=True)
+    trainable = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"heads", "pals"}
+    with torch.no_grad():
+        for p in m.pals.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    before = m("sts", batch(pair=True))
+    m.save(tmp_path)
+    back = MultiTaskModel.load(tmp_path).eval()
+    assert back.pal_settings == {"rank": 8, "heads": 2}
+    assert torch.allclose(back("sts", batch(pair=True)), before, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["learned", "text"])
+def test_task_prefixes(kind, tmp_path):
+    m = tiny(task_prefix=kind, prefix_length=3)
+    out = m("sst", batch())
+    assert out.shape == (2, 5)
+    if kind == "learned":
+        assert set(m.prefix.vectors) == set(TASKS) and m.prefix.vectors["sst"].shape == (3, 32)
+        m.save(tmp_path)
+        assert torch.allclose(MultiTaskModel.load(tmp_path).eval()("sst", batch()), out, atol=1e-6)
+    else:
+        assert m.text_prefix("quora") == "quora : " and m.prefix is None
+
+
+def test_bad_adapter_settings_are_refused():
+    with pytest.raises(ValueError, match="pal_rank=10 must be a positive multiple of pal_heads=4"):
+        ModelConfig(pals=True, pal_rank=10, pal_heads=4)
+    with pytest.raises(ValueError, match="train_only_adapters=True needs pals=True"):
+        ModelConfig(train_only_adapters=True)
