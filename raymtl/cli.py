@@ -2,6 +2,7 @@
 
 ``raymtl evaluate --checkpoint DIR [--sst FILE] [--quora FILE] [--sts FILE]``
 ``raymtl predict  --checkpoint DIR --task {sst,quora,sts} --input FILE --output OUT.csv``
+``raymtl analyze  EXPERIMENT``
 """
 from __future__ import annotations
 
@@ -123,6 +124,18 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def cmd_analyze(a) -> int:
+    from raymtl.analysis import analyze, format_trials
+    res = analyze(a.experiment, a.out)
+    print(format_trials(res["table"]))
+    for p in res["plots"]:
+        print(f"[raymtl] plot: {p}")
+    if res["best_config"]:
+        print(f"[raymtl] best trial {res['best_trial']}; config: {res['best_config']}")
+        print(f"[raymtl] train it with: python jobs/mtl.py --config {res['best_config']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from raymtl.data import DataError
     from raymtl.tasks import TASKS
@@ -141,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--input", required=True)
     pr.add_argument("--output", required=True)
     pr.set_defaults(fn=cmd_predict)
+    an = sub.add_parser("analyze", help="table, best config and plots of a Tune experiment")
+    an.add_argument("experiment", help="experiment directory (e.g. runs/tune/mtl-search)")
+    an.add_argument("--out", help="where to write trials.csv, best_config.json, plots (default EXPERIMENT/analysis)")
+    an.set_defaults(fn=cmd_analyze)
     a = p.parse_args(argv)
     try:
         return a.fn(a)

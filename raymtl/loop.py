@@ -79,26 +79,43 @@ def validate(module, tasks, rank: int, world: int, shard_eval: bool) -> dict[str
 
 
 class Progress:
-    """Rank-0 progress line: step, examples/s, ETA, per-task losses (window means)."""
+    """Progress of one worker: step, examples/s, ETA, per-task losses (window means).
 
-    def __init__(self, total: int, start: int, rows_per_step_fn):
-        self.total, self.start, self.t0 = total, start, time.time()
-        self.rows, self.losses = 0, {}
-        self.rows_per_step = rows_per_step_fn
+    Throughput counts training time only (validation and checkpointing excluded); rows and
+    useful (non-padding) tokens are this worker's, scaled by the world size for the run.
+    """
 
-    def update(self, tasks, losses: dict[str, float]):
-        self.rows += self.rows_per_step(tasks)
+    def __init__(self, total: int, start: int, world: int):
+        self.total, self.start, self.world = total, start, world
+        self.train_s, self.rows, self.tokens, self.padded, self.losses = 0.0, 0, 0, 0, {}
+        self.window = {"s": 0.0, "rows": 0, "tokens": 0, "steps": 0}
+
+    def update(self, seconds: float, batches: list[dict], losses: dict[str, float]):
+        rows = sum(len(b["label"]) for b in batches) * self.world
+        tokens = sum(int(b["attention_mask"].sum()) + int(b.get("attention_mask_b", b["label"][:0]).sum())
+                     for b in batches) * self.world
+        self.padded += sum(b["input_ids"].numel() + (b["input_ids_b"].numel() if "input_ids_b" in b else 0)
+                           for b in batches) * self.world
+        self.train_s, self.rows, self.tokens = self.train_s + seconds, self.rows + rows, self.tokens + tokens
+        for k, v in (("s", seconds), ("rows", rows), ("tokens", tokens), ("steps", 1)):
+            self.window[k] += v
         for t, v in losses.items():
             self.losses.setdefault(t, []).append(v)
 
     def line(self, step: int) -> str:
-        dt = time.time() - self.t0
-        done = step - self.start
-        eta = dt / max(done, 1) * (self.total - step)
+        eta = self.train_s / max(step - self.start, 1) * (self.total - step)
         loss = " ".join(f"{t} {np.mean(v):.3f}" for t, v in self.losses.items())
         self.losses = {}
-        return (f"[raymtl] step {step}/{self.total} | {self.rows / max(dt, 1e-9):.1f} ex/s | "
-                f"eta {eta / 60:.1f} min | loss {loss}")
+        return (f"[raymtl] step {step}/{self.total} | {self.rows / max(self.train_s, 1e-9):.1f} ex/s | "
+                f"{self.tokens / max(self.train_s, 1e-9):.0f} tok/s | eta {eta / 60:.1f} min | loss {loss}")
+
+    def report(self) -> dict[str, float]:
+        """Throughput since the last report (then reset)."""
+        w, s = self.window, max(self.window["s"], 1e-9)
+        out = {"examples_per_s": w["rows"] / s, "tokens_per_s": w["tokens"] / s,
+               "s_per_step": s / max(w["steps"], 1), "padding_fraction": 1 - self.tokens / max(self.padded, 1)}
+        self.window = {"s": 0.0, "rows": 0, "tokens": 0, "steps": 0}
+        return out
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -130,6 +147,10 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.init_from or cfg.model.encoder))
     engine = eng.initialize(model, cfg)
     device = engine.device
+    # With per-task gradients the loop calls torch.autograd.grad itself, which DeepSpeed's
+    # output hooks (engine.__call__) refuse; the plain module forward is equivalent for
+    # ZeRO 0-2 (the only stages fusion allows), and engine.backward still does the rest.
+    forward = engine.module if fuse is not None else engine
 
     # 3. resume from the last checkpoint of this run, if any -----------------------------
     step = 0
@@ -147,19 +168,21 @@ def train_loop_per_worker(config: dict) -> None:
     streams = {t: cycle_batches(ray.train.get_dataset_shard(f"train_{t}"), mb, cfg.train.seed + rank + step,
                                 cfg.data.bucket_batches)
                for t in tasks}
-    progress = Progress(cfg.train.steps, step, lambda ts: len(ts) * cfg.train.batch_size)
+    progress = Progress(cfg.train.steps, step, world)
     heads = model.heads
 
     # 5. train --------------------------------------------------------------------------
     engine.train()
     while step < cfg.train.steps:
+        t0 = time.perf_counter()
         chosen = sampler(sizes, step, cfg.train.steps, rng)
-        window = {t: 0.0 for t in chosen}
+        window, seen = {t: 0.0 for t in chosen}, []
         for _ in range(cfg.train.grad_accum):
             losses = {}
             for t in chosen:
                 batch = {k: v.to(device) for k, v in next(streams[t]).items()}
-                out = engine(t, batch)
+                seen.append(batch)
+                out = forward(t, batch)
                 losses[t] = LOSSES[heads[t].kind](out, batch["label"])
             weighted = model.weighting(losses, step)
             if fuse is None:
@@ -174,8 +197,8 @@ def train_loop_per_worker(config: dict) -> None:
                 window[t] += v.item() / cfg.train.grad_accum
         step += 1
         loss_sum, loss_n = loss_sum + sum(window.values()), loss_n + 1
+        progress.update(time.perf_counter() - t0, seen, window)
         if rank == 0:
-            progress.update(chosen, window)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 say(progress.line(step))
 
@@ -185,7 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = {**{f"val_{t}": v for t, v in scores.items()}, "overall": overall(scores),
                        "train_loss": loss_sum / max(loss_n, 1), "step": step, "start_step": start_step,
                        "lr": engine.get_lr()[0],
-                       **{k: v / max(loss_n, 1) for k, v in diag_sum.items()}}
+                       **progress.report(), **{k: v / max(loss_n, 1) for k, v in diag_sum.items()}}
             loss_sum, loss_n, diag_sum = 0.0, 0, {}
             if rank == 0:
                 say("[raymtl] validation step %d: %s" % (step, " ".join(

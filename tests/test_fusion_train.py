@@ -19,8 +19,12 @@ def fuse_on_worker(config):
 
 @pytest.mark.parametrize("method", ["pcgrad", "mgda"])
 def test_two_workers_fuse_the_globally_averaged_task_gradients(ray_cluster, tmp_path, method):
+    import sys
+
+    import ray.cloudpickle
     import ray.train
     from ray.train.torch import TorchTrainer
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     local = [[[1.0, 0.0], [-1.0, 0.2]], [[1.0, 0.4], [0.0, 1.0]]]     # rank -> [T=2, D=2]
     result = TorchTrainer(
         fuse_on_worker, train_loop_config={"local": local, "method": method},

@@ -1,0 +1,132 @@
+"""``raymtl analyze EXPERIMENT``: trial table, best config file, PNG plots.
+
+Works on a finished, running or interrupted Tune experiment (it reads the experiment
+state Tune writes as it goes).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from raymtl.config import MTLConfig
+
+
+def _flat_params(config: dict) -> dict:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def load_trials(exp_dir: str | Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict[str, dict]]:
+    from ray.tune import ExperimentAnalysis
+    ea = ExperimentAnalysis(str(exp_dir), default_metric="overall", default_mode="max")
+    rows, curves, configs = [], {}, {}
+    frames = ea.trial_dataframes
+    for trial in ea.trials:
+        df = frames.get(trial.path, pd.DataFrame())
+        df = df if "overall" in df else pd.DataFrame(columns=["overall", "step"])
+        curves[trial.trial_id], configs[trial.trial_id] = df, trial.config
+        last = trial.last_result or {}
+        rows.append({"trial": trial.trial_id, "status": trial.status, **_flat_params(trial.config),
+                     "final_overall": df["overall"].iloc[-1] if len(df) else None,
+                     "best_overall": df["overall"].max() if len(df) else None,
+                     "reports": len(df), "step": last.get("step"),
+                     "time_s": round(last.get("time_total_s", 0.0), 1)})
+    table = pd.DataFrame(rows).sort_values("best_overall", ascending=False, na_position="last")
+    return table.reset_index(drop=True), curves, configs
+
+
+def plot(table: pd.DataFrame, curves: dict, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    scored = table.dropna(subset=["best_overall"])
+
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(table)), 3.5))
+    ax.bar(scored["trial"].astype(str), scored["best_overall"], color="tab:blue")
+    ax.set(ylabel="best validation overall", title="score per trial")
+    ax.tick_params(axis="x", rotation=60)
+    if len(scored):
+        lo = scored["best_overall"].min()
+        ax.set_ylim(max(0.0, lo - 0.05), min(1.0, scored["best_overall"].max() + 0.02))
+    fig.tight_layout()
+    paths.append(out / "score_per_trial.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for tid in scored["trial"].head(3):
+        df = curves[tid]
+        ax.plot(df["step"], df["overall"], marker="o", label=tid)
+    ax.set(xlabel="step", ylabel="validation overall", title="learning curves, top 3 trials")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "learning_curves.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    skip = {"trial", "status", "final_overall", "best_overall", "reports", "step", "time_s"}
+    params = [c for c in table.columns if c not in skip and table[c].nunique(dropna=True) > 1]
+    if params:
+        fig, axes = plt.subplots(1, len(params), figsize=(3.2 * len(params), 3), squeeze=False)
+        for ax, p in zip(axes[0], params):
+            x = scored[p]
+            if pd.api.types.is_numeric_dtype(x):
+                ax.scatter(x, scored["best_overall"])
+                if p.endswith("lr"):
+                    ax.set_xscale("log")
+            else:
+                cats = sorted(x.astype(str).unique())
+                ax.scatter([cats.index(v) for v in x.astype(str)], scored["best_overall"])
+                ax.set_xticks(range(len(cats)), cats, rotation=45)
+            ax.set(xlabel=p, ylabel="overall")
+        fig.suptitle("score against each searched parameter")
+        fig.tight_layout()
+        paths.append(out / "score_vs_params.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def analyze(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict:
+    exp = Path(exp_dir)
+    if not exp.is_dir():
+        raise FileNotFoundError(f"experiment directory {exp} does not exist")
+    out = Path(out_dir) if out_dir else exp / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    table, curves, configs = load_trials(exp)
+    table.to_csv(out / "trials.csv", index=False)
+    result = {"table": table, "plots": plot(table, curves, out), "best_config": None}
+    scored = table.dropna(subset=["best_overall"])
+    if len(scored):
+        best_id = scored["trial"].iloc[0]
+        base_file = exp / "raymtl_base.json"
+        base = MTLConfig.load(base_file) if base_file.is_file() else MTLConfig()
+        best = base.replace(**configs[best_id], name=f"best-{best_id}")
+        best.save(out / "best_config.json")
+        result["best_config"] = out / "best_config.json"
+        result["best_trial"] = best_id
+    return result
+
+
+def format_trials(table: pd.DataFrame) -> str:
+    shown = table.copy()
+    for c in shown.columns:
+        if pd.api.types.is_float_dtype(shown[c]):
+            shown[c] = shown[c].map(lambda v: f"{v:.4g}" if pd.notna(v) else "")
+    return shown.to_markdown(index=False) if _has_tabulate() else shown.to_string(index=False)
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+        return True
+    except ImportError:
+        return False

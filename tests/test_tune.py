@@ -1,0 +1,51 @@
+"""Search spaces match the config; a real 2-trial search runs, is analysed, and its best config trains."""
+import json
+from pathlib import Path
+
+import pytest
+
+from raymtl.config import MTLConfig, smoke
+from raymtl.search import load_space, validate_space
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = sorted((ROOT / "search_spaces").glob("*.json"))
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
+def test_search_space_keys_are_config_fields_with_valid_values(path):
+    space = load_space(path)
+    assert space
+    validate_space(space, MTLConfig())
+
+
+def test_bad_search_space_is_rejected(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps({"learning_rate": {"uniform": [0, 1]}}))
+    with pytest.raises(ValueError, match="'learning_rate' is not a config field"):
+        load_space(tmp_path / "s.json")
+    (tmp_path / "s.json").write_text(json.dumps({"fusion": {"choice": ["sum", "magic"]}}))
+    with pytest.raises(ValueError, match="fusion='magic' is not valid"):
+        validate_space(load_space(tmp_path / "s.json"), MTLConfig())
+
+
+def test_smoke_search_is_analysed_and_its_best_config_trains(ray_cluster, data_dir, tmp_path):
+    from raymtl.analysis import analyze
+    from raymtl.search import build_tuner
+    from raymtl.trainer import fit
+    base = smoke().replace(data_dir=data_dir, steps=6, eval_every=2, max_rows=120, cpus_per_worker=1.0)
+    space = {"lr": {"loguniform": [1e-4, 3e-3]}, "fusion": {"choice": ["sum", "pcgrad"]}}
+    tuner, _ = build_tuner(base, space, num_samples=2, searcher="optuna", asha=True,
+                           experiment="exp", storage=str(tmp_path))
+    (tmp_path / "exp").mkdir(parents=True, exist_ok=True)
+    base.save(tmp_path / "exp" / "raymtl_base.json")
+    grid = tuner.fit()
+    assert len(grid) == 2 and not grid.errors
+    res = analyze(tmp_path / "exp")
+    table = res["table"]
+    assert len(table) == 2 and {"lr", "fusion", "best_overall", "status", "time_s"} <= set(table.columns)
+    assert all(p.is_file() and p.stat().st_size > 1000 for p in res["plots"])
+    best = MTLConfig.load(res["best_config"])
+    assert best.train.fusion in ("sum", "pcgrad") and best.model.encoder == "tiny-random"
+    summary = fit(best.replace(output=str(tmp_path / "best")), verbose=False)
+    assert summary.best_checkpoint
