@@ -29,7 +29,7 @@ def load_trials(exp_dir: str | Path) -> tuple[pd.DataFrame, dict[str, pd.DataFra
     rows, curves, configs = [], {}, {}
     frames = ea.trial_dataframes
     for trial in ea.trials:
-        df = frames.get(trial.path, pd.DataFrame())
+        df = frames.get(trial.trial_id, frames.get(trial.path, pd.DataFrame()))
         df = df if "overall" in df else pd.DataFrame(columns=["overall", "step"])
         curves[trial.trial_id], configs[trial.trial_id] = df, trial.config
         last = trial.last_result or {}

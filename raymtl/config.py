@@ -72,7 +72,7 @@ class ModelConfig:
         "tests), a Hugging Face model id or a local directory", default="default")
     pair_mode: dict[str, str] = _help(
         "per pair task: 'cross' ([CLS] a [SEP] b) or 'bi' (SBERT features / cosine)",
-        default_factory=lambda: {"quora": "cross", "sts": "bi"})
+        default_factory=lambda: {"quora": "bi", "sts": "bi"})
     pooling: str = _help("sentence embedding pooling: 'mean' or 'cls'", default="mean")
     head_dropout: float = _help("dropout before each task head", default=0.1)
     init_from: str = _help("start from this raymtl checkpoint (encoder and heads) instead", default="")

@@ -67,12 +67,24 @@ class Head(nn.Module):
         self.drop = nn.Dropout(dropout)
         if self.kind != "cosine":
             self.out = nn.Linear(in_dim, spec.num_labels if self.kind == "classifier" else 1)
+        # A binary bi-encoder classifier also reads the cosine of the two embeddings, with a
+        # learned scale and threshold: a sentence-embedding encoder then starts from its
+        # zero-shot operating point instead of from a random linear head.
+        self.cosine_logit = self.kind == "classifier" and mode == "bi" and spec.num_labels == 2
+        if self.cosine_logit:
+            self.cos_scale = nn.Parameter(torch.tensor([20.0]))      # 1-d: DeepSpeed flattens params
+            self.cos_threshold = nn.Parameter(torch.tensor([0.75]))
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind == "cosine":
             return F.cosine_similarity(u, v, dim=-1)                 # (B,) in [-1, 1]
         x = torch.cat([u, v, (u - v).abs(), u * v], -1) if v is not None else u
         y = self.out(self.drop(x))
+        if self.cosine_logit:                                        # (B, 2): add to "positive"
+            z = self.cos_scale * (F.cosine_similarity(u, v, dim=-1) - self.cos_threshold)
+            y = y + torch.stack([torch.zeros_like(z), z], -1)
         if self.kind == "regression":
             lo, hi = self.spec.label_range
             return lo + (hi - lo) * torch.sigmoid(y.squeeze(-1))     # (B,)

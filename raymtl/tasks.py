@@ -55,7 +55,7 @@ TASKS: dict[str, TaskSpec] = {
     "quora": TaskSpec(
         name="quora", path="quora/train.tsv", text_cols=("question1", "question2"),
         label_col="is_duplicate", label_type="class", num_labels=2, metric="accuracy",
-        default_pair_mode="cross"),
+        default_pair_mode="bi"),
     "sts": TaskSpec(
         name="sts", path="sts/train.csv", text_cols=("sentence1", "sentence2"),
         label_col="similarity", label_type="score", label_range=(0.0, 5.0), metric="pearson",
