@@ -25,3 +25,8 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that start their own Ray head run before the session's in-process Ray exists."""
+    items.sort(key=lambda item: 0 if item.module.__name__.endswith("test_job_submit") else 1)

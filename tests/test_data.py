@@ -84,3 +84,9 @@ def test_batches_pad_to_their_longest_row():
     assert cross["token_type_ids"][0].max() == 1 and "input_ids_b" not in cross
     bi = batch_from_rows(tok, rows, "bi", 128)
     assert bi["input_ids_b"].shape == (2, 3)  # [CLS] x [SEP]
+
+
+def test_uri_paths_read_through_pyarrow(data_dir):
+    from pathlib import Path
+    rows, _ = read_task_file(TASKS["sts"], Path(data_dir, "sts", "train.csv").resolve().as_uri(), max_rows=50)
+    assert len(rows) == 50

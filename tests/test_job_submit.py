@@ -1,0 +1,59 @@
+"""`ray job submit --working-dir . -- python jobs/mtl.py` against a real head on 127.0.0.1.
+
+Runs its own head (`ray start --head`), so it must not share the machine with the session's
+in-process Ray: conftest orders it before every test that starts that one.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(600)
+
+
+def sh(*args, env=None, check=True, timeout=300):
+    return subprocess.run(args, cwd=ROOT, env=env, check=check, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def head():
+    import tempfile
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")   # short: Ray's socket paths are length-limited
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}   # the job's `python` is this venv's
+    env.pop("RAY_ADDRESS", None)
+    sh(str(bin_dir / "ray"), "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+       "--port=6391", "--dashboard-host=127.0.0.1", "--dashboard-port=8291", "--include-dashboard=true",
+       f"--temp-dir={temp_dir}", env=env)
+    try:
+        yield env, "http://127.0.0.1:8291"
+    finally:
+        sh(str(bin_dir / "ray"), "stop", "--force", env=env, check=False)
+
+
+def test_job_submit_runs_the_smoke_job_and_its_checkpoint_reloads(head, data_dir, tmp_path):
+    env, address = head
+    out = tmp_path / "out"
+    ray = str(Path(sys.executable).parent / "ray")
+    proc = sh(ray, "job", "submit", f"--address={address}", "--working-dir=.", "--no-wait",
+              "--", "python", "jobs/mtl.py", "--smoke", f"--data-dir={data_dir}", f"--output={out}", env=env)
+    job_id = next(w for w in proc.stdout.split() if w.startswith("raysubmit_")).strip("'")
+    deadline, status = time.time() + 400, ""
+    while time.time() < deadline:
+        status = sh(ray, "job", "status", f"--address={address}", job_id, env=env).stdout
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(3)
+    logs = sh(ray, "job", "logs", f"--address={address}", job_id, env=env).stdout
+    assert "SUCCEEDED" in status, logs[-3000:]
+    assert "[raymtl] step 12/12" in logs and "[raymtl] best checkpoint:" in logs
+    best = logs.split("[raymtl] best checkpoint:")[1].split()[0]
+    assert Path(best).is_relative_to(out)
+    assert json.loads((Path(best) / "metrics.json").read_text())["step"] in (6, 12)
+    from raymtl.cli import main
+    assert main(["evaluate", "--checkpoint", best, "--data-dir", data_dir]) == 0
