@@ -29,4 +29,5 @@ def ray_cluster():
 
 def pytest_collection_modifyitems(items):
     """Tests that start their own Ray head run before the session's in-process Ray exists."""
-    items.sort(key=lambda item: 0 if item.module.__name__.endswith("test_job_submit") else 1)
+    own_ray = ("test_job_submit", "test_multinode")
+    items.sort(key=lambda item: 0 if item.module.__name__.endswith(own_ray) else 1)

@@ -14,4 +14,6 @@ def test_cluster_yaml_is_valid_for_ray_up():
     assert raw["docker"]["image"].startswith("rayproject/ray:2.60.0-")
     head = " ".join(raw["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head
+    assert "--env RAY_AUTH_MODE=token" in raw["docker"]["run_options"]      # token auth left on
+    assert "/home/ray/.ray/auth_token" in raw["file_mounts"]
     assert any("pip install" in c and "/home/ray/raymtl" in c for c in raw["setup_commands"])

@@ -5,6 +5,8 @@ in-process Ray: conftest orders it before every test that starts that one.
 """
 import json
 import os
+import re
+import secrets
 import subprocess
 import sys
 import time
@@ -25,7 +27,10 @@ def head():
     import tempfile
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")   # short: Ray's socket paths are length-limited
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}   # the job's `python` is this venv's
+    # Ray 2.60 keeps token authentication on: the head, the CLI and the job's driver share a
+    # fresh token through the environment (nothing is written to ~/.ray).
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",   # the job's `python` is this venv's
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     sh(str(bin_dir / "ray"), "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
        "--port=6391", "--dashboard-host=127.0.0.1", "--dashboard-port=8291", "--include-dashboard=true",
@@ -42,10 +47,11 @@ def test_job_submit_runs_the_smoke_job_and_its_checkpoint_reloads(head, data_dir
     ray = str(Path(sys.executable).parent / "ray")
     proc = sh(ray, "job", "submit", f"--address={address}", "--working-dir=.", "--no-wait",
               "--", "python", "jobs/mtl.py", "--smoke", f"--data-dir={data_dir}", f"--output={out}", env=env)
-    job_id = next(w for w in proc.stdout.split() if w.startswith("raysubmit_")).strip("'")
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", proc.stdout + proc.stderr).group(0)
     deadline, status = time.time() + 400, ""
     while time.time() < deadline:
-        status = sh(ray, "job", "status", f"--address={address}", job_id, env=env).stdout
+        done = sh(ray, "job", "status", f"--address={address}", job_id, env=env)
+        status = (done.stdout + done.stderr).upper()  # "Job '…' succeeded", logged to stderr
         if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
             break
         time.sleep(3)
