@@ -55,11 +55,37 @@ def deepspeed_config(cfg, peak_lrs: list[float] | None = None) -> dict:
     }
 
 
+# The non-tensor objects DeepSpeed (0.19, ZeRO 0-2) pickles into its optimizer state; nothing
+# else is allowed when a checkpoint is loaded (``torch.load(weights_only=True)``).
+SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                "deepspeed.runtime.zero.config.ZeroStageEnum",
+                "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def weights_only_loading(checkpoint_engine) -> None:
+    """Make DeepSpeed's checkpoint engine load with ``weights_only=True`` (its own default is
+    full pickle, which would run code from a tampered checkpoint)."""
+    import importlib
+
+    def allowed():
+        out = []
+        for name in SAFE_GLOBALS:
+            module, _, attr = name.rpartition(".")
+            out.append(getattr(importlib.import_module(module), attr))
+        return out
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint_engine.load = load
+
+
 def initialize(model: torch.nn.Module, cfg):
     import deepspeed
     groups, peak_lrs = param_groups(model, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                            config=deepspeed_config(cfg, peak_lrs))
+    weights_only_loading(engine.checkpoint_engine)
     return engine
 
 
