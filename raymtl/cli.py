@@ -24,12 +24,12 @@ def _parse_mapping(text: str) -> dict[str, str]:
         raise argparse.ArgumentTypeError(f"expected key=value[,key=value], got {text!r}") from None
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
+def add_config_args(parser: argparse.ArgumentParser, sections: dict[str, type] = SECTIONS) -> None:
     """One flag per config field (``lr`` -> ``--lr``), plus ``--config`` and ``--smoke``."""
     parser.add_argument("--config", help="JSON config file (nested or flat field names); flags override it")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny random model, a few hundred rows, a dozen steps: the same code path in seconds")
-    for section, kind in SECTIONS.items():
+    for section, kind in sections.items():
         group = parser.add_argument_group(section)
         hints = typing.get_type_hints(kind)
         for f in dataclasses.fields(kind):
@@ -46,12 +46,14 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(flag, dest=f.name, default=None, type=hint, help=help_)
 
 
-def config_from_args(args: argparse.Namespace) -> MTLConfig:
-    """defaults -> --smoke -> --config file -> explicit flags."""
-    cfg = smoke() if args.smoke else MTLConfig()
+def config_from_args(args: argparse.Namespace, defaults=MTLConfig, shrink=smoke) -> MTLConfig:
+    """defaults -> --smoke -> --config file -> explicit flags. ``defaults()`` builds the
+    stage's default config and ``shrink(cfg)`` its smoke version."""
+    cfg = shrink(defaults()) if args.smoke else defaults()
     if args.config:
-        loaded = MTLConfig.load(args.config)
-        cfg = cfg.replace(**{k: v for k, v in loaded.flat().items() if v != MTLConfig().flat()[k]})
+        kind = type(cfg)
+        loaded = kind.load(args.config)
+        cfg = cfg.replace(**{k: v for k, v in loaded.flat().items() if v != kind().flat()[k]})
     flags = {k: v for k, v in vars(args).items()
              if v is not None and k in cfg.flat()}
     return cfg.replace(**flags)

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from raymtl.tasks import TASKS
 
@@ -194,6 +194,10 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
 
 @dataclass
 class MTLConfig:
+    """The multi-task stage's config. A stage with more concerns subclasses it, adding a
+    section field and listing it in ``SECTIONS`` (see ``raymtl.pretrain.PretrainJobConfig``)."""
+    SECTIONS: ClassVar[dict[str, type]] = SECTIONS
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -220,7 +224,7 @@ class MTLConfig:
 
     # ---- flat view: one name per field, used by flags, --config files and search spaces
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: asdict(getattr(self, name)) for name in SECTIONS}
+        return {name: asdict(getattr(self, name)) for name in self.SECTIONS}
 
     def flat(self) -> dict[str, Any]:
         return {k: v for section in self.to_dict().values() for k, v in section.items()}
@@ -228,23 +232,20 @@ class MTLConfig:
     def replace(self, **overrides) -> "MTLConfig":
         """A new config with flat overrides applied; unknown names fail listing valid ones."""
         sections = self.to_dict()
-        owner = field_owners()
+        owner = field_owners(self.SECTIONS)
         for key, value in overrides.items():
             if key not in owner:
                 raise ValueError(f"unknown config field {key!r}; valid fields: {sorted(owner)}")
             sections[owner[key]][key] = value
-        return MTLConfig.from_dict(sections)
+        return type(self).from_dict(sections)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MTLConfig":
         """Accepts the nested form (``{"train": {"lr": ...}}``) or the flat form."""
-        if d and not set(d) <= set(SECTIONS):
+        if d and not set(d) <= set(cls.SECTIONS):
             return cls().replace(**d)
-        unknown_sections = set(d) - set(SECTIONS)
-        if unknown_sections:
-            raise ValueError(f"unknown config sections {sorted(unknown_sections)}; valid: {sorted(SECTIONS)}")
         built = {}
-        for name, kind in SECTIONS.items():
+        for name, kind in cls.SECTIONS.items():
             values = dict(d.get(name, {}))
             names = {f.name for f in dataclasses.fields(kind)}
             extra = set(values) - names
@@ -268,8 +269,16 @@ class MTLConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def field_owners() -> dict[str, str]:
-    return {f.name: section for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)}
+def field_owners(sections: dict[str, type] = SECTIONS) -> dict[str, str]:
+    """Flat field name -> its section. Names must be unique across sections."""
+    owners: dict[str, str] = {}
+    for section, kind in sections.items():
+        for f in dataclasses.fields(kind):
+            if f.name in owners:
+                raise TypeError(f"config field {f.name!r} is defined in sections {owners[f.name]!r} "
+                                f"and {section!r}; flat names must be unique")
+            owners[f.name] = section
+    return owners
 
 
 def smoke(cfg: MTLConfig | None = None) -> MTLConfig:

@@ -124,7 +124,8 @@ class MultiTaskModel(nn.Module):
         extras = dict(pals=model_cfg.pal_settings(), task_prefix=model_cfg.task_prefix,
                       prefix_length=model_cfg.prefix_length)
         if model_cfg.init_from:
-            model = cls.load(model_cfg.init_from, tasks=tasks, **extras)
+            model = cls.load(model_cfg.init_from, tasks=tasks, pair_mode=model_cfg.pair_mode,
+                             head_dropout=model_cfg.head_dropout, **extras)
         else:
             model = cls(build_encoder(model_cfg.encoder, seed), list(tasks), model_cfg.pair_mode,
                         model_cfg.pooling, model_cfg.head_dropout, source=model_cfg.encoder, **extras)
@@ -172,9 +173,12 @@ class MultiTaskModel(nn.Module):
         (d / "raymtl.json").write_text(json.dumps({**self.meta(), **(extra or {})}, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path, tasks: list[str] | None = None, **overrides) -> "MultiTaskModel":
-        """Load a raymtl checkpoint. With ``tasks``, heads missing from it start fresh;
-        ``overrides`` (pals, task_prefix, prefix_length) add adapters the checkpoint lacks."""
+    def load(cls, directory: str | Path, tasks: list[str] | None = None, pair_mode: dict | None = None,
+             head_dropout: float | None = None, **overrides) -> "MultiTaskModel":
+        """Load a raymtl checkpoint. With ``tasks``, heads missing from it start fresh, in
+        ``pair_mode`` (the checkpoint's own modes win for the heads it has); a checkpoint
+        without heads (``jobs/pretrain.py``) takes ``head_dropout`` too. ``overrides`` (pals,
+        task_prefix, prefix_length) add adapters the checkpoint lacks."""
         from safetensors.torch import load_file
         from transformers import AutoModel
         d = Path(directory)
@@ -185,9 +189,87 @@ class MultiTaskModel(nn.Module):
         encoder = AutoModel.from_pretrained(d / "encoder", add_pooling_layer=False)
         extras = {k: meta.get(k) for k in ("pals", "task_prefix", "prefix_length") if meta.get(k) is not None}
         extras.update({k: v for k, v in overrides.items() if v not in (None, "none")})
-        model = cls(encoder, tasks, {t: m for t, m in meta["modes"].items() if m},
-                    meta["pooling"], meta.get("head_dropout", 0.1), source=meta["source"], **extras)
+        modes = {**(pair_mode or {}), **{t: m for t, m in meta["modes"].items() if m}}
+        dropout = meta.get("head_dropout", head_dropout if head_dropout is not None else 0.1)
+        model = cls(encoder, tasks, modes, meta["pooling"], dropout, source=meta["source"], **extras)
         saved = load_file(str(d / "heads.safetensors"))
         own = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
         model.load_state_dict({k: saved.get(k, v) for k, v in own.items()}, strict=False)
         return model
+
+
+# ---------------------------------------------------------------------- pre-training model
+class PretrainModel(nn.Module):
+    """The encoder with a masked-LM head whose output matrix is tied to the word embeddings,
+    for ``jobs/pretrain.py``. The head comes from the checkpoint when it has one
+    (``AutoModelForMaskedLM``; a raymtl checkpoint's ``mlm_head.safetensors``), else it is
+    created fresh and ``self.created_head`` says so.
+
+    Saved as a raymtl checkpoint without task heads: ``encoder/`` is the plain encoder (as in
+    multi-task checkpoints), so ``MultiTaskModel.load`` / ``--init-from`` read it and add fresh
+    heads; the head's own weights (all but the tied matrix) go to ``mlm_head.safetensors``.
+    """
+
+    def __init__(self, encoder: str, pooling: str = "mean", seed: int = 0):
+        super().__init__()
+        mlm, self.created_head = _masked_lm(encoder, seed)
+        self.encoder = mlm.base_model                               # "encoder.*", as in MultiTaskModel
+        (self.mlm_head,) = [m for m in mlm.children() if m is not mlm.base_model]
+        self.pooling, self.source = pooling, encoder
+
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask, self.pooling)
+
+    def forward(self, kind: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """'embed': (B, T) ids -> (B, H) pooled embeddings; 'mlm': logits (N, V) at the N
+        positions whose ``mlm_labels`` are not -100 (the head never sees unmasked ones)."""
+        if kind == "embed":
+            return self.embed(batch["input_ids"], batch["attention_mask"])
+        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return self.mlm_head(hidden[batch["mlm_labels"] != -100])   # (B, T, H) -> (N, H) -> (N, V)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        tied = {id(p) for p in self.encoder.parameters()}
+        return {k: p.detach().contiguous().cpu() for k, p in self.mlm_head.named_parameters() if id(p) not in tied}
+
+    def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None) -> None:
+        from safetensors.torch import save_file
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(d / "encoder", safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(d / "encoder")
+        save_file({}, str(d / "heads.safetensors"))
+        save_file(self.head_state(), str(d / "mlm_head.safetensors"))
+        meta = {"source": self.source, "pooling": self.pooling, "modes": {}, "pals": None,
+                "task_prefix": "none", "prefix_length": 4, "stage": "pretrain"}
+        (d / "raymtl.json").write_text(json.dumps({**meta, **(extra or {})}, indent=2))
+
+
+def _masked_lm(encoder: str, seed: int) -> tuple[nn.Module, bool]:
+    """A ``*ForMaskedLM`` for an encoder name -> (model, whether its head was created fresh)."""
+    from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+    if encoder == "tiny-random":
+        torch.manual_seed(seed)
+        return BertForMaskedLM(BertConfig(vocab_size=30522, **TINY_BERT)), True
+    source = default_encoder_path() if encoder == "default" else encoder
+    raymtl_head = Path(source) / "mlm_head.safetensors"
+    if (Path(source) / "encoder").is_dir():                         # a raymtl checkpoint
+        source = str(Path(source) / "encoder")
+    torch.manual_seed(seed)                                         # a fresh head starts the same everywhere
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()        # its missing-head table: `created` is reported instead
+    try:
+        mlm, info = AutoModelForMaskedLM.from_pretrained(source, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    prefix = mlm.base_model_prefix + "."
+    created = any(not k.startswith(prefix) for k in info["missing_keys"])
+    if created and raymtl_head.is_file():
+        from safetensors.torch import load_file
+        head = next(m for m in mlm.children() if m is not mlm.base_model)
+        head.load_state_dict(load_file(str(raymtl_head)), strict=False)
+        created = False
+    mlm.tie_weights()
+    return mlm, created

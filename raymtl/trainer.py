@@ -44,11 +44,16 @@ def storage_path(output: str) -> str:
     return output if "://" in output else str(Path(output).expanduser().resolve())
 
 
-def build_trainer(cfg: MTLConfig, datasets: dict, train_sizes: dict[str, int], loop=None, callbacks=None):
+def build_trainer(cfg: MTLConfig, datasets: dict, train_sizes: dict[str, int], loop=None, callbacks=None,
+                  stage=None):
+    """A ``TorchTrainer`` running the shared loop for ``stage`` (default: the multi-task stage);
+    ``train_<name>`` datasets are split across workers, the others (validation) are not."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from raymtl.loop import train_loop_per_worker
+    from raymtl.stages import MTLStage
+    stage = stage or MTLStage
     s = cfg.scale
     scaling = ray.train.ScalingConfig(
         num_workers=s.num_workers, use_gpu=s.use_gpu,
@@ -56,13 +61,13 @@ def build_trainer(cfg: MTLConfig, datasets: dict, train_sizes: dict[str, int], l
     run = ray.train.RunConfig(
         name=cfg.run.name, storage_path=storage_path(cfg.run.output),
         checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute="overall",
+            num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute=stage.score,
             checkpoint_score_order="max"),
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         callbacks=callbacks)
     return TorchTrainer(
         loop or train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "train_sizes": train_sizes},
+        train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "train_sizes": train_sizes},
         scaling_config=scaling, run_config=run, datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train_")]))
 
@@ -86,13 +91,18 @@ def fit(cfg: MTLConfig, verbose: bool = True, callbacks=None) -> FitSummary:
     ensure_ray()
     datasets, sizes = prepare_data(cfg, verbose)
     result = build_trainer(cfg, datasets, sizes, callbacks=callbacks).fit()
-    best = result.get_best_checkpoint("overall", "max") if result.best_checkpoints else None
-    best_metrics = next((m for c, m in result.best_checkpoints if best and c.path == best.path), {})
-    summary = FitSummary(metrics=result.metrics or {}, best_checkpoint=best.path if best else None,
-                         best_metrics=best_metrics, run_dir=result.path)
+    summary = summarize(result, "overall")
     if verbose:
         print_summary(summary)
     return summary
+
+
+def summarize(result, score: str) -> FitSummary:
+    """The run's last metrics and its best checkpoint by ``score`` (higher is better)."""
+    best = result.get_best_checkpoint(score, "max") if result.best_checkpoints else None
+    best_metrics = next((m for c, m in result.best_checkpoints if best and c.path == best.path), {})
+    return FitSummary(metrics=result.metrics or {}, best_checkpoint=best.path if best else None,
+                      best_metrics=best_metrics, run_dir=result.path)
 
 
 def print_summary(s: FitSummary) -> None:

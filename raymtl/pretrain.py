@@ -1,0 +1,244 @@
+"""Further pre-training stage: MLM + SimCSE (unsupervised on Wiki sentences, supervised on
+NLI triplets) on the shared loop (``raymtl.loop``), before multi-task fine-tuning.
+
+Its config adds one section, ``pretrain`` (``PretrainConfig``), to the multi-task sections;
+field names stay unique across all of them. Its checkpoint is a raymtl checkpoint without
+task heads: ``jobs/mtl.py --init-from CKPT`` adds fresh heads to its encoder.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raymtl.config import SECTIONS, MTLConfig, _help, _positive, smoke
+from raymtl.data import _pad
+from raymtl.loop import cycle_batches
+from raymtl.metrics import pearson
+from raymtl.model import PretrainModel
+from raymtl.pretrain_objectives import mask_tokens, mlm_loss, simcse_sup_loss, simcse_unsup_loss
+from raymtl.weighting import make_weighting
+
+OBJECTIVES = ("mlm", "simcse_unsup", "simcse_sup")     # stream name == shard kind
+
+
+@dataclass
+class PretrainConfig:
+    wiki_files: tuple[str, ...] = _help(
+        "Wiki text files (relative to data_dir, absolute, a URI, or hf:NAME[:CONFIG[:SPLIT]] for a "
+        "Hugging Face dataset's text column)", default=("wikitext-2/valid.txt", "wikitext-2/test.txt"))
+    nli_files: tuple[str, ...] = _help("NLI JSON-lines files (premise, hypothesis, label) for "
+                                       "supervised SimCSE", default=("nli/snli.jsonl", "nli/mnli.jsonl"))
+    shard_cache: str = _help("directory of the tokenized Parquet shards, keyed by tokenizer and settings "
+                             "(env RAYMTL_CACHE_DIR)", default_factory=lambda: os.environ.get(
+                                 "RAYMTL_CACHE_DIR", os.path.expanduser("~/.cache/raymtl/shards")))
+    mlm_weight: float = _help("weight of the MLM loss (0 = off); SimCSE's auxiliary MLM used 0.1", default=0.1)
+    simcse_unsup_weight: float = _help("weight of unsupervised SimCSE on Wiki sentences (0 = off)", default=1.0)
+    simcse_sup_weight: float = _help("weight of supervised SimCSE on NLI triplets (0 = off)", default=1.0)
+    mlm_mask_prob: float = _help("fraction of non-special tokens that are MLM targets", default=0.15)
+    simcse_temperature: float = _help("SimCSE softmax temperature", default=0.05)
+    mlm_batch_size: int = _help("global MLM rows per step (0 = batch_size)", default=0)
+    unsup_batch_size: int = _help("global Wiki sentences per step for SimCSE (0 = batch_size)", default=0)
+    sup_batch_size: int = _help("global NLI triplets per step (0 = batch_size)", default=0)
+    gather_negatives: bool = _help("SimCSE negatives from every worker, not only the local batch", default=True)
+    heldout_paragraphs: int = _help("Wiki paragraphs held out for the MLM loss / perplexity", default=200)
+    min_words: int = _help("skip Wiki paragraphs and sentences with fewer words (counted)", default=4)
+    max_lines: int = _help("read at most this many lines per Wiki/NLI file (0 = all); smoke runs", default=0)
+    rows_per_shard: int = _help("rows per Parquet file", default=4096)
+
+    def __post_init__(self):
+        self.wiki_files, self.nli_files = tuple(self.wiki_files), tuple(self.nli_files)
+        if not self.wiki_files:
+            raise ValueError("wiki_files must name at least one file (MLM validation reads Wiki text)")
+        for name in ("mlm_weight", "simcse_unsup_weight", "simcse_sup_weight", "mlm_batch_size",
+                     "unsup_batch_size", "sup_batch_size", "max_lines"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        for name in ("simcse_temperature", "heldout_paragraphs", "min_words", "rows_per_shard"):
+            _positive(name, getattr(self, name))
+        if not 0 < self.mlm_mask_prob < 1:
+            raise ValueError(f"mlm_mask_prob={self.mlm_mask_prob!r} must be in (0, 1)")
+        if not any(self.weights().values()):
+            raise ValueError("mlm_weight, simcse_unsup_weight and simcse_sup_weight are all 0; "
+                             "at least one objective must be on")
+        if self.simcse_sup_weight and not self.nli_files:
+            raise ValueError("simcse_sup_weight > 0 needs nli_files")
+
+    def weights(self) -> dict[str, float]:
+        """Loss weight per objective (stream name)."""
+        return {"mlm": self.mlm_weight, "simcse_unsup": self.simcse_unsup_weight,
+                "simcse_sup": self.simcse_sup_weight}
+
+
+@dataclass
+class PretrainJobConfig(MTLConfig):
+    SECTIONS: ClassVar[dict[str, type]] = {**SECTIONS, "pretrain": PretrainConfig}
+    pretrain: PretrainConfig = _help("the further pre-training section", default_factory=PretrainConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        m = self.model
+        if m.pals or m.task_prefix != "none" or m.train_only_adapters:
+            raise ValueError("pals, task_prefix and train_only_adapters belong to the multi-task stage; "
+                             "pre-training trains the whole encoder")
+        for name in ("mlm_batch_size", "unsup_batch_size", "sup_batch_size"):
+            if getattr(self.pretrain, name) % self.micro_divisor():
+                raise ValueError(f"{name}={getattr(self.pretrain, name)} must be divisible by "
+                                 f"num_workers x grad_accum = {self.micro_divisor()}")
+
+    def objective_micro_batch(self, name: str) -> int:
+        """Rows per worker per micro-step for one objective."""
+        own = {"mlm": self.pretrain.mlm_batch_size, "simcse_unsup": self.pretrain.unsup_batch_size,
+               "simcse_sup": self.pretrain.sup_batch_size}[name]
+        return (own or self.train.batch_size) // self.micro_divisor()
+
+
+def pretrain_defaults() -> PretrainJobConfig:
+    """``python jobs/pretrain.py``: the default encoder, 300 steps (≈ 25 min on 2 CPU cores)."""
+    return PretrainJobConfig().replace(name="pretrain", lr=3e-5, eval_every=100)
+
+
+def pretrain_smoke(cfg: PretrainJobConfig | None = None) -> PretrainJobConfig:
+    """The same code path on a tiny random BERT, a few hundred lines, a dozen steps."""
+    return smoke(cfg or pretrain_defaults()).replace(max_lines=300, heldout_paragraphs=16)
+
+
+def collate_pretrain(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Pad each ``ids_a|b|c`` column to its own longest row (``input_ids[_b|_c]`` + masks)."""
+    out = {}
+    for col, suffix in (("ids_a", ""), ("ids_b", "_b"), ("ids_c", "_c")):
+        if col in batch:
+            out["input_ids" + suffix], out["attention_mask" + suffix] = _pad(batch[col])
+    if "label" in batch:
+        out["label"] = torch.tensor(np.asarray(batch["label"], dtype=np.float32))
+    return out
+
+
+def stack_padded(batch: dict, suffixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Sentences of several columns as one (k * B, T) batch, padded to the longest."""
+    T = max(batch["input_ids" + s].shape[1] for s in suffixes)
+    pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))          # noqa: E731
+    return {"input_ids": torch.cat([pad(batch["input_ids" + s]) for s in suffixes]),
+            "attention_mask": torch.cat([pad(batch["attention_mask" + s]) for s in suffixes])}
+
+
+class PretrainStage:
+    """MLM + SimCSE streams on the shared loop; validation: held-out MLM loss / perplexity and
+    zero-shot STS Pearson (cosine of pooled embeddings), also before step 0."""
+    score = "step"                  # the stage's output is its last checkpoint
+    validate_at_start = True
+
+    def __init__(self, config: dict):
+        from transformers import AutoTokenizer
+
+        from raymtl.model import tokenizer_source
+        self.cfg = PretrainJobConfig.from_dict(config["cfg"])
+        self.sizes: dict[str, int] = config["train_sizes"]
+        self.tok = AutoTokenizer.from_pretrained(tokenizer_source(self.cfg.model.init_from or self.cfg.model.encoder))
+        self.special = torch.tensor(sorted(self.tok.all_special_ids))
+
+    def build_model(self) -> PretrainModel:
+        from raymtl.loop import say
+        cfg = self.cfg
+        model = PretrainModel(cfg.model.init_from or cfg.model.encoder, cfg.model.pooling, seed=cfg.train.seed)
+        if model.created_head and dist.is_initialized() and dist.get_rank() == 0:
+            say("[raymtl] the encoder has no MLM head: created one, tied to the word embeddings")
+        weights = cfg.pretrain.weights()
+        model.weighting = make_weighting(cfg.train.weighting, list(self.sizes), {n: weights[n] for n in self.sizes})
+        self.vocab_size = model.encoder.config.vocab_size
+        return model
+
+    def streams(self, rank: int, seed: int) -> dict:
+        import ray.train
+        return {n: cycle_batches(ray.train.get_dataset_shard(f"train_{n}"), self.cfg.objective_micro_batch(n),
+                                 seed, self.cfg.data.bucket_batches, collate_pretrain) for n in self.sizes}
+
+    def masked(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        never = torch.isin(ids, self.special.to(ids.device)) | (mask == 0)           # (B, T)
+        inputs, labels = mask_tokens(ids, never, self.tok.mask_token_id, self.vocab_size,
+                                     self.cfg.pretrain.mlm_mask_prob, generator)
+        return {"input_ids": inputs, "attention_mask": mask, "mlm_labels": labels}
+
+    def loss(self, forward, name: str, batch: dict) -> torch.Tensor:
+        p = self.cfg.pretrain
+        if name == "mlm":
+            b = self.masked(batch)
+            return mlm_loss(forward("mlm", b), b["mlm_labels"][b["mlm_labels"] != -100])
+        if name == "simcse_unsup":       # the same sentences twice: dropout makes the two views differ
+            z1, z2 = forward("embed", stack_padded(batch, ("", ""))).chunk(2)             # (B, H) each
+            return simcse_unsup_loss(z1, z2, p.simcse_temperature, p.gather_negatives)
+        a, pos, neg = forward("embed", stack_padded(batch, ("", "_b", "_c"))).chunk(3)     # (B, H) each
+        return simcse_sup_loss(a, pos, neg, p.simcse_temperature, p.gather_negatives)
+
+    @torch.no_grad()
+    def validate(self, module, rank: int, world: int) -> dict[str, float]:
+        """Collective. Batches are divided among ranks, except under ZeRO-3 (every rank must
+        run every forward). MLM masks are drawn from a fixed seed, so scores compare across steps."""
+        import ray.train
+        share = self.cfg.scale.zero_stage < 3 and world > 1
+        mine = lambda name: (b for i, b in enumerate(ray.train.get_dataset_shard(name).iter_batches(  # noqa: E731
+            batch_size=32, batch_format="numpy")) if not share or i % world == rank)
+        was_training = module.training
+        module.eval()
+        device = next(module.parameters()).device
+        g = torch.Generator().manual_seed(self.cfg.train.seed)
+        nll, n, cos, labels = 0.0, 0, [], []
+        for raw in mine("val_mlm"):
+            b = {k: v.to(device) for k, v in self.masked(collate_pretrain(raw), g).items()}
+            targets = b["mlm_labels"][b["mlm_labels"] != -100]
+            nll, n = nll + mlm_loss(module("mlm", b), targets).item() * len(targets), n + len(targets)
+        for raw in mine("val_sts"):
+            b = {k: v.to(device) for k, v in collate_pretrain(raw).items()}
+            u, v = module("embed", stack_padded(b, ("", "_b"))).chunk(2)                      # (B, H) each
+            cos.append(torch.nn.functional.cosine_similarity(u, v, dim=-1).float().cpu().numpy())
+            labels.append(b["label"].cpu().numpy())
+        module.train(was_training)
+        cos, labels = np.concatenate(cos or [np.zeros(0)]), np.concatenate(labels or [np.zeros(0)])
+        if share:
+            parts = [None] * world
+            dist.all_gather_object(parts, (nll, n, cos, labels))
+            nll, n = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            cos, labels = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+        loss = nll / max(n, 1)
+        return {"mlm_loss": loss, "mlm_perplexity": math.exp(min(loss, 50.0)), "sts_zero_shot": pearson(cos, labels)}
+
+
+def prepare(cfg: PretrainJobConfig, verbose: bool = True):
+    """Tokenized shards (cached) -> Ray datasets for the trainer and rows per training stream."""
+    from raymtl.model import tokenizer_source
+    from raymtl.pretrain_data import prepare_shards
+    shards = prepare_shards(cfg, tokenizer_source(cfg.model.init_from or cfg.model.encoder))
+    if verbose:
+        print("[raymtl] data " + shards.summary(), flush=True)
+    names = [n for n, w in cfg.pretrain.weights().items() if w > 0]
+    empty = [k for k in (*names, "mlm_val", "sts_val") if not shards.counts.get(k)]
+    if empty:
+        from raymtl.data import DataError
+        raise DataError(f"no rows of kind {empty} in {shards.path}; see the data report above")
+    datasets = {f"train_{n}": shards.dataset(n) for n in names}
+    datasets.update(val_mlm=shards.dataset("mlm_val"), val_sts=shards.dataset("sts_val"))
+    return datasets, {n: shards.counts[n] for n in names}, shards
+
+
+def fit(cfg: PretrainJobConfig, verbose: bool = True):
+    """Prepare (or reuse) the shards, run the stage, print before/after scores."""
+    from raymtl.trainer import build_trainer, ensure_ray, summarize
+    ensure_ray()
+    datasets, sizes, _ = prepare(cfg, verbose)
+    result = build_trainer(cfg, datasets, sizes, stage=PretrainStage).fit()
+    summary = summarize(result, PretrainStage.score)
+    m = summary.best_metrics
+    if verbose and m:
+        was = lambda k, f: format(m[k + "_step0"], f) if k + "_step0" in m else "n/a"   # noqa: E731
+        print(f"\n[raymtl] zero-shot STS Pearson (validation split of sts/train.csv): "
+              f"before {was('sts_zero_shot', '.4f')}, after {m['sts_zero_shot']:.4f}")
+        print(f"[raymtl] held-out Wiki MLM loss {was('mlm_loss', '.3f')} -> {m['mlm_loss']:.3f} "
+              f"(perplexity {was('mlm_perplexity', '.1f')} -> {m['mlm_perplexity']:.1f})")
+        print(f"[raymtl] checkpoint (step {m['step']}): {summary.best_checkpoint}")
+        print(f"[raymtl] fine-tune it: python jobs/mtl.py --init-from {summary.best_checkpoint}", flush=True)
+    return summary

@@ -1,0 +1,68 @@
+"""The multi-task fine-tuning stage: what the shared loop (``raymtl.loop``) needs from it.
+
+One stream of padded batches per task (``train_<task>`` Ray Data shards), the task table's
+loss per head kind, the validation splits scored per task plus ``overall``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch.distributed as dist
+
+from raymtl.config import MTLConfig
+from raymtl.data import collate
+from raymtl.evaluation import predict_batches
+from raymtl.loop import cycle_batches
+from raymtl.metrics import overall, task_metric
+from raymtl.model import MultiTaskModel
+from raymtl.objectives import LOSSES
+from raymtl.weighting import make_weighting
+
+
+def validate(module, tasks, rank: int, world: int, shard_eval: bool) -> dict[str, float]:
+    """Scores on the validation splits. Batches are divided among ranks and gathered,
+    except under ZeRO-3, where every rank must run every forward (parameters are gathered
+    collectively) and so each evaluates all batches."""
+    import ray.train
+    scores = {}
+    for t in tasks:
+        batches = ray.train.get_dataset_shard(f"val_{t}").iter_torch_batches(batch_size=64, collate_fn=collate)
+        mine = (b for i, b in enumerate(batches) if not shard_eval or i % world == rank)
+        preds, labels, _ = predict_batches(module, t, mine)
+        if shard_eval and world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, (preds, labels))
+            preds = np.concatenate([p for p, _ in parts])
+            labels = np.concatenate([lab for _, lab in parts])
+        scores[t] = task_metric(t, preds, labels)
+    return scores
+
+
+class MTLStage:
+    """Multi-task fine-tuning of one encoder with a head per task (``jobs/mtl.py``)."""
+    score = "overall"
+    validate_at_start = False
+
+    def __init__(self, config: dict):
+        self.cfg = MTLConfig.from_dict(config["cfg"])
+        self.tasks = list(self.cfg.data.tasks)
+        self.sizes: dict[str, int] = config["train_sizes"]
+
+    def build_model(self) -> MultiTaskModel:
+        cfg = self.cfg
+        model = MultiTaskModel.from_config(cfg.model, self.tasks, seed=cfg.train.seed)
+        model.weighting = make_weighting(cfg.train.weighting, self.tasks, cfg.train.task_weights)
+        self.heads = model.heads
+        return model
+
+    def streams(self, rank: int, seed: int) -> dict:
+        import ray.train
+        mb = self.cfg.micro_batch_size()
+        return {t: cycle_batches(ray.train.get_dataset_shard(f"train_{t}"), mb, seed, self.cfg.data.bucket_batches)
+                for t in self.tasks}
+
+    def loss(self, forward, task: str, batch: dict):
+        return LOSSES[self.heads[task].kind](forward(task, batch), batch["label"])
+
+    def validate(self, module, rank: int, world: int) -> dict[str, float]:
+        scores = validate(module, self.tasks, rank, world, shard_eval=self.cfg.scale.zero_stage < 3)
+        return {**{f"val_{t}": v for t, v in scores.items()}, "overall": overall(scores)}

@@ -1,0 +1,239 @@
+"""Further pre-training: masking statistics, SimCSE losses by hand, reading and reporting the
+raw files, cross-worker negatives under real Ray Train, the shard cache, and an end-to-end
+smoke run whose checkpoint the multi-task stage loads."""
+import dataclasses
+import math
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raymtl.config import field_owners
+from raymtl.data import DataError
+from raymtl.pretrain import PretrainJobConfig, PretrainStage, pretrain_smoke
+from raymtl.pretrain_data import check_bad_fraction, clean_wiki, read_nli, read_wiki, split_sentences
+from raymtl.pretrain_objectives import IGNORE, info_nce, mask_tokens, simcse_sup_loss, simcse_unsup_loss
+
+pytestmark = pytest.mark.timeout(600)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------- config
+def test_config_section_names_are_unique_and_bad_values_name_the_field():
+    owners = field_owners(PretrainJobConfig.SECTIONS)
+    assert owners["simcse_temperature"] == "pretrain" and owners["lr"] == "train"
+    assert len(owners) == sum(len(k.__dataclass_fields__) for k in PretrainJobConfig.SECTIONS.values())
+    for overrides, message in [({"simcse_temperature": 0.0}, "simcse_temperature=0.0 must be > 0"),
+                               ({"mlm_mask_prob": 1.0}, r"mlm_mask_prob=1.0 must be in \(0, 1\)"),
+                               ({"num_workers": 2, "sup_batch_size": 5}, "sup_batch_size=5 must be divisible"),
+                               ({"pals": True}, "pals, task_prefix and train_only_adapters belong")]:
+        with pytest.raises(ValueError, match=message):
+            pretrain_smoke().replace(**overrides)
+    import argparse
+
+    from raymtl.cli import add_config_args, config_from_args
+    from raymtl.pretrain import pretrain_defaults
+    p = argparse.ArgumentParser()
+    add_config_args(p, PretrainJobConfig.SECTIONS)
+    cfg = config_from_args(p.parse_args(["--smoke", "--mlm-weight", "0.5", "--nli-files", "a.jsonl"]),
+                           defaults=pretrain_defaults, shrink=pretrain_smoke)
+    assert cfg.model.encoder == "tiny-random" and cfg.pretrain.mlm_weight == 0.5
+    assert cfg.pretrain.nli_files == ("a.jsonl",) and cfg.run.name == "pretrain"
+
+
+# ------------------------------------------------------------------------------- masking
+def test_masking_statistics_and_special_tokens_are_never_masked():
+    stage = PretrainStage({"cfg": pretrain_smoke().to_dict(), "train_sizes": {"mlm": 1}})
+    stage.build_model()
+    g = torch.Generator().manual_seed(0)
+    B, T = 400, 64
+    ids = torch.randint(1000, 30000, (B, T), generator=g)
+    lengths = torch.randint(10, T, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()              # (B, T)
+    ids[:, 0], ids[torch.arange(B), lengths - 1] = 101, 102                  # [CLS] ... [SEP]
+    ids = ids * mask                                                          # [PAD] = 0
+    out = stage.masked({"input_ids": ids, "attention_mask": mask}, g)
+    inputs, labels = out["input_ids"], out["mlm_labels"]
+    target = labels != IGNORE
+    eligible = (mask == 1) & ~torch.isin(ids, torch.tensor([0, 100, 101, 102, 103]))
+    assert not (target & ~eligible).any()                                    # never a special / pad
+    assert (labels[target] == ids[target]).all() and (inputs[~target] == ids[~target]).all()
+    assert target.sum() / eligible.sum() == pytest.approx(0.15, abs=0.01)
+    n = target.sum().item()
+    to_mask = (inputs[target] == 103).sum().item() / n
+    kept = (inputs[target] == ids[target]).sum().item() / n
+    assert to_mask == pytest.approx(0.8, abs=0.02) and kept == pytest.approx(0.1, abs=0.015)
+    assert 1 - to_mask - kept == pytest.approx(0.1, abs=0.015)               # a random token
+    # dynamic: a second draw masks other positions
+    again = mask_tokens(ids, ~eligible, 103, 30522, 0.15)[1] != IGNORE
+    assert (again != target).any()
+
+
+# ------------------------------------------------------------------------------- SimCSE
+def test_simcse_identical_pairs_give_the_minimum():
+    import itertools
+    z = torch.eye(4, 8)                                                      # 4 orthonormal sentences
+    # identical views: cross-entropy's minimum, 0, up to e^(-1/tau) terms
+    assert 0 <= simcse_unsup_loss(z, z.clone()).item() < 1e-6
+    # by hand at tau = 0.5: each positive has cosine 1, each of the 3 negatives cosine 0
+    best = simcse_unsup_loss(z, z.clone(), 0.5).item()
+    assert best == pytest.approx(math.log(1 + 3 * math.exp(-2.0)), rel=1e-5)
+    for perm in itertools.permutations(range(4)):                            # every other pairing is worse
+        if perm != (0, 1, 2, 3):
+            assert simcse_unsup_loss(z, z[list(perm)], 0.5).item() > best
+    losses = []                                                              # positives turned away by theta
+    for theta in (0.0, 0.3, 0.6, 0.9):
+        turned = math.cos(theta) * z + math.sin(theta) * torch.roll(z, 4, dims=1)   # into unused dimensions
+        losses.append(simcse_unsup_loss(z, turned, 0.5).item())
+    assert losses[0] == pytest.approx(best) and losses == sorted(losses) and len(set(losses)) == 4
+    tau = 0.5
+    # supervised, by hand: keys are 4 positives and 4 negatives; an opposite hard negative
+    # (cosine -1) costs less than the 6 orthogonal keys; one equal to the positive is a coin flip
+    assert simcse_sup_loss(z, z, -z, tau).item() == pytest.approx(
+        math.log(1 + 6 * math.exp(-1 / tau) + math.exp(-2 / tau)), rel=1e-5)
+    assert simcse_sup_loss(z, z, z).item() == pytest.approx(math.log(2), abs=1e-6)
+    # temperature: cosine 0.5 against 0 at tau=0.5 -> -log(e / (e + 1))
+    two = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    keys = torch.tensor([[1.0, 3 ** 0.5], [0.0, 1.0]])                          # cos(q0, k0) = 0.5
+    assert info_nce(two[:1], keys, torch.tensor([0]), 0.5).item() == pytest.approx(-math.log(math.e / (math.e + 1)), rel=1e-5)
+
+
+def gather_on_worker(config):
+    """Each of 2 ranks holds its own (B, H) views; returns what rank 0 gathers of everything."""
+    import ray.train
+    import torch.distributed as dist
+
+    from raymtl.pretrain_objectives import gather_with_grad, simcse_unsup_loss
+    rank = ray.train.get_context().get_world_rank()
+    z1 = torch.tensor(config["z1"][rank], requires_grad=True)
+    z2 = torch.tensor(config["z2"][rank], requires_grad=True)
+    keys, offset = gather_with_grad(z2)
+    loss = simcse_unsup_loss(z1, z2, 0.05)
+    loss.backward()
+    mine = {"rank": rank, "keys": keys.tolist(), "offset": offset, "loss": loss.item(),
+            "grad_z2": z2.grad.tolist(), "keys_require_grad": keys.requires_grad}
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return parts
+
+
+def test_negatives_are_gathered_across_two_workers_with_local_gradients(ray_cluster, tmp_path):
+    import sys
+
+    import ray.cloudpickle
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)   # rank -> (B=3, H=4)
+    result = TorchTrainer(
+        gather_on_worker, train_loop_config={"z1": z1.tolist(), "z2": z2.tolist()},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="gather")).fit()
+    for part in result.return_value:
+        r = part["rank"]
+        assert part["offset"] == 3 * r and part["keys_require_grad"]
+        assert torch.allclose(torch.tensor(part["keys"]), z2.reshape(6, 4))       # 6 keys = 2 workers x 3
+        # reference on one process: the other rank's keys are constants, this rank's are variables
+        q, k = z1[r].clone().requires_grad_(), z2[r].clone().requires_grad_()
+        keys = torch.cat([k if i == r else z2[i] for i in range(2)])
+        ref = info_nce(q, keys, 3 * r + torch.arange(3), 0.05)
+        ref.backward()
+        assert part["loss"] == pytest.approx(ref.item(), rel=1e-5)
+        assert torch.allclose(torch.tensor(part["grad_z2"]), k.grad, atol=1e-6) and k.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------- reading
+def test_wiki_and_nli_lines_are_cleaned_and_every_unused_line_is_reported(tmp_path):
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_bytes(b" = Heading = \n \n The value is 1 @,@ 000 and state @-@ of @-@ the @-@ art . "
+                     b"A second sentence is here .\n Bad \xff byte line here\n Too short\n")
+    rows, rep = read_wiki(str(wiki), min_words=4)
+    assert [r["text"] for r in rows] == ["The value is 1,000 and state-of-the-art . A second sentence is here ."]
+    assert rows[0]["source"] == f"{wiki}:3"
+    assert rep.skipped == {"heading": [1], "blank line": [2], "fewer than 4 words (list item, caption)": [5]}
+    assert rep.bad == {"not valid UTF-8 (byte 5)": [4]}
+    assert split_sentences(rows[0]["text"]) == ["The value is 1,000 and state-of-the-art .", "A second sentence is here ."]
+    assert clean_wiki(" 0 @.@ 7 kg ") == "0.7 kg"
+    with pytest.raises(DataError, match=r"wiki.txt: 1 of 5 lines are malformed"):
+        check_bad_fraction(rep, 0.1)
+
+    nli = tmp_path / "nli.jsonl"
+    nli.write_text('{"premise": "P one", "hypothesis": "yes", "label": "entailment"}\n'
+                   '{"premise": "P one", "hypothesis": "no", "label": "contradiction"}\n'
+                   '{"premise": "P one", "hypothesis": "maybe", "label": "neutral"}\n'
+                   '{"premise": "P one", "hypothesis": "no 2", "label": "contradiction"}\n'
+                   '{"premise": "P two", "hypothesis": "yes", "label": "entailment"}\n'
+                   '{"premise": "P three", "hypothesis": "x"\n'
+                   '{"premise": "P four", "hypothesis": "x", "label": "-"}\n')
+    rows, rep = read_nli(str(nli))
+    assert [(r["text"], r["text_b"], r["text_c"]) for r in rows] == [("P one", "yes", "no"), ("P one", "yes", "no 2")]
+    assert rep.skipped == {"neutral hypothesis (not used)": [3], "premise has no contradiction hypothesis": [5]}
+    assert list(rep.bad.values()) == [[6], [7]]
+    assert list(rep.bad)[0].startswith("not valid JSON") and "label '-' is not one of" in list(rep.bad)[1]
+    assert "nli.jsonl:6" in rep.summary()
+
+
+# ------------------------------------------------------------------------------- shards
+def test_second_prepare_reuses_the_cache(ray_cluster, data_dir, tmp_path):
+    from raymtl.model import tokenizer_source
+    from raymtl.pretrain_data import cache_key, cache_settings, prepare_shards
+    bad = tmp_path / "nli.jsonl"
+    good = Path(data_dir, "nli/snli.jsonl").read_text().splitlines()[:60]
+    bad.write_text("\n".join(good[:30] + ["{oops"] + good[30:]) + "\n")
+    cfg = pretrain_smoke().replace(data_dir=data_dir, shard_cache=str(tmp_path / "cache"), max_lines=120,
+                                   nli_files=(str(bad),), max_bad_fraction=0.05)
+    src = tokenizer_source(cfg.model.encoder)
+    first = prepare_shards(cfg, src)
+    assert first.tokenized_rows > 0 and set(first.counts) == {"mlm", "mlm_val", "simcse_unsup", "simcse_sup", "sts_val"}
+    assert first.counts["sts_val"] == 24 and first.counts["mlm_val"] >= cfg.pretrain.heldout_paragraphs
+    assert "nli.jsonl:31" in first.summary() and "not valid JSON" in first.summary()
+    second = prepare_shards(cfg, src)
+    assert second.tokenized_rows == 0 and second.path == first.path and second.counts == first.counts
+    assert "nli.jsonl:31" in second.summary()                               # reports survive the cache
+    ids = first.dataset("simcse_sup").take(1)[0]
+    assert {"ids_a", "ids_b", "ids_c", "source"} == set(ids) and ids["ids_a"][0] == 101
+    key = cache_key(cache_settings(cfg, src))
+    assert cache_key(cache_settings(cfg.replace(max_length=64), src)) != key
+    assert cache_key(cache_settings(cfg.replace(mlm_weight=0.5), src)) == key    # weights do not change rows
+
+
+# ------------------------------------------------------------------------------- end to end
+def test_smoke_stage_runs_and_its_checkpoint_starts_the_multitask_stage(ray_cluster, data_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from raymtl.data import load_splits
+    from raymtl.evaluation import evaluate_rows
+    from raymtl.model import MultiTaskModel
+    from raymtl.pretrain import fit
+    cfg = pretrain_smoke().replace(data_dir=data_dir, output=str(tmp_path / "runs"), cpus_per_worker=1.0,
+                                   shard_cache=str(tmp_path / "cache"))
+    summary = fit(cfg, verbose=False)
+    m = summary.metrics
+    assert m["step"] == 12 and m["start_step"] == 0
+    assert {"mlm_loss", "mlm_perplexity", "sts_zero_shot", "mlm_loss_step0", "sts_zero_shot_step0",
+            "train_loss_mlm", "train_loss_simcse_unsup", "train_loss_simcse_sup"} <= set(m)
+    assert m["mlm_perplexity"] == pytest.approx(math.exp(m["mlm_loss"]))
+    assert m["mlm_loss"] < m["mlm_loss_step0"] and np.isfinite(m["train_loss"])
+    ckpt = Path(summary.best_checkpoint)
+    assert (ckpt / "encoder" / "model.safetensors").is_file() and (ckpt / "mlm_head.safetensors").is_file()
+
+    # the checkpoint loads as a multi-task model with fresh heads, and gives the same zero-shot STS
+    model = MultiTaskModel.load(ckpt, tasks=["sst", "quora", "sts"]).eval()
+    assert list(model.heads) == ["sst", "quora", "sts"] and model.modes["sts"] == "bi"
+    _, val = load_splits(dataclasses.replace(cfg.data, tasks=("sts",)))[0]["sts"]
+    tok = AutoTokenizer.from_pretrained(ckpt / "encoder")
+    again = evaluate_rows(model, tok, {"sts": val}, cfg.data.max_length)["sts"]
+    assert again == pytest.approx(m["sts_zero_shot"], abs=1e-5)
+
+    # jobs/mtl.py --init-from CKPT trains from it
+    main = runpy.run_path(str(ROOT / "jobs" / "mtl.py"), run_name="mtl_job")["main"]
+    assert main(["--smoke", "--init-from", str(ckpt), "--data-dir", data_dir, "--output", str(tmp_path / "mtl"),
+                 "--steps", "2", "--eval-every", "2", "--max-rows", "120", "--cpus-per-worker", "1"]) == 0
+
+    # re-running with the same output and name resumes, keeping the before-training scores
+    more = fit(cfg.replace(steps=14), verbose=False).metrics
+    assert more["start_step"] == 12 and more["step"] == 14
+    assert more["sts_zero_shot_step0"] == m["sts_zero_shot_step0"]
