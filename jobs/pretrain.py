@@ -1,9 +1,10 @@
 """Further pre-training: MLM + SimCSE on WikiText and NLI, on Ray Train + DeepSpeed, before
 multi-task fine-tuning. Same training loop, reporting and checkpoints as jobs/mtl.py.
 
-    python jobs/pretrain.py                      # default encoder, 300 steps, ~25 min on a 2-core CPU
+    python jobs/pretrain.py                      # default encoder, 100 steps, ~25 min on a 2-core CPU
     python jobs/pretrain.py --smoke              # same code path, tiny random BERT, ~1 min
-    python jobs/pretrain.py --steps 60 --eval-every 30 --output runs   # the README's short run
+    python jobs/pretrain.py --steps 40 --eval-every 20 --log-every 5 --output /tmp/pretrain_run
+                                                 # the README's run: 12.5 min, zero-shot STS 0.833 -> 0.840
     python jobs/mtl.py --init-from CKPT          # fine-tune the result (fresh task heads)
 
 First run: reads wikitext-2/{valid,test}.txt and nli/{snli,mnli}.jsonl from the data

@@ -237,3 +237,18 @@ def test_smoke_stage_runs_and_its_checkpoint_starts_the_multitask_stage(ray_clus
     more = fit(cfg.replace(steps=14), verbose=False).metrics
     assert more["start_step"] == 12 and more["step"] == 14
     assert more["sts_zero_shot_step0"] == m["sts_zero_shot_step0"]
+
+
+def test_validation_masks_do_not_depend_on_batch_order_or_padding():
+    stage = PretrainStage({"cfg": pretrain_smoke().to_dict(), "train_sizes": {"mlm": 1}})
+    stage.build_model()
+    rows = [np.arange(1000, 1000 + n) for n in (30, 12, 45, 20)]
+    rows = [np.concatenate([[101], r, [102]]) for r in rows]
+    from raymtl.pretrain import collate_pretrain
+    one = stage.fixed_masks(collate_pretrain({"ids_a": np.array(rows, dtype=object)}))
+    other = stage.fixed_masks(collate_pretrain({"ids_a": np.array(rows[::-1][:2], dtype=object)}))
+    for i, j in ((3, 0), (2, 1)):                                           # same rows, other batch
+        n = len(rows[i])
+        assert torch.equal(one["mlm_labels"][i, :n], other["mlm_labels"][j, :n])
+        assert torch.equal(one["input_ids"][i, :n], other["input_ids"][j, :n])
+    assert (one["mlm_labels"] != IGNORE).any()
