@@ -22,12 +22,12 @@ from raymtl.model import MultiTaskModel, tokenizer_source
 from raymtl.objectives import LOSSES
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     cfg = smoke() if a.smoke else MTLConfig()
     rounds = 2 if a.smoke else a.rounds
     torch.set_num_threads(2)

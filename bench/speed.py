@@ -68,12 +68,12 @@ def raymtl_loop(cfg: MTLConfig, steps: int) -> dict:
             "tokens_per_s": m["tokens_per_s"], "fit_wall_s": wall}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=40)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     cfg = (smoke() if a.smoke else MTLConfig()).replace(batch_size=32 if not a.smoke else 8)
     rounds, steps = (2, 6) if a.smoke else (a.rounds, a.steps)
 
@@ -82,7 +82,9 @@ def main():
     from raymtl.trainer import prepare_data, quiet_ray_data
     quiet_ray_data()
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1")
+    fresh = not ray.is_initialized()        # the --smoke test runs inside an existing cluster
+    if fresh:
+        ray.init(num_cpus=2, dashboard_host="127.0.0.1")
     ray_start = time.perf_counter() - t0
     t0 = time.perf_counter()
     datasets, sizes = prepare_data(cfg, verbose=False)
@@ -110,7 +112,8 @@ def main():
               f"{med(name, 'tokens_per_s'):.0f} | {statistics.median(ratios):.2f} "
               f"[{min(ratios):.2f}–{max(ratios):.2f}] |")
     consume = med("raymtl", "examples_per_s")
-    print(f"\nRay start-up (ray.init): {ray_start:.1f} s; TorchTrainer.fit wall incl. worker start, "
+    start = f"{ray_start:.1f} s" if fresh else "n/a (Ray was already running)"
+    print(f"\nRay start-up (ray.init): {start}; TorchTrainer.fit wall incl. worker start, "
           f"{steps} steps, one validation: {med('raymtl', 'fit_wall_s'):.1f} s")
     print(f"Ray Data read+validate+tokenize: {total_rows} rows in {tokenize_s:.1f} s = "
           f"{total_rows / tokenize_s:.0f} rows/s; training consumes {consume:.1f} rows/s "

@@ -165,9 +165,13 @@ class ScaleConfig:
     cpus_per_worker: float = _help("CPUs reserved per worker (also its torch threads)", default=2.0)
     zero_stage: int = _help("DeepSpeed ZeRO stage 0-3", default=0)
     precision: str = _help("'fp32', or on GPU 'bf16' / 'fp16'", default="fp32")
+    placement_strategy: str = _help(
+        "how workers are placed on nodes (Ray placement group): PACK, SPREAD, STRICT_PACK "
+        "(one node) or STRICT_SPREAD (one worker per node)", default="PACK")
 
     def __post_init__(self):
         _positive("num_workers", self.num_workers, allow_zero=True)
+        _choice("placement_strategy", self.placement_strategy, {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"})
         _positive("cpus_per_worker", self.cpus_per_worker)
         _choice("zero_stage", self.zero_stage, {0, 1, 2, 3})
         _choice("precision", self.precision, {"fp32", "bf16", "fp16"})

@@ -113,6 +113,18 @@ class Progress:
         return out
 
 
+def peak_rss_mb(device) -> float:
+    """Peak resident (host) memory of the largest worker so far, in MiB (collective: every
+    rank; the tensor lives on the engine's device so NCCL can reduce it)."""
+    import resource
+
+    import torch.distributed as dist
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], device=device)  # KiB->MiB
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak)
+
+
 def start_metrics(checkpoint_dir: Path | None) -> dict[str, float]:
     """The ``*_step0`` metrics of a resumed run, from its checkpoint's ``metrics.json``."""
     f = checkpoint_dir / "metrics.json" if checkpoint_dir else None
@@ -211,7 +223,8 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = {**scores, **initial, "train_loss": loss_sum / max(loss_n, 1), "step": step,
                        "start_step": start_step, "lr": engine.get_lr()[0],
                        **{f"train_loss_{t}": total / n for t, (total, n) in stream_sum.items()},
-                       **progress.report(), **{k: v / max(loss_n, 1) for k, v in diag_sum.items()}}
+                       **progress.report(), **{k: v / max(loss_n, 1) for k, v in diag_sum.items()},
+                       "peak_rss_mb": peak_rss_mb(device)}
             loss_sum, loss_n, diag_sum, stream_sum = 0.0, 0, {}, {}
             if rank == 0:
                 say("[raymtl] validation step %d: %s" % (step, " ".join(f"{k}={v:.4f}" for k, v in scores.items())))

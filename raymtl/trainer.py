@@ -56,7 +56,7 @@ def build_trainer(cfg: MTLConfig, datasets: dict, train_sizes: dict[str, int], l
     stage = stage or MTLStage
     s = cfg.scale
     scaling = ray.train.ScalingConfig(
-        num_workers=s.num_workers, use_gpu=s.use_gpu,
+        num_workers=s.num_workers, use_gpu=s.use_gpu, placement_strategy=s.placement_strategy,
         resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})})
     run = ray.train.RunConfig(
         name=cfg.run.name, storage_path=storage_path(cfg.run.output),

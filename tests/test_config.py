@@ -15,6 +15,7 @@ from raymtl.sampling import SAMPLERS
     ("val_fraction", 1.5, r"val_fraction=1.5 must be in \(0, 1\)"),
     ("pair_mode", {"sts": "siamese"}, r"pair_mode\[sts\]='siamese' is not valid"),
     ("precision", "fp16", r"precision='fp16' needs use_gpu=True"),
+    ("placement_strategy", "ANYWHERE", r"placement_strategy='ANYWHERE' is not valid; choose one of \['PACK'"),
     ("batch_size", 33, r"batch_size=33 must be divisible by num_workers x grad_accum = 2"),
     ("no_such_field", 1, r"unknown config field 'no_such_field'; valid fields: \["),
 ])

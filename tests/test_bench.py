@@ -1,0 +1,47 @@
+"""Every benchmark script's --smoke mode runs end to end (so the scripts never rot) and
+prints its table. Real runs: the session's Ray cluster, real data, the tiny model."""
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(900)
+
+
+def bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fusion_overhead_smoke(capsys):
+    bench("fusion").main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "vs plain sum" in out and "pcgrad" in out and "upgrad" in out
+
+
+def test_speed_smoke(ray_cluster, capsys):
+    bench("speed").main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "plain-bucketed" in out and "raymtl" in out
+
+
+def test_memory_smoke(ray_cluster, tmp_path, capsys):
+    bench("memory").main(["--smoke", "--stages", "0,2", "--steps", "2", "--output", str(tmp_path)])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"\s+[0-3] +\d", line)]
+    assert [r[0] for r in rows] == ["0", "2"]
+    assert all(float(r[1]) > 0 for r in rows)                     # a measured peak per stage
+    assert rows[0][2] == "1.00x"                                    # ratio against the first stage
+    assert float(rows[1][-1]) < float(rows[0][-1])                 # ZeRO-2 holds less state in theory
+
+
+def test_fusion_quality_smoke_reuses_finished_runs(ray_cluster, tmp_path, capsys):
+    fq = bench("fusion_quality")
+    fq.main(["--smoke", "--methods", "sum,pcgrad", "--output", str(tmp_path)])
+    first = capsys.readouterr().out
+    assert "pcgrad" in first and (tmp_path / "fusion-pcgrad" / "best_metrics.json").is_file()
+    fq.main(["--smoke", "--methods", "sum,pcgrad", "--output", str(tmp_path)])   # read back, no training
+    assert capsys.readouterr().out.splitlines()[-2:] == first.splitlines()[-2:]
