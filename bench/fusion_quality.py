@@ -9,22 +9,10 @@ whose run already finished under --output is read back, not retrained, so the sc
 be run method by method. Prints the best checkpoint's validation scores per method.
 """
 import argparse
-import json
 from pathlib import Path
 
 from raymtl.config import MTLConfig, smoke
-from raymtl.evaluation import format_table  # noqa: F401  (same score names as `raymtl evaluate`)
-from raymtl.trainer import fit
-
-
-def run_method(base: MTLConfig, method: str) -> dict:
-    out = Path(base.run.output) / f"fusion-{method}" / "best_metrics.json"
-    if out.is_file():
-        return json.loads(out.read_text())
-    summary = fit(base.replace(fusion=method, name=f"fusion-{method}"), verbose=False)
-    metrics = {**summary.best_metrics, "best_checkpoint": summary.best_checkpoint}
-    out.write_text(json.dumps(metrics, indent=2))
-    return metrics
+from raymtl.trainer import fit_once
 
 
 def main(argv=None) -> int:
@@ -34,7 +22,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     base = (smoke() if a.smoke else MTLConfig()).replace(output=str(Path(a.output).resolve()))
-    rows = {m: run_method(base, m) for m in a.methods.split(",")}
+    rows = {m: fit_once(base.replace(fusion=m, name=f"fusion-{m}")) for m in a.methods.split(",")}
     print(f"\n{'fusion':<9} {'SST acc':>8} {'Quora acc':>10} {'STS r':>7} {'overall':>8} "
           f"{'best step':>9} {'s/step':>7}")
     for m, r in rows.items():

@@ -97,6 +97,21 @@ def fit(cfg: MTLConfig, verbose: bool = True, callbacks=None) -> FitSummary:
     return summary
 
 
+def fit_once(cfg: MTLConfig, verbose: bool = False) -> dict:
+    """The best checkpoint's metrics of the run ``cfg.run.output/cfg.run.name``, training it
+    only if that run has not finished before (benchmarks and sweeps re-run step by step).
+    The record, ``best_metrics.json`` in the run directory, names the best checkpoint."""
+    import json
+    record = Path(storage_path(cfg.run.output)) / cfg.run.name / "best_metrics.json"
+    if "://" not in cfg.run.output and record.is_file():
+        return json.loads(record.read_text())
+    summary = fit(cfg, verbose=verbose)
+    metrics = {**summary.best_metrics, "best_checkpoint": summary.best_checkpoint}
+    if "://" not in cfg.run.output:
+        record.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
 def summarize(result, score: str) -> FitSummary:
     """The run's last metrics and its best checkpoint by ``score`` (higher is better)."""
     best = result.get_best_checkpoint(score, "max") if result.best_checkpoints else None

@@ -45,3 +45,12 @@ def test_fusion_quality_smoke_reuses_finished_runs(ray_cluster, tmp_path, capsys
     assert "pcgrad" in first and (tmp_path / "fusion-pcgrad" / "best_metrics.json").is_file()
     fq.main(["--smoke", "--methods", "sum,pcgrad", "--output", str(tmp_path)])   # read back, no training
     assert capsys.readouterr().out.splitlines()[-2:] == first.splitlines()[-2:]
+
+
+def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
+    bench("quality").main(["--smoke", "--seeds", "1", "--output", str(tmp_path)])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    setups = [row.split("|")[1].strip() for row in table[1:]]   # after the header row
+    assert setups == ["single-task (3 models)", "multi-task, sum", "multi-task, pcgrad"]
+    for t in ("sst", "quora", "sts"):                     # one single-task run per task, same budget
+        assert (tmp_path / f"single-{t}-s1" / "best_metrics.json").is_file()

@@ -1,0 +1,73 @@
+"""Multi-task vs single-task quality on the same budget: is one model as good as three?
+
+    .venv/bin/python bench/quality.py                          # 3 seeds x 5 runs, ~12-15 min per run here
+    .venv/bin/python bench/quality.py --seeds 1 --steps 150    # a cheaper look
+    .venv/bin/python bench/quality.py --smoke                  # tiny model, ~3 min
+
+For every seed (training seed and validation split seed alike) it trains, with the same
+encoder, steps and rows per task per step, so every task sees the same number of training
+examples in every run:
+
+* three single-task models (``--tasks sst``, ``--tasks quora``, ``--tasks sts``),
+* the multi-task model with ``--fusion sum``, and with ``--fusion BEST`` (default pcgrad),
+
+and prints each task's validation metric and the overall score as mean ± half-range over
+seeds. A run that finished before under --output is read back, not retrained.
+"""
+import argparse
+import statistics
+from pathlib import Path
+
+from raymtl.config import MTLConfig, smoke
+from raymtl.metrics import overall
+from raymtl.trainer import fit_once
+
+TASKS = ("sst", "quora", "sts")
+
+
+def runs_for_seed(base: MTLConfig, seed: int, best: str) -> dict[str, dict[str, float]]:
+    """Scores per setup ({'single': ..., 'mtl-sum': ..., 'mtl-<best>': ...}) for one seed."""
+    seeded = base.replace(seed=seed, split_seed=seed)
+    single = {}
+    for t in TASKS:
+        m = fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}"))
+        single[t] = m[f"val_{t}"]
+    out = {"single-task (3 models)": single}
+    for fusion in dict.fromkeys(("sum", best)):
+        m = fit_once(seeded.replace(fusion=fusion, name=f"mtl-{fusion}-s{seed}"))
+        out[f"multi-task, {fusion}"] = {t: m[f"val_{t}"] for t in TASKS}
+    return out
+
+
+def spread(values: list[float]) -> str:
+    mid = statistics.mean(values)
+    return f"{mid:.4f} ± {(max(values) - min(values)) / 2:.4f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--best", default="pcgrad", help="the fusion method set next to sum")
+    p.add_argument("--steps", type=int, help="steps per run (default: the config's)")
+    p.add_argument("--output", default="runs/bench-quality")
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args(argv)
+    base = (smoke() if a.smoke else MTLConfig()).replace(output=str(Path(a.output).resolve()))
+    if a.steps:
+        base = base.replace(steps=a.steps, eval_every=min(base.train.eval_every, a.steps))
+    seeds = [int(s) for s in a.seeds.split(",")]
+    per_seed = [runs_for_seed(base, s, a.best) for s in seeds]
+    print(f"\n{base.model.encoder} encoder, {base.train.steps} steps x {base.train.batch_size} rows per task "
+          f"({base.train.steps * base.train.batch_size} training rows per task in every run), "
+          f"seeds {seeds}; mean ± half-range\n")
+    print("| setup | SST acc | Quora acc | STS Pearson | overall |")
+    print("|---|---|---|---|---|")
+    for setup in per_seed[0]:
+        cells = [spread([r[setup][t] for r in per_seed]) for t in TASKS]
+        total = spread([overall(r[setup]) for r in per_seed])
+        print(f"| {setup} | " + " | ".join(cells) + f" | {total} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
