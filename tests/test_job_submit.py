@@ -7,6 +7,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +20,21 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def sh(*args, env=None, check=True, timeout=300):
-    return subprocess.run(args, cwd=ROOT, env=env, check=check, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(args[:3])} ... exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
 
 
 @pytest.fixture
@@ -32,21 +47,55 @@ def head():
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",   # the job's `python` is this venv's
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
+    # fixed defaults (agent 52365, metrics, ...) may be held by another Ray on this machine
+    agent, grpc, runtime_env, metrics = free_ports(4)
     sh(str(bin_dir / "ray"), "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
        "--port=6391", "--dashboard-host=127.0.0.1", "--dashboard-port=8291", "--include-dashboard=true",
+       f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+       f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
        f"--temp-dir={temp_dir}", env=env)
     try:
         yield env, "http://127.0.0.1:8291"
     finally:
-        sh(str(bin_dir / "ray"), "stop", "--force", env=env, check=False)
+        stop_cluster(temp_dir)
+
+
+def stop_cluster(temp_dir: str, grace_s: float = 10.0) -> None:
+    """Stop only the head this test started: every process whose command line names its
+    temp dir. (`ray stop` would kill every Ray instance on the machine.)"""
+    def ours():
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and temp_dir in (proc / "cmdline").read_text(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+        return pids
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace_s
+        while ours() and time.time() < deadline:
+            time.sleep(0.2)
 
 
 def test_job_submit_runs_the_smoke_job_and_its_checkpoint_reloads(head, data_dir, tmp_path):
     env, address = head
     out = tmp_path / "out"
     ray = str(Path(sys.executable).parent / "ray")
-    proc = sh(ray, "job", "submit", f"--address={address}", "--working-dir=.", "--no-wait",
-              "--", "python", "jobs/mtl.py", "--smoke", f"--data-dir={data_dir}", f"--output={out}", env=env)
+    submit = (ray, "job", "submit", f"--address={address}", "--working-dir=.", "--no-wait",
+              "--", "python", "jobs/mtl.py", "--smoke", f"--data-dir={data_dir}", f"--output={out}")
+    deadline = time.time() + 120
+    while True:   # a fresh head's job agent takes a while to come up on a busy machine
+        proc = sh(*submit, env=env, check=False)
+        if proc.returncode == 0 or "No available agent" not in proc.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", proc.stdout + proc.stderr).group(0)
     deadline, status = time.time() + 400, ""
     while time.time() < deadline:
