@@ -20,8 +20,13 @@ def cluster():
 
     from raymtl.trainer import quiet_ray_data
     # a head that runs nothing, and two 2-CPU nodes
+    import socket
+    with socket.socket() as sock:          # 8265 may be held by another Ray on this machine
+        sock.bind(("127.0.0.1", 0))
+        dashboard_port = sock.getsockname()[1]
     c = Cluster(initialize_head=True, connect=True,
-                head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+                head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+                                "dashboard_port": dashboard_port})
     nodes = [c.add_node(num_cpus=2) for _ in range(2)]
     c.wait_for_nodes()
     quiet_ray_data()
