@@ -46,6 +46,16 @@ def build_encoder(encoder: str, seed: int = 0) -> nn.Module:
     return AutoModel.from_pretrained(source, add_pooling_layer=False)
 
 
+def save_encoder(encoder: nn.Module, directory: str | Path, tokenizer=None) -> Path:
+    """The Hugging Face part of a checkpoint: ``DIR/encoder`` (safetensors + tokenizer)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    encoder.save_pretrained(d / "encoder", safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(d / "encoder")
+    return d
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """(B, T, H), (B, T) -> (B, H)."""
     if how == "cls":
@@ -164,11 +174,7 @@ class MultiTaskModel(nn.Module):
 
     def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None) -> None:
         from safetensors.torch import save_file
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(d / "encoder", safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(d / "encoder")
+        d = save_encoder(self.encoder, directory, tokenizer)
         save_file(self.extra_state(), str(d / "heads.safetensors"))
         (d / "raymtl.json").write_text(json.dumps({**self.meta(), **(extra or {})}, indent=2))
 
@@ -234,11 +240,7 @@ class PretrainModel(nn.Module):
 
     def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None) -> None:
         from safetensors.torch import save_file
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(d / "encoder", safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(d / "encoder")
+        d = save_encoder(self.encoder, directory, tokenizer)
         save_file({}, str(d / "heads.safetensors"))
         save_file(self.head_state(), str(d / "mlm_head.safetensors"))
         meta = {"source": self.source, "pooling": self.pooling, "modes": {}, "pals": None,
