@@ -49,6 +49,9 @@ class DataConfig:
         "batches carry little padding (1 = off)", default=16)
     max_bad_fraction: float = _help(
         "fail when more than this fraction of a file's rows is malformed", default=0.01)
+    related_sets: tuple[str, ...] = _help(
+        "related data sets trained as an extra stream of their target task's head (see "
+        "raymtl.related.RELATED: sst2, cfimdb, mr -> sst; mrpc -> quora; sick -> sts)", default=())
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)
@@ -63,6 +66,17 @@ class DataConfig:
         _positive("bucket_batches", self.bucket_batches)
         if not 0 <= self.max_bad_fraction < 1:
             raise ValueError(f"max_bad_fraction={self.max_bad_fraction!r} must be in [0, 1)")
+        from raymtl.related import get_related
+        self.related_sets = tuple(self.related_sets)
+        for name in self.related_sets:
+            target = get_related(name).target
+            if target not in self.tasks:
+                raise ValueError(f"related_sets: {name!r} trains task {target!r}, which is not in "
+                                 f"tasks={list(self.tasks)}")
+
+    def related_of(self, task: str) -> tuple[str, ...]:
+        from raymtl.related import RELATED
+        return tuple(n for n in self.related_sets if RELATED[n].target == task)
 
 
 @dataclass
@@ -192,8 +206,26 @@ class RunSettings:
         _positive("max_failures", self.max_failures, allow_zero=True)
 
 
+@dataclass
+class DistillConfig:
+    teacher_outputs: dict[str, str] = _help(
+        "per task, a directory of teacher outputs written by jobs/teacher.py (its <run>/outputs); "
+        "that task's loss becomes alpha x distillation + (1 - alpha) x hard-label loss", default_factory=dict)
+    distill_alpha: float = _help("weight of the distillation term (0 = hard labels only)", default=0.5)
+    distill_temperature: float = _help(
+        "softmax temperature T of the classification KL (scaled by T^2); the regression term is MSE",
+        default=2.0)
+
+    def __post_init__(self):
+        for task in self.teacher_outputs:
+            _choice("teacher_outputs task", task, TASKS)
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"distill_alpha={self.distill_alpha!r} must be in [0, 1]")
+        _positive("distill_temperature", self.distill_temperature)
+
+
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-            "scale": ScaleConfig, "run": RunSettings}
+            "scale": ScaleConfig, "run": RunSettings, "distill": DistillConfig}
 
 
 @dataclass
@@ -207,8 +239,12 @@ class MTLConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     run: RunSettings = field(default_factory=RunSettings)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
+        unknown = [t for t in self.distill.teacher_outputs if t not in self.data.tasks]
+        if unknown:
+            raise ValueError(f"teacher_outputs names task(s) {unknown} that are not in tasks={list(self.data.tasks)}")
         if self.train.per_task_gradients() and self.scale.zero_stage == 3:
             raise ValueError(
                 f"fusion={self.train.fusion!r} (diagnostics={self.train.diagnostics}) needs each task's full "

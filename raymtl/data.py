@@ -63,7 +63,7 @@ def read_task_file(spec: TaskSpec, path: str, *, with_labels: bool = True, max_r
     if not raw_lines:
         raise DataError(f"{path}: file is empty")
     header = raw_lines[0].decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r").split("\t")
-    required = ["id", *spec.text_cols] + ([spec.label_col] if with_labels else [])
+    required = ([spec.id_col] if spec.id_col else []) + [*spec.text_cols] + ([spec.label_col] if with_labels else [])
     missing = [c for c in required if c not in header]
     if missing:
         raise DataError(f"{path}:1: missing required column(s) {missing} for task {spec.name!r}; "
@@ -88,7 +88,7 @@ def read_task_file(spec: TaskSpec, path: str, *, with_labels: bool = True, max_r
         if empty and not allow_empty_text:
             report.bad.append((lineno, f"empty text in column(s) {empty}"))
             continue
-        row = {"id": fields[col["id"]].strip(), "line": lineno, "text_a": texts[0],
+        row = {"id": fields[col[spec.id_col]].strip() if spec.id_col else str(lineno), "line": lineno, "text_a": texts[0],
                "text_b": texts[1] if spec.is_pair else "", "label": 0.0}
         if with_labels:
             try:
@@ -160,8 +160,8 @@ class Tokenize:
             for k in out:
                 for j, i in enumerate(idx):
                     cols[k][i] = np.asarray(enc[k][j], dtype=np.int32)
-        return {"task": batch["task"], "split": batch["split"], "line": batch["line"],
-                "label": batch["label"].astype(np.float32), **cols}
+        kept = {k: v for k, v in batch.items() if k not in ("text_a", "text_b")}   # task, split, line, labels
+        return {**kept, "label": batch["label"].astype(np.float32), **cols}
 
 
 def _pad(seqs, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +181,10 @@ def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     out = {"input_ids": ids_a, "attention_mask": mask_a, "token_type_ids": tt_a,
            "label": torch.tensor(np.asarray(batch["label"], dtype=np.float32)),
            "line": torch.tensor(np.asarray(batch["line"], dtype=np.int64))}
+    if "label_set" in batch:      # classifier rows: bitmask of allowed classes (raymtl.related)
+        out["label_set"] = torch.tensor(np.asarray(batch["label_set"], dtype=np.int64))
+    if "teacher" in batch:        # teacher logits / scores (raymtl.distill), (B, C)
+        out["teacher"] = torch.tensor(np.stack([np.asarray(x, dtype=np.float32) for x in batch["teacher"]]))
     if len(batch["ids_b"]) and len(batch["ids_b"][0]):
         out["input_ids_b"], out["attention_mask_b"] = _pad(batch["ids_b"])
     return out
@@ -194,8 +198,11 @@ def batch_from_rows(tokenizer, rows: list[dict], mode: str | None, max_length: i
 
 
 # ---------------------------------------------------------------------------- Ray Data
-def load_splits(data_cfg) -> tuple[dict[str, tuple[list[dict], list[dict]]], list[ReadReport]]:
-    """Read every task's train file and carve its seeded validation split."""
+def load_splits(data_cfg, verbose: bool = False) -> tuple[dict[str, tuple[list[dict], list[dict]]], list[ReadReport]]:
+    """Read every task's train file and carve its seeded validation split. Tasks with
+    ``related_sets`` get a third list: the related rows mapped into their label space
+    (``raymtl.related``), minus any overlap with the validation split."""
+    from raymtl.related import related_rows
     from raymtl.tasks import TASKS
     splits, reports = {}, []
     for name in data_cfg.tasks:
@@ -204,29 +211,48 @@ def load_splits(data_cfg) -> tuple[dict[str, tuple[list[dict], list[dict]]], lis
                                       max_rows=data_cfg.max_rows,
                                       max_bad_fraction=data_cfg.max_bad_fraction)
         reports.append(report)
-        splits[name] = split_rows(rows, data_cfg.val_fraction, data_cfg.split_seed)
+        train, val = split_rows(rows, data_cfg.val_fraction, data_cfg.split_seed)
+        splits[name] = (train, val)
+        if data_cfg.related_of(name):
+            extra, lines = related_rows(name, data_cfg.related_of(name), data_cfg.data_dir, val,
+                                        data_cfg.max_rows, data_cfg.max_bad_fraction)
+            splits[name] = (train, val, extra)
+            if verbose:
+                for line in lines:
+                    print("[raymtl] related " + line, flush=True)
     return splits, reports
+
+
+def label_set_of(spec: TaskSpec, row: dict) -> int:
+    """Bitmask of the classes a row allows: its own class, or a related row's mapped set."""
+    if "label_set" in row:
+        return int(row["label_set"])
+    return 1 << int(row["label"]) if spec.label_type == "class" else 0
 
 
 def tokenized_datasets(splits, tokenizer_source: str, modes: dict[str, str | None],
                        max_length: int, prefixes: dict[str, str] | None = None) -> dict[str, "ray.data.Dataset"]:
-    """One Ray Data pass tokenizes every task and split; returns ``{"train_sst": ds, "val_sst": ds, ...}``.
+    """One Ray Data pass tokenizes every task and split; returns ``{"train_sst": ds, "val_sst": ds, ...}``
+    (and ``train_<task>_related`` for a task with related rows).
 
     The result is materialized so that training workers, which hold the CPUs during
     ``fit``, never wait on a streaming tokenizer (see RAY_NOTES: 2-CPU deadlock).
     """
     import ray
-    items = [{"task": t, "split": s, "line": r["line"], "text_a": r["text_a"],
-              "text_b": r["text_b"], "label": r["label"]}
-             for t, (train, val) in splits.items() for s, rows in (("train", train), ("val", val))
-             for r in rows]
+
+    from raymtl.tasks import TASKS
+    names = ("train", "val", "related")
+    items = [{"task": t, "split": s, "line": r["line"], "text_a": r["text_a"], "text_b": r["text_b"],
+              "label": r["label"], "label_set": label_set_of(TASKS[t], r)}
+             for t, parts in splits.items() for s, rows in zip(names, parts) for r in rows]
     ds = ray.data.from_items(items).map_batches(
         Tokenize, fn_constructor_kwargs={"tokenizer_source": tokenizer_source, "modes": modes,
                                          "max_length": max_length, "prefixes": prefixes or {}},
         batch_size=512, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).materialize()
     out = {}
-    for t in splits:
-        for s in ("train", "val"):
-            out[f"{s}_{t}"] = ds.filter(
+    for t, parts in splits.items():
+        for s in names[:len(parts)]:
+            key = f"train_{t}_related" if s == "related" else f"{s}_{t}"
+            out[key] = ds.filter(
                 expr=f"task == '{t}' and split == '{s}'").drop_columns(["task", "split"]).materialize()
     return out

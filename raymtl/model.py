@@ -64,6 +64,11 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+def head_kind(spec: TaskSpec, mode: str | None) -> str:
+    """'classifier' for class tasks; score tasks: 'cosine' as a bi-encoder, else 'regression'."""
+    return "classifier" if spec.label_type == "class" else "cosine" if mode == "bi" else "regression"
+
+
 class Head(nn.Module):
     """Task head. kind: 'classifier' (logits), 'regression' (a score in the label range),
     'cosine' (cosine of two sentence embeddings; no parameters)."""
@@ -71,8 +76,7 @@ class Head(nn.Module):
     def __init__(self, spec: TaskSpec, mode: str | None, hidden: int, dropout: float):
         super().__init__()
         self.spec, self.mode = spec, mode
-        self.kind = ("classifier" if spec.label_type == "class" else
-                     "cosine" if mode == "bi" else "regression")
+        self.kind = head_kind(spec, mode)
         in_dim = 4 * hidden if mode == "bi" else hidden              # SBERT (u, v, |u-v|, u*v)
         self.drop = nn.Dropout(dropout)
         if self.kind != "cosine":

@@ -29,3 +29,42 @@ def cosent_loss(cos: torch.Tensor, label: torch.Tensor, scale: float = 20.0) -> 
 
 
 LOSSES = {"classifier": classifier_loss, "regression": regression_loss, "cosine": cosent_loss}
+
+
+# ---------------------------------------------------------------- related labels, distillation
+def set_cross_entropy(logits: torch.Tensor, label_set: torch.Tensor) -> torch.Tensor:
+    """-log P(class in set), for a bitmask of allowed classes per row: (B, C), (B,) -> scalar.
+    With one class per row this is the plain cross-entropy; a related row that says only
+    "negative" (SST's classes {0, 1}) is trained to put its mass on that set."""
+    bits = torch.arange(logits.shape[-1], device=logits.device)
+    allowed = (label_set[:, None] >> bits) & 1 == 1                                  # (B, C)
+    return (torch.logsumexp(logits, -1) - torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), -1)).mean()
+
+
+def kd_kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. 2015: T^2 KL(softmax(teacher/T) || softmax(student/T)), batch mean.
+    The T^2 keeps its gradients on the scale of the hard-label loss as T changes."""
+    t = temperature
+    return t * t * F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
+                            log_target=True, reduction="batchmean")
+
+
+def kd_mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Regression / cosine heads: MSE to the teacher's output (same head kind, same units)."""
+    return F.mse_loss(student, teacher.reshape(student.shape))
+
+
+def task_loss(kind: str, output: torch.Tensor, batch: dict, alpha: float = 0.0, temperature: float = 1.0
+              ) -> torch.Tensor:
+    """The loss of one task batch: the head kind's hard-label loss (a classifier reads the
+    batch's ``label_set`` when present), mixed as ``alpha x distill + (1 - alpha) x hard``
+    when the batch carries ``teacher`` outputs."""
+    if kind == "classifier" and "label_set" in batch:
+        hard = set_cross_entropy(output, batch["label_set"])
+    else:
+        hard = LOSSES[kind](output, batch["label"])
+    if "teacher" not in batch or alpha == 0:
+        return hard
+    soft = (kd_kl_loss(output, batch["teacher"], temperature) if kind == "classifier"
+            else kd_mse_loss(output, batch["teacher"]))
+    return alpha * soft + (1 - alpha) * hard

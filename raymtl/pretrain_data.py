@@ -212,7 +212,7 @@ def collect_rows(cfg) -> tuple[list[dict], list[LineReport]]:
 def sts_rows(cfg) -> tuple[list[dict], LineReport]:
     """The STS validation split, carved exactly as the multi-task stage carves it."""
     from dataclasses import replace
-    splits, (read,) = load_splits(replace(cfg.data, tasks=("sts",)))
+    splits, (read,) = load_splits(replace(cfg.data, tasks=("sts",), related_sets=()))
     train, val = splits["sts"]
     report = LineReport(read.path, lines=read.rows + len(read.bad), rows=len(val))
     report.skipped["row of the multi-task training split (not used here)"] = sorted(r["line"] for r in train)

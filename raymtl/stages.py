@@ -14,7 +14,7 @@ from raymtl.evaluation import predict_batches
 from raymtl.loop import cycle_batches
 from raymtl.metrics import overall, task_metric
 from raymtl.model import MultiTaskModel
-from raymtl.objectives import LOSSES
+from raymtl.objectives import task_loss
 from raymtl.weighting import make_weighting
 
 
@@ -37,8 +37,15 @@ def validate(module, tasks, rank: int, world: int, shard_eval: bool) -> dict[str
     return scores
 
 
+def stream_task(stream: str) -> str:
+    """The task (head) a training stream trains: ``sst`` and ``sst_related`` -> ``sst``."""
+    return stream.removesuffix("_related")
+
+
 class MTLStage:
-    """Multi-task fine-tuning of one encoder with a head per task (``jobs/mtl.py``)."""
+    """Multi-task fine-tuning of one encoder with a head per task (``jobs/mtl.py``); also
+    teachers (``jobs/teacher.py``: one task plus a ``<task>_related`` stream) and
+    distillation (batches carrying ``teacher`` outputs)."""
     score = "overall"
     validate_at_start = False
 
@@ -50,18 +57,21 @@ class MTLStage:
     def build_model(self) -> MultiTaskModel:
         cfg = self.cfg
         model = MultiTaskModel.from_config(cfg.model, self.tasks, seed=cfg.train.seed)
-        model.weighting = make_weighting(cfg.train.weighting, self.tasks, cfg.train.task_weights)
+        names = list(self.sizes)
+        model.weighting = make_weighting(cfg.train.weighting, names,
+                                         {n: cfg.train.task_weights.get(stream_task(n), 1.0) for n in names})
         self.heads = model.heads
         return model
 
     def streams(self, rank: int, seed: int) -> dict:
         import ray.train
         mb = self.cfg.micro_batch_size()
-        return {t: cycle_batches(ray.train.get_dataset_shard(f"train_{t}"), mb, seed, self.cfg.data.bucket_batches)
-                for t in self.tasks}
+        return {n: cycle_batches(ray.train.get_dataset_shard(f"train_{n}"), mb, seed, self.cfg.data.bucket_batches)
+                for n in self.sizes}
 
-    def loss(self, forward, task: str, batch: dict):
-        return LOSSES[self.heads[task].kind](forward(task, batch), batch["label"])
+    def loss(self, forward, stream: str, batch: dict):
+        task, d = stream_task(stream), self.cfg.distill
+        return task_loss(self.heads[task].kind, forward(task, batch), batch, d.distill_alpha, d.distill_temperature)
 
     def validate(self, module, rank: int, world: int) -> dict[str, float]:
         scores = validate(module, self.tasks, rank, world, shard_eval=self.cfg.scale.zero_stage < 3)

@@ -20,6 +20,7 @@ class TaskSpec:
     label_range: tuple[float, float] = (0.0, 0.0)  # inclusive range for "score" tasks
     metric: str = "accuracy"     # "accuracy" or "pearson" (see raymtl.metrics)
     default_pair_mode: str = "cross"  # "cross" ([CLS] a [SEP] b) or "bi" (SBERT features)
+    id_col: str = "id"           # column of row ids ("" = none: the line number is the id)
 
     @property
     def is_pair(self) -> bool:

@@ -73,8 +73,10 @@ def build_trainer(cfg: MTLConfig, datasets: dict, train_sizes: dict[str, int], l
 
 
 def prepare_data(cfg: MTLConfig, verbose: bool = True):
-    """Read, validate, split and tokenize every task (one Ray Data pass)."""
-    splits, reports = load_splits(cfg.data)
+    """Read, validate, split and tokenize every task (one Ray Data pass); attach teacher
+    outputs. Returns the datasets and the training rows per stream (a task, or
+    ``<task>_related`` for its related rows)."""
+    splits, reports = load_splits(cfg.data, verbose)
     if verbose:
         for r in reports:
             print("[raymtl] data " + r.summary(), flush=True)
@@ -83,7 +85,11 @@ def prepare_data(cfg: MTLConfig, verbose: bool = True):
     prefixes = {t: text_prefix(t) for t in splits} if cfg.model.task_prefix == "text" else {}
     datasets = tokenized_datasets(splits, tokenizer_source(cfg.model.init_from or cfg.model.encoder),
                                   modes, cfg.data.max_length, prefixes)
-    sizes = {t: len(train) for t, (train, _) in splits.items()}
+    sizes = {t: len(parts[0]) for t, parts in splits.items()}
+    sizes.update({f"{t}_related": len(parts[2]) for t, parts in splits.items() if len(parts) > 2})
+    if cfg.distill.teacher_outputs:
+        from raymtl.distill import attach_teacher_outputs
+        datasets = attach_teacher_outputs(datasets, cfg)
     return datasets, sizes
 
 

@@ -1,0 +1,58 @@
+"""The whole recipe as one job: further pre-training -> teachers -> distilled multi-task student.
+
+    python jobs/pipeline.py                          # default encoder, ~1 h on a 2-core CPU
+    python jobs/pipeline.py --baseline               # also the student without distillation
+    python jobs/pipeline.py --smoke                  # same code path, tiny model, a few minutes
+    python jobs/pipeline.py --force teacher-sst      # redo one stage (and so everything after it)
+
+Stages, each also runnable alone: pretrain (jobs/pretrain.py), teacher-<task> per task
+(jobs/teacher.py), mtl (jobs/mtl.py --init-from PRETRAINED --teacher-outputs ...). Each
+stage's checkpoint feeds the next. A stage already done for the same inputs and config
+(OUTPUT/<stage>/stage.json) is skipped; re-running after a failure resumes. Flags not
+listed below configure the student (as in jobs/mtl.py); teachers share its encoder, data
+and scale settings. Prints every stage's validation scores side by side at the end.
+"""
+import argparse
+import sys
+
+from raymtl.cli import add_config_args, config_from_args
+from raymtl.pipeline import PipelinePlan, StageFailed, results_table
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser.add_argument_group("pipeline")
+    p.add_argument("--pipeline-output", default="runs/pipeline", help="directory of every stage's runs")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="steps of further pre-training (0 = skip "
+                   "the stage); default 40 (smoke: 6)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="steps per teacher; default 300 (smoke: 12)")
+    p.add_argument("--teacher-tasks", default=None, help="tasks that get a teacher (comma-separated; default all)")
+    p.add_argument("--baseline", action="store_true", help="also train the student without distillation")
+    p.add_argument("--force", nargs="*", metavar="STAGE", default=None,
+                   help="redo these stages (no names: all) even if done before")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        student = config_from_args(args)
+        plan = PipelinePlan(
+            student, output=args.pipeline_output,
+            pretrain_steps=args.pretrain_steps if args.pretrain_steps is not None else (6 if args.smoke else 40),
+            teacher_steps=args.teacher_steps or (student.train.steps if args.smoke else 300),
+            teacher_tasks=tuple(args.teacher_tasks.split(",")) if args.teacher_tasks else student.data.tasks,
+            baseline=args.baseline, smoke=args.smoke)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    force = True if args.force == [] else set(args.force or ())
+    try:
+        results = plan.run(force=force)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("\n[raymtl] pipeline validation scores (teachers: their own task only)")
+    print(results_table(results))
+    print(f"[raymtl] final checkpoint: {results['mtl']['checkpoint']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

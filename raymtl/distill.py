@@ -1,0 +1,134 @@
+"""Teacher outputs, computed once with Ray Data batch inference and read by distillation.
+
+``write_teacher_outputs`` runs a teacher checkpoint over every row of its task's train file
+(``map_batches`` with an actor pool; a GPU per actor when asked) and writes Parquet files
+of ``line`` (the row's line in the train file) and ``teacher`` (its logits, or its score)
+plus ``meta.json`` saying which checkpoint, head kind, data file and split produced them.
+The multi-task stage (``distill`` config section) joins them onto its training rows by line;
+it refuses outputs from another split (the teacher would have trained on the student's
+validation rows) or that miss any of its rows. The loss is ``raymtl.objectives.task_loss``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from raymtl.data import DataError
+
+META = "meta.json"
+
+
+class TeacherInference:
+    """Ray Data ``map_batches`` callable: loads the teacher once per actor."""
+
+    def __init__(self, checkpoint: str, task: str, max_length: int, use_gpu: bool = False):
+        import torch
+        from transformers import AutoTokenizer
+
+        from raymtl.model import MultiTaskModel
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = MultiTaskModel.load(checkpoint).eval().to(self.device)
+        self.tok = AutoTokenizer.from_pretrained(Path(checkpoint) / "encoder")
+        self.task, self.max_length = task, max_length
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from raymtl.data import batch_from_rows
+        rows = [{"text_a": a, "text_b": b, "label": 0.0, "line": int(n)}
+                for a, b, n in zip(batch["text_a"], batch["text_b"], batch["line"])]
+        enc = batch_from_rows(self.tok, rows, self.model.modes[self.task], self.max_length,
+                              self.model.text_prefix(self.task))
+        with torch.no_grad():
+            out = self.model(self.task, {k: v.to(self.device) for k, v in enc.items()})
+        out = out.float().cpu().numpy().reshape(len(rows), -1)                      # (B, C) or (B, 1)
+        return {"line": batch["line"].astype(np.int64), "teacher": list(out)}
+
+
+def split_settings(data_cfg) -> dict:
+    """What decides which rows are training rows; teacher and student must agree."""
+    return {"val_fraction": data_cfg.val_fraction, "split_seed": data_cfg.split_seed,
+            "max_rows": data_cfg.max_rows}
+
+
+def write_teacher_outputs(checkpoint: str, task: str, data_cfg, out_dir: str, max_length: int = 128,
+                          use_gpu: bool = False, batch_size: int = 256) -> dict:
+    """Teacher outputs for every row of ``task``'s train file -> ``out_dir``; returns the meta."""
+    import ray
+
+    from raymtl.data import read_task_file
+    from raymtl.model import MultiTaskModel
+    from raymtl.tasks import TASKS
+    spec = TASKS[task]
+    path = f"{data_cfg.data_dir.rstrip('/')}/{spec.path}"
+    rows, _ = read_task_file(spec, path, max_rows=data_cfg.max_rows, max_bad_fraction=data_cfg.max_bad_fraction)
+    kind = MultiTaskModel.load(checkpoint).heads[task].kind
+    out = Path(out_dir)
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    ds = ray.data.from_items([{"line": r["line"], "text_a": r["text_a"], "text_b": r["text_b"]} for r in rows])
+    ds.map_batches(TeacherInference, fn_constructor_kwargs={"checkpoint": str(checkpoint), "task": task,
+                                                           "max_length": max_length, "use_gpu": use_gpu},
+                   batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1),
+                   num_cpus=1, num_gpus=1 if use_gpu else 0).write_parquet(str(out / "parquet"))
+    meta = {"task": task, "checkpoint": str(checkpoint), "head_kind": kind, "rows": len(rows),
+            "data_file": path, **split_settings(data_cfg)}
+    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def load_teacher_outputs(out_dir: str, task: str, data_cfg, head_kind: str) -> dict[int, np.ndarray]:
+    """``{line: output}`` of a teacher-output directory, after checking it fits this run."""
+    import pyarrow.parquet as pq
+    d = Path(out_dir)
+    if not (d / META).is_file():
+        raise DataError(f"teacher outputs for {task!r}: {d / META} not found (write them with "
+                        f"`python jobs/teacher.py --task {task}`)")
+    meta = json.loads((d / META).read_text())
+    if meta["task"] != task:
+        raise DataError(f"{d / META}: outputs are for task {meta['task']!r}, not {task!r}")
+    for k, v in split_settings(data_cfg).items():
+        if meta.get(k) != v:
+            raise DataError(f"{d / META}: teacher used {k}={meta.get(k)!r}, this run {k}={v!r}; the teacher "
+                            "must be trained on the same train/validation split (else it saw validation rows)")
+    if meta["head_kind"] != head_kind:
+        raise DataError(f"{d / META}: the teacher's {task} head is {meta['head_kind']!r}, the student's "
+                        f"{head_kind!r}; distillation compares outputs of the same head kind (set pair_mode)")
+    table = pq.read_table(d / "parquet")
+    lines = table.column("line").to_numpy()
+    outputs = table.column("teacher").to_pylist()
+    return {int(n): np.asarray(o, dtype=np.float32) for n, o in zip(lines, outputs)}
+
+
+class AttachTeacher:
+    """``map_batches`` callable adding the ``teacher`` column by line; a missing line fails."""
+
+    def __init__(self, lookup: dict[int, np.ndarray], source: str):
+        self.lookup, self.source = lookup, source
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [int(n) for n in batch["line"] if int(n) not in self.lookup]
+        if missing:
+            raise DataError(f"teacher outputs {self.source} have no row for train-file line(s) {missing[:10]}")
+        return {**batch, "teacher": [self.lookup[int(n)] for n in batch["line"]]}
+
+
+def attach_teacher_outputs(datasets: dict, cfg) -> dict:
+    """Add the ``teacher`` column to ``train_<task>`` of every task with teacher outputs."""
+    from raymtl.model import head_kind
+    from raymtl.tasks import TASKS
+    for task, out_dir in cfg.distill.teacher_outputs.items():
+        kind = head_kind(TASKS[task], cfg.model.mode_of(task) if TASKS[task].is_pair else None)
+        lookup = load_teacher_outputs(out_dir, task, cfg.data, kind)
+        missing = set()
+        for batch in datasets[f"train_{task}"].iter_batches(batch_size=4096, batch_format="numpy"):
+            missing |= {int(n) for n in batch["line"]} - lookup.keys()
+        if missing:
+            raise DataError(f"teacher outputs {out_dir} have no row for {len(missing)} training line(s) of "
+                            f"{task}, e.g. {sorted(missing)[:10]}")
+        datasets[f"train_{task}"] = datasets[f"train_{task}"].map_batches(
+            AttachTeacher(lookup, out_dir), batch_size=1024, batch_format="numpy").materialize()
+    return datasets

@@ -1,0 +1,224 @@
+"""Teachers and the whole staged recipe as one job.
+
+    pretrain -> teacher-<task> (one per distilled task) -> mtl (the distilled student)
+    [-> mtl-plain: the same student without distillation, with --baseline]
+
+Every stage is an ordinary run of the shared loop (``jobs/pretrain.py``, ``jobs/teacher.py``,
+``jobs/mtl.py`` run each alone); its checkpoint feeds the next stage's config. A stage writes
+``OUTPUT/<stage>/stage.json`` with a key hashed from its config, its upstream stages' keys and
+the size/mtime of its data files, and its result. A later run skips a stage whose key matches
+(``--force`` redoes it), so an interrupted or failed pipeline re-run picks up where it stopped:
+finished stages are skipped, the failed one resumes from its own last checkpoint (Ray Train,
+same output and name), and nothing already produced is deleted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from raymtl.config import MTLConfig
+from raymtl.related import DEFAULT_RELATED, RELATED
+from raymtl.tasks import TASKS
+
+
+class StageFailed(RuntimeError):
+    """A pipeline stage raised; the message names the stage."""
+
+
+# ------------------------------------------------------------------------------ teachers
+def teacher_config(base: MTLConfig, task: str, related: tuple[str, ...] | None = None, **overrides) -> MTLConfig:
+    """A teacher for ``task``: the base config on that one task plus its related sets."""
+    related = DEFAULT_RELATED.get(task, ()) if related is None else related
+    return base.replace(tasks=(task,), related_sets=tuple(related), name=f"teacher-{task}",
+                        teacher_outputs={}, task_weights={}, **overrides)
+
+
+def run_teacher(cfg: MTLConfig, verbose: bool = True) -> dict:
+    """Train a teacher (``cfg.data.tasks`` is its one task), then write its outputs on every
+    row of the task's train file to ``<run dir>/outputs``. Returns checkpoint, outputs, metrics."""
+    from raymtl.distill import write_teacher_outputs
+    from raymtl.trainer import fit, storage_path
+    (task,) = cfg.data.tasks
+    summary = fit(cfg, verbose=verbose)
+    if not summary.best_checkpoint:
+        raise RuntimeError(f"teacher {task} produced no checkpoint")
+    out = Path(storage_path(cfg.run.output)) / cfg.run.name / "outputs"
+    t0 = time.perf_counter()
+    meta = write_teacher_outputs(summary.best_checkpoint, task, cfg.data, str(out), cfg.data.max_length,
+                                 cfg.scale.use_gpu)
+    if verbose:
+        print(f"[raymtl] teacher outputs: {meta['rows']} rows of {meta['data_file']} in "
+              f"{time.perf_counter() - t0:.0f} s -> {out}", flush=True)
+    return {"checkpoint": summary.best_checkpoint, "outputs": str(out),
+            "metrics": {k: v for k, v in summary.best_metrics.items() if isinstance(v, (int, float))}}
+
+
+# ------------------------------------------------------------------------------ stages
+@dataclass
+class Stage:
+    name: str
+    inputs: dict                                   # what the output depends on (hashed)
+    run: Callable[[], dict]                        # trains; returns a JSON-able result
+    after: list[str] = field(default_factory=list)
+
+
+def data_fingerprint(data_dir: str, rel_paths) -> dict[str, list]:
+    """size and mtime of each data file (local paths; URIs are keyed by name only)."""
+    out = {}
+    for rel in sorted(set(rel_paths)):
+        p = Path(data_dir) / rel
+        out[rel] = [p.stat().st_size, int(p.stat().st_mtime)] if "://" not in data_dir and p.is_file() else []
+    return out
+
+
+def key_of(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_stages(stages: list[Stage], output: str, force: set[str] | bool = False, say=print,
+               results: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Run stages in order, skipping one whose ``stage.json`` key matches. ``results`` (filled
+    stage by stage, also with a skipped stage's recorded result) is what later stages read."""
+    results = {} if results is None else results
+    keys: dict[str, str] = {}
+    for st in stages:
+        key = key_of({**st.inputs, "upstream": {a: keys[a] for a in st.after}})
+        keys[st.name] = key
+        marker = Path(output) / st.name / "stage.json"
+        redo = force is True or (isinstance(force, set) and st.name in force)
+        if marker.is_file() and not redo:
+            done = json.loads(marker.read_text())
+            if done.get("key") == key:
+                say(f"[raymtl] pipeline: stage {st.name} already done for these inputs and config "
+                    f"(key {key}): skipped; --force {st.name} redoes it")
+                results[st.name] = done["result"]
+                continue
+        say(f"[raymtl] pipeline: stage {st.name} (key {key}) starting")
+        t0 = time.perf_counter()
+        try:
+            result = st.run()
+        except Exception as e:                                  # noqa: BLE001 - re-raised with the stage
+            raise StageFailed(f"stage {st.name!r} failed: {type(e).__name__}: {e}. Finished stages "
+                              f"{list(results)} are kept under {output}; re-run to resume") from e
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        record = {"stage": st.name, "key": key, "inputs": st.inputs, "seconds": round(time.perf_counter() - t0, 1),
+                  "result": result}
+        marker.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        say(f"[raymtl] pipeline: stage {st.name} done in {record['seconds'] / 60:.1f} min")
+        results[st.name] = result
+    return results
+
+
+@dataclass
+class PipelinePlan:
+    student: MTLConfig                 # the multi-task stage (its encoder/data/scale are shared)
+    output: str = "runs/pipeline"
+    pretrain_steps: int = 40           # 0: no pre-training stage
+    teacher_steps: int = 300
+    teacher_tasks: tuple[str, ...] = ("sst", "quora", "sts")
+    baseline: bool = False             # also train the student without distillation
+    smoke: bool = False
+
+    def __post_init__(self):
+        if self.pretrain_steps < 0 or self.teacher_steps <= 0:
+            raise ValueError(f"pretrain_steps={self.pretrain_steps} must be >= 0 and "
+                             f"teacher_steps={self.teacher_steps} > 0")
+        for t in self.teacher_tasks:
+            if t not in self.student.data.tasks:
+                raise ValueError(f"teacher_tasks: {t!r} is not one of the student's tasks {list(self.student.data.tasks)}")
+
+    def stages(self, done: dict[str, dict], verbose: bool = True) -> list[Stage]:
+        """The stages; ``done`` is the results dict ``run_stages`` fills as they finish."""
+        from raymtl.trainer import fit
+        out, s = str(Path(self.output).expanduser().resolve()), self.student
+        data_dir = s.data.data_dir
+        stages: list[Stage] = []
+        task_files = [TASKS[t].path for t in s.data.tasks]
+
+        pre_cfg = None
+        if self.pretrain_steps:
+            from raymtl.pretrain import PretrainJobConfig, pretrain_defaults, pretrain_smoke
+            from raymtl.pretrain import fit as pretrain_fit
+            base = pretrain_smoke() if self.smoke else pretrain_defaults()
+            pre_cfg = base.replace(
+                steps=self.pretrain_steps, eval_every=self.pretrain_steps, output=f"{out}/pretrain",
+                name="pretrain", encoder=s.model.encoder, data_dir=data_dir, num_workers=s.scale.num_workers,
+                use_gpu=s.scale.use_gpu, cpus_per_worker=s.scale.cpus_per_worker, zero_stage=s.scale.zero_stage,
+                precision=s.scale.precision, max_rows=s.data.max_rows, split_seed=s.data.split_seed,
+                val_fraction=s.data.val_fraction)
+            assert isinstance(pre_cfg, PretrainJobConfig)
+
+            def run_pretrain(cfg=pre_cfg):
+                summary = pretrain_fit(cfg, verbose=verbose)
+                return {"checkpoint": summary.best_checkpoint,
+                        "metrics": {k: v for k, v in summary.best_metrics.items() if isinstance(v, (int, float))}}
+            stages.append(Stage("pretrain", {"config": pre_cfg.to_dict(), "data": data_fingerprint(
+                data_dir, [*pre_cfg.pretrain.wiki_files, *pre_cfg.pretrain.nli_files, "sts/train.csv"])},
+                run_pretrain))
+
+        def init_from() -> str:
+            return done["pretrain"]["checkpoint"] if pre_cfg else s.model.init_from
+
+        for task in self.teacher_tasks:
+            t_cfg = teacher_config(s, task, steps=self.teacher_steps, output=f"{out}/teacher-{task}",
+                                   init_from="" if pre_cfg else s.model.init_from)
+            files = task_files + [p for n in t_cfg.data.related_sets for p in RELATED[n].paths]
+
+            def run_t(cfg=t_cfg, task=task):
+                if pre_cfg:
+                    cfg = cfg.replace(init_from=init_from())
+                return run_teacher(cfg, verbose)
+            stages.append(Stage(f"teacher-{task}", {"config": t_cfg.to_dict(), "data": data_fingerprint(data_dir, files)},
+                                run_t, after=["pretrain"] if pre_cfg else []))
+
+        def student_cfg(distilled: bool, name: str) -> MTLConfig:
+            cfg = s.replace(output=f"{out}/{name}", name=name, init_from=init_from())
+            if distilled:
+                cfg = cfg.replace(teacher_outputs={t: done[f"teacher-{t}"]["outputs"] for t in self.teacher_tasks})
+            return cfg
+
+        def run_student(distilled: bool, name: str) -> dict:
+            summary = fit(student_cfg(distilled, name), verbose=verbose)
+            if not summary.best_checkpoint:
+                raise RuntimeError("the multi-task stage produced no checkpoint")
+            return {"checkpoint": summary.best_checkpoint,
+                    "metrics": {k: v for k, v in summary.best_metrics.items() if isinstance(v, (int, float))}}
+        upstream = (["pretrain"] if pre_cfg else []) + [f"teacher-{t}" for t in self.teacher_tasks]
+        student_inputs = {"config": s.to_dict(), "data": data_fingerprint(data_dir, task_files)}
+        stages.append(Stage("mtl", student_inputs, lambda: run_student(True, "mtl"), after=upstream))
+        if self.baseline:
+            stages.append(Stage("mtl-plain", {**student_inputs, "distilled": False},
+                                lambda: run_student(False, "mtl-plain"), after=["pretrain"] if pre_cfg else []))
+        return stages
+
+    def run(self, force: set[str] | bool = False, verbose: bool = True) -> dict[str, dict]:
+        os.makedirs(self.output, exist_ok=True)
+        results: dict[str, dict] = {}
+        stages = self.stages(results, verbose)
+        names = {st.name for st in stages}
+        if isinstance(force, set) and force - names:
+            raise ValueError(f"--force names unknown stage(s) {sorted(force - names)}; stages: {[s.name for s in stages]}")
+        run_stages(stages, self.output, force, results=results)
+        (Path(self.output) / "pipeline.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        return results
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """Validation scores of every stage that has them, side by side."""
+    cols = ["val_sst", "val_quora", "val_sts", "overall"]
+    lines = [f"{'stage':<16}" + "".join(f"{c.removeprefix('val_'):>10}" for c in cols)]
+    for name, r in results.items():
+        m = r.get("metrics", {})
+        if name == "pretrain":
+            lines.append(f"{name:<16}  zero-shot STS {m.get('sts_zero_shot_step0', float('nan')):.4f} -> "
+                         f"{m.get('sts_zero_shot', float('nan')):.4f}")
+            continue
+        cells = [f"{m[c]:>10.4f}" if c in m and not (name.startswith("teacher") and c == "overall") else f"{'-':>10}"
+                 for c in cols]
+        lines.append(f"{name:<16}" + "".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""Related data sets, distillation losses, teacher outputs and the staged pipeline."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raymtl.config import MTLConfig, smoke
+from raymtl.data import DataError
+from raymtl.objectives import kd_kl_loss, kd_mse_loss, set_cross_entropy, task_loss
+from raymtl.related import drop_overlap, map_row, read_related, related_rows
+
+pytestmark = pytest.mark.timeout(900)
+
+
+# ------------------------------------------------------------------ losses on hand-made logits
+def test_equal_logits_give_zero_kl():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 3.0]])
+    for t in (0.5, 1.0, 4.0):
+        assert kd_kl_loss(logits, logits.clone(), t).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kl_is_scaled_by_t_squared():
+    student, teacher = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    for t in (1.0, 2.0, 5.0):
+        p = np.exp(np.array([0.0, 2.0]) / t); p /= p.sum()            # teacher, softened
+        q = np.exp(np.array([1.0, 0.0]) / t); q /= q.sum()            # student, softened
+        by_hand = t * t * float(np.sum(p * np.log(p / q)))
+        assert kd_kl_loss(student, teacher, t).item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_set_cross_entropy():
+    logits = torch.tensor([[1.0, 2.0, 0.0, -1.0, 0.5], [0.2, 0.1, 3.0, 0.0, 0.0]])
+    one_hot = torch.tensor([1 << 1, 1 << 2])                           # classes 1 and 2
+    assert set_cross_entropy(logits, one_hot).item() == pytest.approx(
+        F.cross_entropy(logits, torch.tensor([1, 2])).item(), rel=1e-6)
+    negative = torch.tensor([0b00011, 0b00011])                        # {very negative, negative}
+    p = F.softmax(logits, -1)
+    assert set_cross_entropy(logits, negative).item() == pytest.approx(
+        -torch.log(p[:, 0] + p[:, 1]).mean().item(), rel=1e-6)
+
+
+def test_task_loss_mixes_hard_and_soft_by_alpha():
+    out = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    batch = {"label": torch.tensor([0.0, 0.0]), "teacher": torch.tensor([[0.0, 3.0], [0.0, 3.0]])}
+    hard = F.cross_entropy(out, torch.tensor([0, 0])).item()
+    soft = kd_kl_loss(out, batch["teacher"], 2.0).item()
+    assert task_loss("classifier", out, batch, 0.0, 2.0).item() == pytest.approx(hard)
+    assert task_loss("classifier", out, batch, 1.0, 2.0).item() == pytest.approx(soft)
+    assert task_loss("classifier", out, batch, 0.25, 2.0).item() == pytest.approx(0.25 * soft + 0.75 * hard)
+    cos = torch.tensor([0.2, 0.9])
+    sts = {"label": torch.tensor([1.0, 4.0]), "teacher": torch.tensor([[0.3], [0.7]])}
+    assert task_loss("cosine", cos, sts, 1.0).item() == pytest.approx(kd_mse_loss(cos, sts["teacher"]).item())
+
+
+# ------------------------------------------------------------------ related sets: label spaces
+def test_related_sets_map_into_the_target_label_space(data_dir):
+    sst2, _ = read_related("sst2", data_dir, max_rows=200)
+    assert {r["label_set"] for r in sst2} == {0b00011, 0b11000}        # neg -> {0,1}, pos -> {3,4}
+    assert all(r["label"] == -1.0 for r in sst2)                       # no exact SST class is guessed
+    mrpc, reports = read_related("mrpc", data_dir, max_rows=200)       # BOM header, '#1 String' columns
+    assert {r["label"] for r in mrpc} == {0.0, 1.0} and not reports[0].bad
+    assert all(r["text_a"] and r["text_b"] for r in mrpc)
+    sick, _ = read_related("sick", data_dir, max_rows=200)
+    assert min(r["label"] for r in sick) >= 0 and max(r["label"] for r in sick) <= 5
+    from raymtl.related import RELATED
+    assert map_row(RELATED["sick"], {"label": 1.0})["label"] == 0.0
+    assert map_row(RELATED["sick"], {"label": 5.0})["label"] == 5.0
+    assert map_row(RELATED["sick"], {"label": 4.5})["label"] == pytest.approx(4.375)
+    mr, _ = read_related("mr", data_dir, max_rows=50)
+    assert {r["label_set"] for r in mr} == {0b00011, 0b11000}
+
+
+def test_related_rows_drop_overlap_with_validation():
+    held = [{"text_a": "A Gorgeous , witty film .", "text_b": ""}]
+    rows = [{"text_a": "gorgeous , witty film", "text_b": ""},   # a phrase of a held-out sentence
+            {"text_a": "witty", "text_b": ""},                   # too short to say
+            {"text_a": "a dull film", "text_b": ""}]
+    kept, dropped = drop_overlap(rows, held)
+    assert dropped == 1 and [r["text_a"] for r in kept] == ["witty", "a dull film"]
+
+
+def test_related_config_is_checked(data_dir):
+    with pytest.raises(ValueError, match="unknown related data set"):
+        MTLConfig().replace(related_sets=("imdb",))
+    with pytest.raises(ValueError, match="not in tasks"):
+        MTLConfig().replace(tasks=("sst",), related_sets=("sick",))
+    with pytest.raises(ValueError, match="distill_alpha"):
+        MTLConfig().replace(distill_alpha=1.5)
+    with pytest.raises(ValueError, match="not for task|is for task"):
+        related_rows("sts", ("mrpc",), data_dir, [])
+
+
+# ------------------------------------------------------------------ the pipeline, end to end
+@pytest.fixture(scope="module")
+def pipeline_run(ray_cluster, data_dir, tmp_path_factory):
+    from raymtl.pipeline import PipelinePlan
+    out = tmp_path_factory.mktemp("pipeline")
+    student = smoke().replace(data_dir=data_dir, max_rows=240, steps=8, eval_every=8, log_every=4,
+                              num_workers=1, cpus_per_worker=1.0)
+    plan = PipelinePlan(student, output=str(out), pretrain_steps=4, teacher_steps=6,
+                        teacher_tasks=("sst", "sts"), smoke=True)
+    return plan, plan.run(), out
+
+
+def test_pipeline_runs_every_stage_and_feeds_checkpoints(pipeline_run):
+    plan, results, out = pipeline_run
+    assert list(results) == ["pretrain", "teacher-sst", "teacher-sts", "mtl"]
+    pre = results["pretrain"]["checkpoint"]
+    for name in ("teacher-sst", "teacher-sts", "mtl"):
+        cfg = json.loads((out / name / "stage.json").read_text())
+        assert cfg["key"] and cfg["result"]["checkpoint"]
+    used = json.loads(open(f"{results['mtl']['checkpoint']}/config.json").read())
+    assert used["model"]["init_from"] == pre                              # pretrain -> student
+    assert set(used["distill"]["teacher_outputs"]) == {"sst", "sts"}      # teachers -> student
+    teacher_cfg = json.loads(open(f"{results['teacher-sst']['checkpoint']}/config.json").read())
+    assert teacher_cfg["model"]["init_from"] == pre and teacher_cfg["data"]["related_sets"] == ["sst2", "cfimdb"]
+    for m in ("val_sst", "val_quora", "val_sts", "overall"):
+        assert math.isfinite(results["mtl"]["metrics"][m])
+
+
+def test_teacher_outputs_cover_the_train_file_and_are_checked(pipeline_run, data_dir):
+    from raymtl.distill import load_teacher_outputs
+    plan, results, _ = pipeline_run
+    out = results["teacher-sst"]["outputs"]
+    meta = json.loads(open(f"{out}/meta.json").read())
+    assert meta["rows"] == 240 and meta["head_kind"] == "classifier"
+    lookup = load_teacher_outputs(out, "sst", plan.student.data, "classifier")
+    assert len(lookup) == 240 and all(v.shape == (5,) and np.isfinite(v).all() for v in lookup.values())
+    sts = load_teacher_outputs(results["teacher-sts"]["outputs"], "sts", plan.student.data, "cosine")
+    assert all(v.shape == (1,) and -1.0001 <= v[0] <= 1.0001 for v in sts.values())
+    other_split = plan.student.replace(split_seed=7).data
+    with pytest.raises(DataError, match="split_seed"):
+        load_teacher_outputs(out, "sst", other_split, "classifier")
+    with pytest.raises(DataError, match="head"):
+        load_teacher_outputs(results["teacher-sts"]["outputs"], "sts", plan.student.data, "regression")
+
+
+def test_rerun_skips_finished_stages_and_force_redoes_one(pipeline_run, capsys):
+    import time
+    plan, results, out = pipeline_run
+    before = {n: (out / n / "stage.json").stat().st_mtime for n in results}
+    t0 = time.perf_counter()
+    again = plan.run()
+    assert time.perf_counter() - t0 < 30                       # nothing retrained
+    assert again == results
+    assert capsys.readouterr().out.count("already done for these inputs and config") == 4
+    assert {n: (out / n / "stage.json").stat().st_mtime for n in results} == before
+    with pytest.raises(ValueError, match="unknown stage"):
+        plan.run(force={"teacher-nope"})
+
+
+def test_failed_stage_is_named_and_keeps_finished_ones(pipeline_run, tmp_path):
+    from raymtl.pipeline import PipelinePlan, StageFailed
+    plan, results, out = pipeline_run
+    bad = PipelinePlan(plan.student.replace(data_dir=str(tmp_path)), output=str(out), pretrain_steps=0,
+                       teacher_steps=6, teacher_tasks=("sst",), smoke=True)
+    with pytest.raises(StageFailed, match="stage 'teacher-sst' failed"):
+        bad.run()
+    assert (out / "teacher-sst" / "stage.json").is_file() and (out / "mtl" / "stage.json").is_file()
+
+
+def test_evaluate_reads_the_final_checkpoint(pipeline_run, capsys):
+    from raymtl.cli import main as raymtl_main
+    _, results, _ = pipeline_run
+    assert raymtl_main(["evaluate", "--checkpoint", results["mtl"]["checkpoint"]]) == 0
+    table = capsys.readouterr().out
+    assert "SST accuracy" in table and "STS Pearson" in table and "overall" in table
