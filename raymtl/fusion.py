@@ -60,11 +60,21 @@ def make_fusion(name: str, num_tasks: int) -> Fusion:
 
 
 class _Registry(dict):
-    def __missing__(self, name):
-        raise KeyError(f"unknown fusion method {name!r}; valid: {sorted(FACTORIES)}")
+    """Ready-made 3-task instances, built on first use (so importing this module neither
+    imports TorchJD nor its optional solvers, e.g. cvxpy for CAGrad)."""
+
+    def __init__(self, names):
+        super().__init__({name: None for name in names})
+
+    def __getitem__(self, name):
+        if name not in self:
+            raise KeyError(f"unknown fusion method {name!r}; valid: {sorted(FACTORIES)}")
+        if dict.__getitem__(self, name) is None:
+            self[name] = make_fusion(name, 3)
+        return dict.__getitem__(self, name)
 
 
-FUSION_METHODS: dict[str, Fusion] = _Registry({name: make_fusion(name, 3) for name in FACTORIES})
+FUSION_METHODS: dict[str, Fusion] = _Registry(FACTORIES)
 
 
 # ---------------------------------------------------------------- use in the training loop
