@@ -23,11 +23,12 @@ META = "meta.json"
 class TeacherInference:
     """Ray Data ``map_batches`` callable: loads the teacher once per actor."""
 
-    def __init__(self, checkpoint: str, task: str, max_length: int, use_gpu: bool = False):
+    def __init__(self, checkpoint: str, task: str, max_length: int, use_gpu: bool = False, threads: int = 1):
         import torch
         from transformers import AutoTokenizer
 
         from raymtl.model import MultiTaskModel
+        torch.set_num_threads(threads)             # Ray sets OMP_NUM_THREADS=1 in actors
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = MultiTaskModel.load(checkpoint).eval().to(self.device)
         self.tok = AutoTokenizer.from_pretrained(Path(checkpoint) / "encoder")
@@ -54,8 +55,10 @@ def split_settings(data_cfg) -> dict:
 
 
 def write_teacher_outputs(checkpoint: str, task: str, data_cfg, out_dir: str, max_length: int = 128,
-                          use_gpu: bool = False, batch_size: int = 256) -> dict:
-    """Teacher outputs for every row of ``task``'s train file -> ``out_dir``; returns the meta."""
+                          use_gpu: bool = False, batch_size: int = 128, cpus: float = 2.0) -> dict:
+    """Teacher outputs for every row of ``task``'s train file -> ``out_dir``; returns the meta.
+    Rows go in length order, so a batch pads little (outputs are keyed by line, not order);
+    the actor takes ``cpus`` CPUs (and threads), or one GPU."""
     import ray
 
     from raymtl.data import read_task_file
@@ -69,11 +72,14 @@ def write_teacher_outputs(checkpoint: str, task: str, data_cfg, out_dir: str, ma
     if out.exists():
         import shutil
         shutil.rmtree(out)
+    rows = sorted(rows, key=lambda r: len(r["text_a"]) + len(r["text_b"]))
     ds = ray.data.from_items([{"line": r["line"], "text_a": r["text_a"], "text_b": r["text_b"]} for r in rows])
+    cpus = 1 if use_gpu else cpus
     ds.map_batches(TeacherInference, fn_constructor_kwargs={"checkpoint": str(checkpoint), "task": task,
-                                                           "max_length": max_length, "use_gpu": use_gpu},
+                                                           "max_length": max_length, "use_gpu": use_gpu,
+                                                           "threads": max(1, int(cpus))},
                    batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1),
-                   num_cpus=1, num_gpus=1 if use_gpu else 0).write_parquet(str(out / "parquet"))
+                   num_cpus=cpus, num_gpus=1 if use_gpu else 0).write_parquet(str(out / "parquet"))
     meta = {"task": task, "checkpoint": str(checkpoint), "head_kind": kind, "rows": len(rows),
             "data_file": path, **split_settings(data_cfg)}
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")

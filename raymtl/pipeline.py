@@ -6,10 +6,11 @@
 Every stage is an ordinary run of the shared loop (``jobs/pretrain.py``, ``jobs/teacher.py``,
 ``jobs/mtl.py`` run each alone); its checkpoint feeds the next stage's config. A stage writes
 ``OUTPUT/<stage>/stage.json`` with a key hashed from its config, its upstream stages' keys and
-the size/mtime of its data files, and its result. A later run skips a stage whose key matches
-(``--force`` redoes it), so an interrupted or failed pipeline re-run picks up where it stopped:
-finished stages are skipped, the failed one resumes from its own last checkpoint (Ray Train,
-same output and name), and nothing already produced is deleted.
+the size/mtime of its data files, and its result; its runs go to ``OUTPUT/<stage>/<key>/``.
+A later run skips a stage whose key matches (``--force`` redoes it), so an interrupted or
+failed pipeline re-run picks up where it stopped: finished stages are skipped, the failed one
+resumes from its own last checkpoint (Ray Train, same run directory), a stage whose config
+changed trains afresh in a new directory, and nothing already produced is deleted.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def run_teacher(cfg: MTLConfig, verbose: bool = True) -> dict:
     out = Path(storage_path(cfg.run.output)) / cfg.run.name / "outputs"
     t0 = time.perf_counter()
     meta = write_teacher_outputs(summary.best_checkpoint, task, cfg.data, str(out), cfg.data.max_length,
-                                 cfg.scale.use_gpu)
+                                 cfg.scale.use_gpu, cpus=cfg.scale.cpus_per_worker)
     if verbose:
         print(f"[raymtl] teacher outputs: {meta['rows']} rows of {meta['data_file']} in "
               f"{time.perf_counter() - t0:.0f} s -> {out}", flush=True)
@@ -63,7 +64,7 @@ def run_teacher(cfg: MTLConfig, verbose: bool = True) -> dict:
 class Stage:
     name: str
     inputs: dict                                   # what the output depends on (hashed)
-    run: Callable[[], dict]                        # trains; returns a JSON-able result
+    run: Callable[[str], dict]                     # trains into the given run dir; returns a JSON-able result
     after: list[str] = field(default_factory=list)
 
 
@@ -86,11 +87,13 @@ def run_stages(stages: list[Stage], output: str, force: set[str] | bool = False,
     stage by stage, also with a skipped stage's recorded result) is what later stages read."""
     results = {} if results is None else results
     keys: dict[str, str] = {}
+    trained: set[str] = set()
     for st in stages:
         key = key_of({**st.inputs, "upstream": {a: keys[a] for a in st.after}})
         keys[st.name] = key
         marker = Path(output) / st.name / "stage.json"
-        redo = force is True or (isinstance(force, set) and st.name in force)
+        redo = (force is True or (isinstance(force, set) and st.name in force)
+                or any(a in trained for a in st.after))          # an upstream stage trained anew
         if marker.is_file() and not redo:
             done = json.loads(marker.read_text())
             if done.get("key") == key:
@@ -98,10 +101,13 @@ def run_stages(stages: list[Stage], output: str, force: set[str] | bool = False,
                     f"(key {key}): skipped; --force {st.name} redoes it")
                 results[st.name] = done["result"]
                 continue
-        say(f"[raymtl] pipeline: stage {st.name} (key {key}) starting")
+        run_dir = str(Path(output) / st.name / key)      # a new key never resumes another key's run
+        if redo and Path(run_dir).exists():               # --force: train afresh, keep the old run
+            Path(run_dir).rename(f"{run_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        say(f"[raymtl] pipeline: stage {st.name} (key {key}) starting in {run_dir}")
         t0 = time.perf_counter()
         try:
-            result = st.run()
+            result = st.run(run_dir)
         except Exception as e:                                  # noqa: BLE001 - re-raised with the stage
             raise StageFailed(f"stage {st.name!r} failed: {type(e).__name__}: {e}. Finished stages "
                               f"{list(results)} are kept under {output}; re-run to resume") from e
@@ -111,6 +117,7 @@ def run_stages(stages: list[Stage], output: str, force: set[str] | bool = False,
         marker.write_text(json.dumps(record, indent=2, default=str) + "\n")
         say(f"[raymtl] pipeline: stage {st.name} done in {record['seconds'] / 60:.1f} min")
         results[st.name] = result
+        trained.add(st.name)
     return results
 
 
@@ -153,8 +160,8 @@ class PipelinePlan:
                 val_fraction=s.data.val_fraction)
             assert isinstance(pre_cfg, PretrainJobConfig)
 
-            def run_pretrain(cfg=pre_cfg):
-                summary = pretrain_fit(cfg, verbose=verbose)
+            def run_pretrain(run_dir, cfg=pre_cfg):
+                summary = pretrain_fit(cfg.replace(output=run_dir), verbose=verbose)
                 return {"checkpoint": summary.best_checkpoint,
                         "metrics": {k: v for k, v in summary.best_metrics.items() if isinstance(v, (int, float))}}
             stages.append(Stage("pretrain", {"config": pre_cfg.to_dict(), "data": data_fingerprint(
@@ -169,31 +176,30 @@ class PipelinePlan:
                                    init_from="" if pre_cfg else s.model.init_from)
             files = task_files + [p for n in t_cfg.data.related_sets for p in RELATED[n].paths]
 
-            def run_t(cfg=t_cfg, task=task):
-                if pre_cfg:
-                    cfg = cfg.replace(init_from=init_from())
+            def run_t(run_dir, cfg=t_cfg, task=task):
+                cfg = cfg.replace(output=run_dir, init_from=init_from() if pre_cfg else cfg.model.init_from)
                 return run_teacher(cfg, verbose)
             stages.append(Stage(f"teacher-{task}", {"config": t_cfg.to_dict(), "data": data_fingerprint(data_dir, files)},
                                 run_t, after=["pretrain"] if pre_cfg else []))
 
-        def student_cfg(distilled: bool, name: str) -> MTLConfig:
-            cfg = s.replace(output=f"{out}/{name}", name=name, init_from=init_from())
+        def student_cfg(distilled: bool, name: str, run_dir: str) -> MTLConfig:
+            cfg = s.replace(output=run_dir, name=name, init_from=init_from())
             if distilled:
                 cfg = cfg.replace(teacher_outputs={t: done[f"teacher-{t}"]["outputs"] for t in self.teacher_tasks})
             return cfg
 
-        def run_student(distilled: bool, name: str) -> dict:
-            summary = fit(student_cfg(distilled, name), verbose=verbose)
+        def run_student(distilled: bool, name: str, run_dir: str) -> dict:
+            summary = fit(student_cfg(distilled, name, run_dir), verbose=verbose)
             if not summary.best_checkpoint:
                 raise RuntimeError("the multi-task stage produced no checkpoint")
             return {"checkpoint": summary.best_checkpoint,
                     "metrics": {k: v for k, v in summary.best_metrics.items() if isinstance(v, (int, float))}}
         upstream = (["pretrain"] if pre_cfg else []) + [f"teacher-{t}" for t in self.teacher_tasks]
         student_inputs = {"config": s.to_dict(), "data": data_fingerprint(data_dir, task_files)}
-        stages.append(Stage("mtl", student_inputs, lambda: run_student(True, "mtl"), after=upstream))
+        stages.append(Stage("mtl", student_inputs, lambda d: run_student(True, "mtl", d), after=upstream))
         if self.baseline:
             stages.append(Stage("mtl-plain", {**student_inputs, "distilled": False},
-                                lambda: run_student(False, "mtl-plain"), after=["pretrain"] if pre_cfg else []))
+                                lambda d: run_student(False, "mtl-plain", d), after=["pretrain"] if pre_cfg else []))
         return stages
 
     def run(self, force: set[str] | bool = False, verbose: bool = True) -> dict[str, dict]:

@@ -152,6 +152,20 @@ def test_rerun_skips_finished_stages_and_force_redoes_one(pipeline_run, capsys):
         plan.run(force={"teacher-nope"})
 
 
+def test_force_redoes_a_stage_and_the_stages_after_it(pipeline_run):
+    plan, results, out = pipeline_run
+    before = {n: json.loads((out / n / "stage.json").read_text()) for n in results}
+    again = plan.run(force={"teacher-sts"})
+    after = {n: json.loads((out / n / "stage.json").read_text()) for n in results}
+    for n in ("pretrain", "teacher-sst"):
+        assert after[n] == before[n]                                   # untouched
+    for n in ("teacher-sts", "mtl"):
+        assert after[n]["key"] == before[n]["key"] and after[n]["seconds"] != before[n]["seconds"]
+    key = before["teacher-sts"]["key"]
+    assert list((out / "teacher-sts").glob(f"{key}.replaced-*"))       # the old run is kept
+    assert again["mtl"]["checkpoint"] != results["mtl"]["checkpoint"]
+
+
 def test_failed_stage_is_named_and_keeps_finished_ones(pipeline_run, tmp_path):
     from raymtl.pipeline import PipelinePlan, StageFailed
     plan, results, out = pipeline_run
@@ -164,7 +178,8 @@ def test_failed_stage_is_named_and_keeps_finished_ones(pipeline_run, tmp_path):
 
 def test_evaluate_reads_the_final_checkpoint(pipeline_run, capsys):
     from raymtl.cli import main as raymtl_main
-    _, results, _ = pipeline_run
-    assert raymtl_main(["evaluate", "--checkpoint", results["mtl"]["checkpoint"]]) == 0
+    _, _, out = pipeline_run
+    final = json.loads((out / "mtl" / "stage.json").read_text())["result"]["checkpoint"]
+    assert raymtl_main(["evaluate", "--checkpoint", final]) == 0
     table = capsys.readouterr().out
     assert "SST accuracy" in table and "STS Pearson" in table and "overall" in table
