@@ -4,7 +4,7 @@
     python jobs/tune.py --smoke --num-samples 2                          # tiny model, ~3 min
     python jobs/tune.py --resume --experiment mtl-search                 # continue an interrupted search
     python jobs/tune.py --space search_spaces/distill.json --experiment distill-search \
-        --teacher-outputs sst=runs/pipeline/teacher-sst/teacher-sst/outputs,...   # T and alpha of distillation
+        --teacher-outputs sst=DIR     # T and alpha; DIR: "outputs" in runs/pipeline/teacher-sst/stage.json
     raymtl analyze runs/tune/mtl-search                                  # table, best config, plots
 
 Each trial is a real Ray Train + DeepSpeed run of the multi-task loop; Optuna proposes,
