@@ -1,6 +1,6 @@
 """The whole recipe as one job: further pre-training -> teachers -> distilled multi-task student.
 
-    python jobs/pipeline.py                          # default encoder, SST teacher, ~25 min on a 2-core CPU
+    python jobs/pipeline.py                          # default encoder, SST teacher; stages ~21 min on a 2-core CPU
     python jobs/pipeline.py --teacher-tasks sst,quora,sts   # a teacher per task, ~1 h
     python jobs/pipeline.py --baseline               # also the student without distillation
     python jobs/pipeline.py --smoke                  # same code path, tiny model, a few minutes

@@ -62,12 +62,15 @@ def write_teacher_outputs(checkpoint: str, task: str, data_cfg, out_dir: str, ma
     import ray
 
     from raymtl.data import read_task_file
-    from raymtl.model import MultiTaskModel
+    from raymtl.model import head_kind
     from raymtl.tasks import TASKS
     spec = TASKS[task]
     path = f"{data_cfg.data_dir.rstrip('/')}/{spec.path}"
     rows, _ = read_task_file(spec, path, max_rows=data_cfg.max_rows, max_bad_fraction=data_cfg.max_bad_fraction)
-    kind = MultiTaskModel.load(checkpoint).heads[task].kind
+    modes = json.loads((Path(checkpoint) / "raymtl.json").read_text())["modes"]
+    if task not in modes:
+        raise DataError(f"teacher checkpoint {checkpoint} has no head for {task!r}; it has {sorted(modes)}")
+    kind = head_kind(spec, modes[task])
     out = Path(out_dir)
     if out.exists():
         import shutil
@@ -109,19 +112,6 @@ def load_teacher_outputs(out_dir: str, task: str, data_cfg, head_kind: str) -> d
     return {int(n): np.asarray(o, dtype=np.float32) for n, o in zip(lines, outputs)}
 
 
-class AttachTeacher:
-    """``map_batches`` callable adding the ``teacher`` column by line; a missing line fails."""
-
-    def __init__(self, lookup: dict[int, np.ndarray], source: str):
-        self.lookup, self.source = lookup, source
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [int(n) for n in batch["line"] if int(n) not in self.lookup]
-        if missing:
-            raise DataError(f"teacher outputs {self.source} have no row for train-file line(s) {missing[:10]}")
-        return {**batch, "teacher": [self.lookup[int(n)] for n in batch["line"]]}
-
-
 def attach_teacher_outputs(datasets: dict, cfg) -> dict:
     """Add the ``teacher`` column to ``train_<task>`` of every task with teacher outputs."""
     from raymtl.model import head_kind
@@ -135,6 +125,7 @@ def attach_teacher_outputs(datasets: dict, cfg) -> dict:
         if missing:
             raise DataError(f"teacher outputs {out_dir} have no row for {len(missing)} training line(s) of "
                             f"{task}, e.g. {sorted(missing)[:10]}")
+        add = lambda b, lookup=lookup: {**b, "teacher": [lookup[int(n)] for n in b["line"]]}   # noqa: E731
         datasets[f"train_{task}"] = datasets[f"train_{task}"].map_batches(
-            AttachTeacher(lookup, out_dir), batch_size=1024, batch_format="numpy").materialize()
+            add, batch_size=1024, batch_format="numpy").materialize()   # every line checked above
     return datasets

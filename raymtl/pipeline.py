@@ -39,6 +39,14 @@ def teacher_config(base: MTLConfig, task: str, related: tuple[str, ...] | None =
                         teacher_outputs={}, task_weights={}, **overrides)
 
 
+def stage_result(summary, what: str, **extra) -> dict:
+    """A stage's JSON-able result: best checkpoint, its numeric metrics, and ``extra``."""
+    if not summary.best_checkpoint:
+        raise RuntimeError(f"{what} produced no checkpoint")
+    return {"checkpoint": summary.best_checkpoint, **extra,
+            "metrics": {k: v for k, v in summary.best_metrics.items() if isinstance(v, (int, float))}}
+
+
 def run_teacher(cfg: MTLConfig, verbose: bool = True) -> dict:
     """Train a teacher (``cfg.data.tasks`` is its one task), then write its outputs on every
     row of the task's train file to ``<run dir>/outputs``. Returns checkpoint, outputs, metrics."""
@@ -46,8 +54,7 @@ def run_teacher(cfg: MTLConfig, verbose: bool = True) -> dict:
     from raymtl.trainer import fit, storage_path
     (task,) = cfg.data.tasks
     summary = fit(cfg, verbose=verbose)
-    if not summary.best_checkpoint:
-        raise RuntimeError(f"teacher {task} produced no checkpoint")
+    result = stage_result(summary, f"teacher {task}")
     out = Path(storage_path(cfg.run.output)) / cfg.run.name / "outputs"
     t0 = time.perf_counter()
     meta = write_teacher_outputs(summary.best_checkpoint, task, cfg.data, str(out), cfg.data.max_length,
@@ -55,8 +62,7 @@ def run_teacher(cfg: MTLConfig, verbose: bool = True) -> dict:
     if verbose:
         print(f"[raymtl] teacher outputs: {meta['rows']} rows of {meta['data_file']} in "
               f"{time.perf_counter() - t0:.0f} s -> {out}", flush=True)
-    return {"checkpoint": summary.best_checkpoint, "outputs": str(out),
-            "metrics": {k: v for k, v in summary.best_metrics.items() if isinstance(v, (int, float))}}
+    return {**result, "outputs": str(out)}
 
 
 # ------------------------------------------------------------------------------ stages
@@ -151,7 +157,7 @@ class PipelinePlan:
 
         pre_cfg = None
         if self.pretrain_steps:
-            from raymtl.pretrain import PretrainJobConfig, pretrain_defaults, pretrain_smoke
+            from raymtl.pretrain import pretrain_defaults, pretrain_smoke
             from raymtl.pretrain import fit as pretrain_fit
             base = pretrain_smoke() if self.smoke else pretrain_defaults()
             pre_cfg = base.replace(
@@ -160,12 +166,9 @@ class PipelinePlan:
                 use_gpu=s.scale.use_gpu, cpus_per_worker=s.scale.cpus_per_worker, zero_stage=s.scale.zero_stage,
                 precision=s.scale.precision, max_rows=s.data.max_rows, split_seed=s.data.split_seed,
                 val_fraction=s.data.val_fraction)
-            assert isinstance(pre_cfg, PretrainJobConfig)
 
             def run_pretrain(run_dir, cfg=pre_cfg):
-                summary = pretrain_fit(cfg.replace(output=run_dir), verbose=verbose)
-                return {"checkpoint": summary.best_checkpoint,
-                        "metrics": {k: v for k, v in summary.best_metrics.items() if isinstance(v, (int, float))}}
+                return stage_result(pretrain_fit(cfg.replace(output=run_dir), verbose=verbose), "pretrain")
             stages.append(Stage("pretrain", {"config": pre_cfg.to_dict(), "data": data_fingerprint(
                 data_dir, [*pre_cfg.pretrain.wiki_files, *pre_cfg.pretrain.nli_files, "sts/train.csv"])},
                 run_pretrain))
@@ -191,11 +194,7 @@ class PipelinePlan:
             return cfg
 
         def run_student(distilled: bool, name: str, run_dir: str) -> dict:
-            summary = fit(student_cfg(distilled, name, run_dir), verbose=verbose)
-            if not summary.best_checkpoint:
-                raise RuntimeError("the multi-task stage produced no checkpoint")
-            return {"checkpoint": summary.best_checkpoint,
-                    "metrics": {k: v for k, v in summary.best_metrics.items() if isinstance(v, (int, float))}}
+            return stage_result(fit(student_cfg(distilled, name, run_dir), verbose=verbose), name)
         upstream = (["pretrain"] if pre_cfg else []) + [f"teacher-{t}" for t in self.teacher_tasks]
         student_inputs = {"config": s.to_dict(), "data": data_fingerprint(data_dir, task_files)}
         stages.append(Stage("mtl", student_inputs, lambda d: run_student(True, "mtl", d), after=upstream))

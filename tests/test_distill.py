@@ -139,13 +139,10 @@ def test_teacher_outputs_cover_the_train_file_and_are_checked(pipeline_run, data
 
 
 def test_rerun_skips_finished_stages_and_force_redoes_one(pipeline_run, capsys):
-    import time
     plan, results, out = pipeline_run
     before = {n: (out / n / "stage.json").stat().st_mtime for n in results}
-    t0 = time.perf_counter()
     again = plan.run()
-    assert time.perf_counter() - t0 < 30                       # nothing retrained
-    assert again == results
+    assert again == results                                    # the recorded results, nothing retrained
     assert capsys.readouterr().out.count("already done for these inputs and config") == 4
     assert {n: (out / n / "stage.json").stat().st_mtime for n in results} == before
     with pytest.raises(ValueError, match="unknown stage"):
