@@ -3,12 +3,13 @@
     .venv/bin/python bench/speed.py             # default encoder, 3 rounds x 40 steps, ~25 min here
     .venv/bin/python bench/speed.py --smoke     # tiny model, ~2 min
 
-Same model, optimizer groups, clipping, batches (3 tasks x 32 rows per step, fp32) and data
-(the same materialized Ray datasets) in all three; only the machinery differs:
+Same model (in train mode: dropout on), optimizer groups, clipping, batches (3 tasks x 32
+rows per step, fp32) and data (the same Ray datasets) in all three; only the machinery differs:
 
 * plain-padded:   a plain loop, each batch padded to its longest row;
 * plain-bucketed: the same plain loop over length-bucketed batches (raymtl's bucketing);
-* raymtl:         ``jobs/mtl.py``'s path: TorchTrainer worker + DeepSpeed engine.
+* raymtl:         ``jobs/mtl.py``'s path: TorchTrainer worker + DeepSpeed engine (fused AdamW
+                  on CPU, no gradient all-reduce with a single ZeRO-0 worker).
 
 Runs are interleaved round after round; reported are medians and ratios against the plain
 loops measured in the same run, plus Ray start-up time and Ray Data tokenization throughput
@@ -32,6 +33,7 @@ def plain_loop(cfg: MTLConfig, datasets: dict, steps: int, bucket: int) -> dict:
     torch.manual_seed(cfg.train.seed)
     torch.set_num_threads(int(cfg.scale.cpus_per_worker))
     model = MultiTaskModel.from_config(cfg.model, list(cfg.data.tasks), seed=cfg.train.seed)
+    model.train()       # dropout on, as in raymtl (from_pretrained leaves a model in eval mode)
     groups, lrs = param_groups(model, cfg)
     opt = torch.optim.AdamW([{**g, "lr": lr} for g, lr in zip(groups, lrs)])
     streams = {t: cycle_batches(datasets[f"train_{t}"], cfg.train.batch_size, cfg.train.seed, bucket)

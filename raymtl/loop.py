@@ -76,12 +76,19 @@ class Progress:
 
     Throughput counts training time only (validation and checkpointing excluded); rows and
     useful (non-padding) tokens are this worker's, scaled by the world size for the run.
+    The reported throughput (``report``) leaves out the first ``warmup`` steps of a run
+    (Ray Data's first blocks, the allocator warming up) unless nothing else was measured.
     """
+    warmup = 3
 
     def __init__(self, total: int, start: int, world: int):
         self.total, self.start, self.world = total, start, world
         self.train_s, self.rows, self.tokens, self.padded, self.losses = 0.0, 0, 0, 0, {}
-        self.window = {"s": 0.0, "rows": 0, "tokens": 0, "steps": 0}
+        self.window, self.startup = self._empty(), self._empty()
+
+    @staticmethod
+    def _empty() -> dict:
+        return {"s": 0.0, "rows": 0, "tokens": 0, "steps": 0}
 
     def update(self, seconds: float, batches: list[dict], losses: dict[str, float]):
         """``batches``: this worker's collated batches of the step (``input_ids[_b|_c]`` and
@@ -91,9 +98,11 @@ class Progress:
                      if k.startswith("attention_mask")) * self.world
         self.padded += sum(v.numel() for b in batches for k, v in b.items()
                            if k.startswith("input_ids")) * self.world
+        in_startup = self.startup["steps"] < self.warmup
         self.train_s, self.rows, self.tokens = self.train_s + seconds, self.rows + rows, self.tokens + tokens
+        window = self.startup if in_startup else self.window
         for k, v in (("s", seconds), ("rows", rows), ("tokens", tokens), ("steps", 1)):
-            self.window[k] += v
+            window[k] += v
         for t, v in losses.items():
             self.losses.setdefault(t, []).append(v)
 
@@ -105,11 +114,12 @@ class Progress:
                 f"{self.tokens / max(self.train_s, 1e-9):.0f} tok/s | eta {eta / 60:.1f} min | loss {loss}")
 
     def report(self) -> dict[str, float]:
-        """Throughput since the last report (then reset)."""
-        w, s = self.window, max(self.window["s"], 1e-9)
+        """Throughput since the last report (then reset), start-up steps left out."""
+        w = self.window if self.window["steps"] else self.startup
+        s = max(w["s"], 1e-9)
         out = {"examples_per_s": w["rows"] / s, "tokens_per_s": w["tokens"] / s,
                "s_per_step": s / max(w["steps"], 1), "padding_fraction": 1 - self.tokens / max(self.padded, 1)}
-        self.window = {"s": 0.0, "rows": 0, "tokens": 0, "steps": 0}
+        self.window = self._empty()
         return out
 
 
