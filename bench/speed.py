@@ -11,7 +11,8 @@ rows per step, fp32) and data (the same Ray datasets) in all three; only the mac
 * raymtl:         ``jobs/mtl.py``'s path: TorchTrainer worker + DeepSpeed engine (fused AdamW
                   on CPU, no gradient all-reduce with a single ZeRO-0 worker).
 
-Runs are interleaved round after round; reported are medians and ratios against the plain
+Runs are interleaved round after round; each run's s/step, examples/s and tokens/s are means
+over its timed steps; reported are medians over rounds and ratios against the plain
 loops measured in the same run, plus Ray start-up time and Ray Data tokenization throughput
 against the rate training consumes rows.
 """
@@ -24,7 +25,7 @@ import torch
 
 from raymtl.config import MTLConfig, smoke
 from raymtl.engine import param_groups
-from raymtl.loop import cycle_batches
+from raymtl.loop import Progress, cycle_batches
 from raymtl.model import MultiTaskModel
 from raymtl.objectives import LOSSES
 
@@ -38,7 +39,7 @@ def plain_loop(cfg: MTLConfig, datasets: dict, steps: int, bucket: int) -> dict:
     opt = torch.optim.AdamW([{**g, "lr": lr} for g, lr in zip(groups, lrs)])
     streams = {t: cycle_batches(datasets[f"train_{t}"], cfg.train.batch_size, cfg.train.seed, bucket)
                for t in cfg.data.tasks}
-    warm, times, tokens = 3, [], 0
+    warm, times, tokens = Progress.warmup, [], 0
     for i in range(steps + warm):
         t0 = time.perf_counter()
         losses, n_tok = [], 0
@@ -54,15 +55,16 @@ def plain_loop(cfg: MTLConfig, datasets: dict, steps: int, bucket: int) -> dict:
             times.append(time.perf_counter() - t0)
             tokens += n_tok
     rows = steps * cfg.train.batch_size * len(cfg.data.tasks)
-    return {"s_per_step": statistics.median(times), "examples_per_s": rows / sum(times),
+    return {"s_per_step": sum(times) / steps, "examples_per_s": rows / sum(times),
             "tokens_per_s": tokens / sum(times)}
 
 
 def raymtl_loop(cfg: MTLConfig, steps: int) -> dict:
     from raymtl.trainer import fit
+    total = steps + Progress.warmup          # raymtl's reported throughput leaves these out
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        s = fit(cfg.replace(steps=steps, eval_every=steps, log_every=steps, output=tmp, warmup_ratio=0.0),
+        s = fit(cfg.replace(steps=total, eval_every=total, log_every=total, output=tmp, warmup_ratio=0.0),
                 verbose=False)
         wall = time.perf_counter() - t0
     m = s.metrics
