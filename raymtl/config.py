@@ -176,7 +176,7 @@ class TrainConfig:
 class ScaleConfig:
     num_workers: int = _help("Ray Train workers (0 = Train's in-process local mode)", default=1)
     use_gpu: bool = _help("one GPU per worker (NCCL); CPU workers use gloo", default=False)
-    cpus_per_worker: float = _help("CPUs reserved per worker (also its torch threads)", default=2.0)
+    cpus_per_worker: float = _help("CPUs reserved per worker (its torch threads: this, rounded up)", default=2.0)
     zero_stage: int = _help("DeepSpeed ZeRO stage 0-3", default=0)
     precision: str = _help("'fp32', or on GPU 'bf16' / 'fp16'", default="fp32")
     placement_strategy: str = _help(

@@ -22,6 +22,7 @@ the per-stream losses, progress lines, validation/checkpoint/report, resume)::
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import tempfile
@@ -157,7 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = stage.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    torch.set_num_threads(max(1, math.ceil(cfg.scale.cpus_per_worker)))   # 1.75 CPUs -> 2 threads
     torch.manual_seed(cfg.train.seed)
     sampler, rng = get_sampler(cfg.train.sampling), random.Random(cfg.train.seed)
 

@@ -83,13 +83,34 @@ def run_trial(params: dict, base: dict, datasets: dict, sizes: dict, experiment_
     build_trainer(cfg, datasets, sizes, callbacks=[TuneReportCallback()]).fit()
 
 
+TRIAL_CPUS = 0.25     # a trial's own driver: it only starts a TorchTrainer and waits on it
+
+
+def fit_workers_beside_trial(base: MTLConfig, cluster_cpus: float, trial_cpus: float, say=print) -> MTLConfig:
+    """A trial's Train workers start only when they fit beside the trial's own driver
+    (``trial_cpus``); on a small cluster shrink ``cpus_per_worker`` so they do, instead of
+    waiting forever for CPUs that never free up. (Torch threads round up: 1.75 CPUs -> 2.)"""
+    s = base.scale
+    need = s.num_workers * s.cpus_per_worker + trial_cpus
+    if need <= cluster_cpus:
+        return base
+    fit = (cluster_cpus - trial_cpus) / max(s.num_workers, 1)
+    if fit <= 0:
+        raise ValueError(f"num_workers={s.num_workers} cannot fit on {cluster_cpus:g} CPUs beside a "
+                         f"{trial_cpus:g}-CPU trial driver; lower num_workers")
+    say(f"[raymtl] tune: {s.num_workers} worker(s) x {s.cpus_per_worker:g} CPUs + {trial_cpus:g} for the trial "
+        f"driver exceed the cluster's {cluster_cpus:g} CPUs; using cpus_per_worker={fit:g}")
+    return base.replace(cpus_per_worker=fit)
+
+
 def build_tuner(base: MTLConfig, space: dict, *, num_samples: int, searcher: str, asha: bool,
-                experiment: str, storage: str, max_failures: int = 1, trial_cpus: float = 0.25):
+                experiment: str, storage: str, max_failures: int = 1, trial_cpus: float = TRIAL_CPUS):
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from raymtl.trainer import prepare_data, storage_path
+    base = fit_workers_beside_trial(base, ray.cluster_resources().get("CPU", 0), trial_cpus)
     datasets, sizes = prepare_data(base, verbose=True)
     storage = storage_path(storage)
     trainable = tune.with_resources(
@@ -113,11 +134,13 @@ def build_tuner(base: MTLConfig, space: dict, *, num_samples: int, searcher: str
 
 
 def restore_tuner(path: str, base: MTLConfig):
+    import ray
     from ray import tune
 
     from raymtl.trainer import prepare_data
+    base = fit_workers_beside_trial(base, ray.cluster_resources().get("CPU", 0), TRIAL_CPUS)
     datasets, sizes = prepare_data(base, verbose=True)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base.to_dict(), datasets=datasets, sizes=sizes,
-                             experiment_dir=path), {"cpu": 0.25})
+                             experiment_dir=path), {"cpu": TRIAL_CPUS})
     return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)

@@ -49,3 +49,17 @@ def test_smoke_search_is_analysed_and_its_best_config_trains(ray_cluster, data_d
     assert best.train.fusion in ("sum", "pcgrad") and best.model.encoder == "tiny-random"
     summary = fit(best.replace(output=str(tmp_path / "best")), verbose=False)
     assert summary.best_checkpoint
+
+
+def test_trial_workers_fit_beside_the_trial_driver():
+    """2 CPUs, a 0.25-CPU trial driver: a 2-CPU worker would never start (the trial hung in
+    'worker group startup timed out'); it is shrunk to 1.75 CPUs, which still runs 2 threads."""
+    from raymtl.config import MTLConfig
+    from raymtl.search import fit_workers_beside_trial
+    said = []
+    cfg = fit_workers_beside_trial(MTLConfig(), cluster_cpus=2, trial_cpus=0.25, say=said.append)
+    assert cfg.scale.cpus_per_worker == 1.75 and "cpus_per_worker=1.75" in said[0]
+    roomy = MTLConfig().replace(cpus_per_worker=1.0)
+    assert fit_workers_beside_trial(roomy, 2, 0.25, say=said.append) is roomy
+    with pytest.raises(ValueError, match="num_workers=4 cannot fit"):
+        fit_workers_beside_trial(MTLConfig().replace(num_workers=4), 0.25, 0.25)
