@@ -192,13 +192,13 @@ def run_strategy(base: MTLConfig, strategy: str, target: str, support: str | Non
     ``fit(cfg, verbose) -> FitSummary`` defaults to ``raymtl.trainer.fit`` (Ray Train)."""
     from raymtl.pipeline import run_stages
     from raymtl.trainer import storage_path
+    if "://" in base.run.output:
+        raise ValueError(f"output={base.run.output!r}: transfer runs keep their records (stage.json) on a "
+                         "local or mounted path; use one (an NFS mount on a cluster)")
     concrete, reason = resolve(strategy, target, support, sizes, base.data)
     if strategy == "auto":
         say(f"[raymtl] transfer: auto chose {concrete}: {reason}")
     runs = plan(concrete, target, support, base)
-    if "://" in base.run.output:
-        raise ValueError(f"output={base.run.output!r}: transfer runs keep their records (stage.json) on a "
-                         "local or mounted path; use one (an NFS mount on a cluster)")
     output = storage_path(base.run.output)
     Path(output).mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
