@@ -3,6 +3,7 @@
 ``raymtl evaluate --checkpoint DIR [--sst FILE] [--quora FILE] [--sts FILE]``
 ``raymtl predict  --checkpoint DIR --task {sst,quora,sts} --input FILE --output OUT.csv``
 ``raymtl analyze  EXPERIMENT``
+``raymtl relations [--smoke] [--init-from CKPT | --encoder NAME] [config flags]``
 """
 from __future__ import annotations
 
@@ -138,6 +139,15 @@ def cmd_analyze(a) -> int:
     return 0
 
 
+def cmd_relations(a) -> int:
+    from raymtl.relations import format_matrices, relations_defaults, relations_smoke, run
+    res, paths = run(config_from_args(a, defaults=relations_defaults, shrink=relations_smoke))
+    print(format_matrices(res))
+    for kind, path in paths.items():
+        print(f"[raymtl] {kind}: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from raymtl.data import DataError
     from raymtl.tasks import TASKS
@@ -160,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     an.add_argument("experiment", help="experiment directory (e.g. runs/tune/mtl-search)")
     an.add_argument("--out", help="where to write trials.csv, best_config.json, plots (default EXPERIMENT/analysis)")
     an.set_defaults(fn=cmd_analyze)
+    from raymtl.relations import RelationsJobConfig
+    rel = sub.add_parser("relations", help="task-relationship map: inter-task affinity and gradient cosines "
+                         "(in-process, no Ray); writes OUTPUT/NAME/relations.{csv,json,png}")
+    add_config_args(rel, RelationsJobConfig.SECTIONS)
+    rel.set_defaults(fn=cmd_relations)
     a = p.parse_args(argv)
     try:
         return a.fn(a)

@@ -54,3 +54,15 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
     assert setups == ["single-task (3 models)", "multi-task, sum", "multi-task, pcgrad"]
     for t in ("sst", "quora", "sts"):                     # one single-task run per task, same budget
         assert (tmp_path / f"single-{t}-s1" / "best_metrics.json").is_file()
+
+
+def test_transfer_smoke_table_next_to_the_heuristic(ray_cluster, tmp_path, capsys):
+    bench("transfer").main(["--smoke", "--targets", "sts", "--supports", "quora", "--output", str(tmp_path)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| sts ")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert cells[1] == "quora" and cells[3] in ("pairwise", "stilts")      # the heuristic's prediction
+    assert all(-1 <= float(c) <= 1 for c in cells[4:7])                    # pairwise, stilts, mtl_all
+    assert cells[7] in ("pairwise", "stilts", "tie") and cells[8] in ("yes", "no", "-")
+    for run in ("pairwise-quora-sts", "stilts-quora", "stilts-quora-sts", "mtl_all"):   # 4 runs, same budget
+        assert (tmp_path / run / "stage.json").is_file()
