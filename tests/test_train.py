@@ -88,3 +88,22 @@ def test_predict_and_evaluate_cli(one_worker_run, data_dir, tmp_path, capsys):
     assert raymtl_main(["predict", "--checkpoint", summary.best_checkpoint, "--task", "sts",
                         "--input", str(tmp_path / "bad.csv"), "--output", str(out)]) == 2
     assert "missing required column(s) ['sentence2']" in capsys.readouterr().err
+
+
+def test_reported_throughput_leaves_out_startup_steps():
+    """A run's first steps (Ray Data's first blocks, allocator warm-up) are slow; the reported
+    s/step and tokens/s leave them out unless nothing else was measured."""
+    import torch
+
+    from raymtl.loop import Progress
+    batch = {"input_ids": torch.ones(4, 10, dtype=torch.long), "attention_mask": torch.ones(4, 10)}
+    p = Progress(total=10, start=0, world=1)
+    for _ in range(Progress.warmup):
+        p.update(5.0, [batch], {"sst": 1.0})
+    for _ in range(4):
+        p.update(1.0, [batch], {"sst": 1.0})
+    r = p.report()
+    assert r["s_per_step"] == 1.0 and r["tokens_per_s"] == 40.0 and r["examples_per_s"] == 4.0
+    short = Progress(total=2, start=0, world=2)            # only start-up steps: report those
+    short.update(2.0, [batch], {"sst": 1.0})
+    assert short.report()["examples_per_s"] == 4.0         # 4 rows x 2 workers / 2 s
