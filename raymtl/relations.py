@@ -169,6 +169,8 @@ def measure(cfg: RelationsJobConfig, say=print) -> dict:
         for k, v in diag.items():
             if k.startswith("gradcos_"):
                 cos_sum[k] = cos_sum.get(k, 0.0) + v / r.joint_steps
+        if (s + 1) % 5 == 0 and s + 1 < r.joint_steps:
+            say(f"[raymtl] relations: joint step {s + 1}/{r.joint_steps}")
     cosine = {a: {b: 1.0 if a == b else cos_sum.get(f"gradcos_{a}_{b}", cos_sum.get(f"gradcos_{b}_{a}"))
                   for b in tasks} for a in tasks}
     say(f"[raymtl] relations: {r.joint_steps} joint steps done")
