@@ -75,18 +75,27 @@ def plot(table: pd.DataFrame, curves: dict, out: Path) -> list[Path]:
     skip = {"trial", "status", "final_overall", "best_overall", "reports", "step", "time_s"}
     params = [c for c in table.columns if c not in skip and table[c].nunique(dropna=True) > 1]
     if params:
-        fig, axes = plt.subplots(1, len(params), figsize=(3.2 * len(params), 3), squeeze=False)
-        for ax, p in zip(axes[0], params):
+        from matplotlib.ticker import NullFormatter
+        cols = min(4, len(params))
+        rows = -(-len(params) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+        # a trial ASHA stopped early was scored at fewer steps than one that ran to the end
+        full = scored["step"] == scored["step"].max()
+        for ax, p in zip(axes.flat, params):
             x = scored[p]
-            if pd.api.types.is_numeric_dtype(x):
-                ax.scatter(x, scored["best_overall"])
-                if p.endswith("lr"):
-                    ax.set_xscale("log")
-            else:
+            if not pd.api.types.is_numeric_dtype(x):
                 cats = sorted(x.astype(str).unique())
-                ax.scatter([cats.index(v) for v in x.astype(str)], scored["best_overall"])
+                x = pd.Series([cats.index(v) for v in x.astype(str)], index=scored.index)
                 ax.set_xticks(range(len(cats)), cats, rotation=45)
+            elif p.endswith("lr"):
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.scatter(x[full], scored["best_overall"][full], label="ran to the end")
+            ax.scatter(x[~full], scored["best_overall"][~full], marker="x", label="stopped early (ASHA)")
             ax.set(xlabel=p, ylabel="overall")
+        for ax in axes.flat[len(params):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
         fig.suptitle("score against each searched parameter")
         fig.tight_layout()
         paths.append(out / "score_vs_params.png")
