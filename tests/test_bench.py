@@ -23,6 +23,16 @@ def test_fusion_overhead_smoke(capsys):
     assert "vs plain sum" in out and "pcgrad" in out and "upgrad" in out
 
 
+def test_grad_norms_smoke(capsys):
+    bench("grad_norms").main(["--smoke", "--batches", "2"])
+    out = capsys.readouterr().out
+    norms = [line for line in out.splitlines() if re.match(r"\| (sst|quora|sts) \|", line)]
+    assert len(norms) == 3 and all(float(line.split("|")[3].split(",")[0]) > 0 for line in norms)
+    imtl = next(line for line in out.splitlines() if line.startswith("| imtl_g |"))
+    cos = [float(c) for c in imtl.strip("| \n").split("|")[2:]]
+    assert max(cos) - min(cos) < 1e-3        # IMTL-G: equal cosine to every task gradient
+
+
 def test_speed_smoke(ray_cluster, capsys):
     bench("speed").main(["--smoke"])
     out = capsys.readouterr().out

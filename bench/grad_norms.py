@@ -1,0 +1,71 @@
+"""Why one task can starve in a summed multi-task step: per-task gradient norms on the encoder.
+
+    .venv/bin/python bench/grad_norms.py            # default encoder, 3 batches of 32 rows per task, ~1 min
+    .venv/bin/python bench/grad_norms.py --smoke    # tiny model, seconds
+
+For fresh heads on the encoder (the start of multi-task fine-tuning), it prints each task's
+loss and the norm of its gradient with respect to the shared encoder, then, for the mean
+per-task gradients of those batches, the direction every fusion method takes: its cosine to
+each task's gradient. A task whose gradient is much smaller than another's hardly moves the
+direction of a plain sum (and global clipping scales every task down by the largest one).
+In-process, no Ray: it only measures gradients.
+"""
+import argparse
+import random
+
+import torch
+
+from raymtl.config import MTLConfig, smoke
+from raymtl.data import batch_from_rows, load_splits
+from raymtl.fusion import make_fusion
+from raymtl.model import MultiTaskModel, tokenizer_source
+from raymtl.objectives import task_loss
+from raymtl.tasks import TASKS
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--batches", type=int, default=3)
+    p.add_argument("--fusions", default="sum,pcgrad,upgrad,imtl_g")
+    a = p.parse_args(argv)
+    cfg = smoke() if a.smoke else MTLConfig()
+    from transformers import AutoTokenizer
+    torch.manual_seed(cfg.train.seed)
+    splits, _ = load_splits(cfg.data)
+    tasks = list(cfg.data.tasks)
+    model = MultiTaskModel.from_config(cfg.model, tasks, seed=cfg.train.seed)
+    model.train()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.encoder))
+    shared = [p for n, p in model.named_parameters() if n.startswith("encoder.") and p.requires_grad]
+    rng = random.Random(cfg.train.seed)
+    mean_grads = []
+    print(f"{cfg.model.encoder} encoder, fresh heads, {a.batches} batches x {cfg.train.batch_size} rows per task\n")
+    print("| task | loss per batch | encoder gradient norm per batch |")
+    print("|---|---|---|")
+    for t in tasks:
+        losses, norms, total = [], [], None
+        for _ in range(a.batches):
+            rows = rng.sample(splits[t][0], min(cfg.train.batch_size, len(splits[t][0])))
+            b = batch_from_rows(tokenizer, rows, cfg.model.mode_of(t) if TASKS[t].is_pair else None, cfg.data.max_length)
+            loss = task_loss(model.heads[t].kind, model(t, b), b)
+            g = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in
+                           zip(torch.autograd.grad(loss, shared, allow_unused=True), shared)])
+            losses.append(loss.item())
+            norms.append(g.norm().item())
+            total = g if total is None else total + g
+        mean_grads.append(total / a.batches)
+        print(f"| {t} | " + ", ".join(f"{x:.3f}" for x in losses) + " | " + ", ".join(f"{x:.2f}" for x in norms) + " |")
+    G = torch.stack(mean_grads)
+    print("\nfused direction of the mean task gradients: cosine to each task's gradient\n")
+    print("| fusion | fused norm | " + " | ".join(f"cos to {t}" for t in tasks) + " |")
+    print("|---|---|" + "---|" * len(tasks))
+    for name in a.fusions.split(","):
+        d = make_fusion(name, len(tasks))(G)
+        cos = [torch.nn.functional.cosine_similarity(d, g, 0).item() for g in G]
+        print(f"| {name} | {d.norm():.2f} | " + " | ".join(f"{c:+.3f}" for c in cos) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
