@@ -18,8 +18,8 @@ Prints a markdown table: target, support, their training rows, the heuristic's p
 (pairwise when the target has fewer rows than the support, else stilts), the target's
 validation metric (accuracy; Pearson for STS) under each strategy, the winner between pairwise
 and stilts, whether the heuristic held, and the best of all three. Expected runtime of the
-full table on the 2-core CPU, from the 2.1 s per three-task step measured for jobs/mtl.py (not
-timed): ≈ 1.3 h. A run finished before under --output (same config and data) is read back, not
+full table on the 2-core CPU, from the 1.6 s per three-task step measured for jobs/mtl.py (not
+timed): ≈ 1 h. A run finished before under --output (same config and data) is read back, not
 retrained, so an interrupted benchmark continues where it stopped.
 """
 import argparse
