@@ -16,11 +16,11 @@ import random
 import torch
 
 from raymtl.config import MTLConfig, smoke
-from raymtl.data import batch_from_rows, load_splits
-from raymtl.fusion import make_fusion
+from raymtl.data import load_splits
+from raymtl.evaluation import row_batches
+from raymtl.fusion import make_fusion, task_gradients
 from raymtl.model import MultiTaskModel, tokenizer_source
 from raymtl.objectives import task_loss
-from raymtl.tasks import TASKS
 
 
 def main(argv=None) -> int:
@@ -44,17 +44,15 @@ def main(argv=None) -> int:
     print("| task | loss per batch | encoder gradient norm per batch |")
     print("|---|---|---|")
     for t in tasks:
-        losses, norms, total = [], [], None
-        for _ in range(a.batches):
-            rows = rng.sample(splits[t][0], min(cfg.train.batch_size, len(splits[t][0])))
-            b = batch_from_rows(tokenizer, rows, cfg.model.mode_of(t) if TASKS[t].is_pair else None, cfg.data.max_length)
+        rows = rng.sample(splits[t][0], min(a.batches * cfg.train.batch_size, len(splits[t][0])))
+        losses, norms = [], []
+        for b in row_batches(model, tokenizer, t, rows, cfg.data.max_length, cfg.train.batch_size):
             loss = task_loss(model.heads[t].kind, model(t, b), b)
-            g = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in
-                           zip(torch.autograd.grad(loss, shared, allow_unused=True), shared)])
+            g = task_gradients({t: loss}, shared)[0]
             losses.append(loss.item())
             norms.append(g.norm().item())
-            total = g if total is None else total + g
-        mean_grads.append(total / a.batches)
+            mean = g if len(norms) == 1 else mean + (g - mean) / len(norms)
+        mean_grads.append(mean)
         print(f"| {t} | " + ", ".join(f"{x:.3f}" for x in losses) + " | " + ", ".join(f"{x:.2f}" for x in norms) + " |")
     G = torch.stack(mean_grads)
     print("\nfused direction of the mean task gradients: cosine to each task's gradient\n")

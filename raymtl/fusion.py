@@ -88,6 +88,17 @@ def global_task_gradients(G: torch.Tensor) -> torch.Tensor:
     return G
 
 
+def task_gradients(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter]) -> torch.Tensor:
+    """``[T, D]``: each loss's gradient w.r.t. the shared parameters, flattened (one backward
+    per task graph; the graphs are kept for the next)."""
+    rows = []
+    for loss in losses.values():
+        g = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
+                               for x, p in zip(g, shared)]))
+    return torch.stack(rows)
+
+
 def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
                     heads: list[torch.nn.Parameter], fuse: Fusion,
                     diagnostics: dict | None = None) -> torch.Tensor:
@@ -98,12 +109,7 @@ def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Param
     averaging (every worker holds the same fused vector), clipping and ZeRO 1-2 partitioning.
     """
     names = list(losses)
-    rows = []
-    for t in names:                                                  # one backward per task graph
-        g = torch.autograd.grad(losses[t], shared, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
-                               for x, p in zip(g, shared)]))
-    G = global_task_gradients(torch.stack(rows))                     # [T, D]
+    G = global_task_gradients(task_gradients(losses, shared))        # [T, D]
     fused = fuse(G) if len(names) > 1 else G[0]                      # [D]
     if diagnostics is not None:
         unit = torch.nn.functional.normalize(G, dim=1)
