@@ -19,6 +19,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -119,7 +120,7 @@ def run_stages(stages: list[Stage], output: str, force: set[str] | bool = False,
                               f"{list(results)} are kept under {output}; re-run to resume") from e
         marker.parent.mkdir(parents=True, exist_ok=True)
         record = {"stage": st.name, "key": key, "inputs": st.inputs, "seconds": round(time.perf_counter() - t0, 1),
-                  "result": result}
+                  "finished": datetime.now(timezone.utc).isoformat(), "result": result}
         marker.write_text(json.dumps(record, indent=2, default=str) + "\n")
         say(f"[raymtl] pipeline: stage {st.name} done in {record['seconds'] / 60:.1f} min")
         results[st.name] = result
