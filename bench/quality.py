@@ -9,7 +9,8 @@ encoder, steps and rows per task per step, so every task sees the same number of
 examples in every run:
 
 * three single-task models (``--tasks sst``, ``--tasks quora``, ``--tasks sts``),
-* the multi-task model with ``--fusion sum``, and with ``--fusion BEST`` (default pcgrad),
+* the multi-task model with ``--fusion sum``, and with each ``--best`` method (default pcgrad;
+  ``imtl_g:10`` means ``--fusion imtl_g --fusion-every 10``; several, comma-separated),
 
 and prints each task's validation metric and the overall score as mean ± half-range over
 seeds. A run that finished before under --output is read back, not retrained.
@@ -33,9 +34,12 @@ def runs_for_seed(base: MTLConfig, seed: int, best: str) -> dict[str, dict[str, 
         m = fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}"))
         single[t] = m[f"val_{t}"]
     out = {"single-task (3 models)": single}
-    for fusion in dict.fromkeys(("sum", best)):
-        m = fit_once(seeded.replace(fusion=fusion, name=f"mtl-{fusion}-s{seed}"))
-        out[f"multi-task, {fusion}"] = {t: m[f"val_{t}"] for t in TASKS}
+    for spec in dict.fromkeys(["sum", *best.split(",")]):
+        fusion, _, every = spec.partition(":")
+        every = int(every or 1)
+        tag, label = (f"{fusion}-every{every}", f"{fusion}, fused every {every} steps") if every > 1 else (fusion, fusion)
+        m = fit_once(seeded.replace(fusion=fusion, fusion_every=every, name=f"mtl-{tag}-s{seed}"))
+        out[f"multi-task, {label}"] = {t: m[f"val_{t}"] for t in TASKS}
     return out
 
 
@@ -47,7 +51,8 @@ def spread(values: list[float]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="1,2,3")
-    p.add_argument("--best", default="pcgrad", help="the fusion method set next to sum")
+    p.add_argument("--best", default="pcgrad",
+                   help="fusion method(s) set next to sum, comma-separated; METHOD:N fuses every N steps")
     p.add_argument("--steps", type=int, help="steps per run (default: the config's)")
     p.add_argument("--output", default="runs/bench-quality")
     p.add_argument("--smoke", action="store_true")

@@ -135,6 +135,10 @@ class TrainConfig:
     sampling: str = _help("task sampling strategy (see raymtl.sampling.SAMPLERS)", default="round_robin")
     fusion: str = _help("gradient fusion of per-task gradients (see raymtl.fusion.FUSION_METHODS)",
                         default="sum")
+    fusion_every: int = _help(
+        "fuse every N steps; in between, one plain backward of the losses weighted by the last "
+        "fusion's task weights (1 = fuse every step, exact; N > 1 costs about 1/N of the fusion)",
+        default=1)
     weighting: str = _help("loss weighting: fixed, uncertainty, dwa, softmax (raymtl.weighting)",
                            default="fixed")
     task_weights: dict[str, float] = _help("fixed loss weight per task (others weigh 1)",
@@ -146,7 +150,8 @@ class TrainConfig:
 
     def __post_init__(self):
         from raymtl.sampling import SAMPLERS
-        for name in ("steps", "batch_size", "grad_accum", "lr", "head_lr", "eval_every", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "lr", "head_lr", "eval_every", "log_every",
+                     "fusion_every"):
             _positive(name, getattr(self, name))
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _positive("grad_clip", self.grad_clip, allow_zero=True)

@@ -13,6 +13,11 @@ Optimization", 2024), which implements them as published; raymtl only adapts the
     nash_mtl  Navon et al. 2022, "Multi-Task Learning as a Bargaining Game" (stateful)
     upgrad    Quinton & Rey 2024, projection of each gradient onto the dual cone, averaged
 
+Every method is also a *weighting*: ``task_weights(fuse, G)`` gives the ``[T]`` weights ``w``
+with ``fuse(G) == w @ G``. That is what ``fusion_every`` > 1 uses (``PeriodicFusion``): fuse
+every N steps, and in between train on the losses weighted by the last weights, one plain
+backward per step (the idea of Nash-MTL's ``update_weights_every``).
+
 Stateful methods keep state across steps, so training builds a fresh instance per run
 with ``make_fusion(name, num_tasks)``; ``FUSION_METHODS`` holds ready-made instances for
 direct use. Per-task surgery needs each task's full gradient of every shared parameter,
@@ -28,8 +33,17 @@ import torch.distributed as dist
 Fusion = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _sum(G: torch.Tensor) -> torch.Tensor:
-    return G.sum(0)                                                  # [T, D] -> [D]
+class _Sum:
+    """Plain sum, with the same ``weighting`` interface as TorchJD's aggregators."""
+
+    def weighting(self, G: torch.Tensor) -> torch.Tensor:
+        return torch.ones(G.shape[0], dtype=G.dtype, device=G.device)
+
+    def __call__(self, G: torch.Tensor) -> torch.Tensor:
+        return G.sum(0)                                              # [T, D] -> [D]
+
+
+_sum = _Sum()
 
 
 def _torchjd(cls_name: str, **kw) -> Callable[[int], Fusion]:
@@ -99,6 +113,24 @@ def task_gradients(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parame
     return torch.stack(rows)
 
 
+def task_weights(fuse: Fusion, G: torch.Tensor) -> torch.Tensor:
+    """``[T]`` weights ``w`` with ``fuse(G) == w @ G`` (every method here is a weighted
+    aggregator; a single task weighs 1)."""
+    if G.shape[0] == 1:
+        return torch.ones(1, dtype=G.dtype, device=G.device)
+    return fuse.weighting(G).to(G.dtype)
+
+
+def _diagnose(names: list[str], G: torch.Tensor, w: torch.Tensor, diagnostics: dict) -> None:
+    unit = torch.nn.functional.normalize(G, dim=1)
+    cos = unit @ unit.T                                              # [T, T]
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            diagnostics[f"gradcos_{names[i]}_{names[j]}"] = cos[i, j].item()
+        diagnostics[f"fusion_weight_{names[i]}"] = w[i].item()
+    diagnostics["fused_norm"] = (w @ G).norm().item()
+
+
 def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
                     heads: list[torch.nn.Parameter], fuse: Fusion,
                     diagnostics: dict | None = None) -> torch.Tensor:
@@ -108,16 +140,11 @@ def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Param
     ``engine.backward(surrogate)`` then leaves DeepSpeed in charge of accumulation,
     averaging (every worker holds the same fused vector), clipping and ZeRO 1-2 partitioning.
     """
-    names = list(losses)
     G = global_task_gradients(task_gradients(losses, shared))        # [T, D]
-    fused = fuse(G) if len(names) > 1 else G[0]                      # [D]
+    w = task_weights(fuse, G)
+    fused = w @ G                                                    # [D] == fuse(G)
     if diagnostics is not None:
-        unit = torch.nn.functional.normalize(G, dim=1)
-        cos = unit @ unit.T                                          # [T, T]
-        for i in range(len(names)):
-            for j in range(i + 1, len(names)):
-                diagnostics[f"gradcos_{names[i]}_{names[j]}"] = cos[i, j].item()
-        diagnostics["fused_norm"] = fused.norm().item()
+        _diagnose(list(losses), G, w, diagnostics)
     surrogate, offset = 0.0, 0
     for p in shared:
         n = p.numel()
@@ -129,3 +156,32 @@ def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Param
             if g is not None:
                 surrogate = surrogate + (g.detach() * p).sum()
     return surrogate
+
+
+class PeriodicFusion:
+    """``fusion_every`` = N > 1: per-task gradients and the fusion method's weights every N
+    steps; in between, ``sum_t w_t * loss_t`` with the last weights: one ordinary backward.
+
+    The shared parameters get exactly the fused gradient on a refresh step and the
+    same weighting of fresh gradients in between. Unlike ``fused_surrogate``, a task's own
+    parameters (its head) see its gradient scaled by ``w_t`` too; AdamW's per-parameter
+    normalisation makes that a near no-op. Weights are kept per set of tasks in the step
+    (samplers that pick a subset), so each set is refreshed on its own schedule.
+    """
+
+    def __init__(self, fuse: Fusion, every: int):
+        self.fuse, self.every = fuse, every
+        self.weights: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
+
+    def loss(self, losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter], step: int,
+             diagnostics: dict | None = None) -> torch.Tensor:
+        key = tuple(losses)
+        if len(key) == 1:
+            return next(iter(losses.values()))
+        held = self.weights.get(key)
+        if held is None or step - held[1] >= self.every:
+            G = global_task_gradients(task_gradients(losses, shared))
+            held = self.weights[key] = (task_weights(self.fuse, G), step)
+            if diagnostics is not None:
+                _diagnose(list(losses), G, held[0], diagnostics)
+        return sum(w * loss for w, loss in zip(held[0].tolist(), losses.values()))

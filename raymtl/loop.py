@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from raymtl.data import collate
-from raymtl.fusion import fused_surrogate, make_fusion
+from raymtl.fusion import PeriodicFusion, fused_surrogate, make_fusion
 from raymtl.model import tokenizer_source
 from raymtl.sampling import get_sampler
 
@@ -168,6 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
     shared = [p for n, p in model.named_parameters() if n.startswith("encoder.") and p.requires_grad]
     others = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
     fuse = make_fusion(cfg.train.fusion, len(names)) if cfg.train.per_task_gradients() else None
+    periodic = PeriodicFusion(fuse, cfg.train.fusion_every) if fuse and cfg.train.fusion_every > 1 else None
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.init_from or cfg.model.encoder))
     engine = eng.initialize(model, cfg)
     device = engine.device
@@ -209,13 +210,15 @@ def train_loop_per_worker(config: dict) -> None:
                 seen.append(batch)
                 losses[t] = stage.loss(forward, t, batch)
             weighted = model.weighting(losses, step)
+            diag = {}
             if fuse is None:
                 engine.backward(sum(weighted.values()))
+            elif periodic is not None:
+                engine.backward(periodic.loss(weighted, shared, step, diag))
             else:
-                diag = {}
                 engine.backward(fused_surrogate(weighted, shared, others, fuse, diag))
-                for k, v in diag.items():
-                    diag_sum[k] = diag_sum.get(k, 0.0) + v / cfg.train.grad_accum
+            for k, v in diag.items():                    # (sum, count): periodic fusion measures
+                diag_sum[k] = (diag_sum.get(k, (0.0, 0))[0] + v, diag_sum.get(k, (0.0, 0))[1] + 1)
             engine.step()
             for t, v in losses.items():
                 window[t] += v.item() / cfg.train.grad_accum
@@ -234,7 +237,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = {**scores, **initial, "train_loss": loss_sum / max(loss_n, 1), "step": step,
                        "start_step": start_step, "lr": engine.get_lr()[0],
                        **{f"train_loss_{t}": total / n for t, (total, n) in stream_sum.items()},
-                       **progress.report(), **{k: v / max(loss_n, 1) for k, v in diag_sum.items()},
+                       **progress.report(), **{k: total / n for k, (total, n) in diag_sum.items()},
                        "peak_rss_mb": peak_rss_mb(device)}
             loss_sum, loss_n, diag_sum, stream_sum = 0.0, 0, {}, {}
             if rank == 0:

@@ -47,7 +47,9 @@ def storage_path(output: str) -> str:
 def build_trainer(cfg: MTLConfig, datasets: dict, train_sizes: dict[str, int], loop=None, callbacks=None,
                   stage=None):
     """A ``TorchTrainer`` running the shared loop for ``stage`` (default: the multi-task stage);
-    ``train_<name>`` datasets are split across workers, the others (validation) are not."""
+    ``train_<name>`` datasets are split across workers, the others (validation) are not.
+    One worker reads every dataset whole: a ``streaming_split`` of one would only add a
+    coordinator actor per dataset that competes with training for the CPUs."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -69,7 +71,8 @@ def build_trainer(cfg: MTLConfig, datasets: dict, train_sizes: dict[str, int], l
         loop or train_loop_per_worker,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "train_sizes": train_sizes},
         scaling_config=scaling, run_config=run, datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train_")]))
+        dataset_config=ray.train.DataConfig(datasets_to_split=[
+            k for k in datasets if k.startswith("train_") and s.num_workers > 1]))
 
 
 def prepare_data(cfg: MTLConfig, verbose: bool = True):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from raymtl.config import MTLConfig
-from raymtl.fusion import FUSION_METHODS, fused_surrogate, make_fusion
+from raymtl.fusion import FUSION_METHODS, PeriodicFusion, fused_surrogate, make_fusion, task_weights
 from raymtl.weighting import WEIGHTINGS, make_weighting
 
 
@@ -55,6 +55,39 @@ def test_surrogate_gradient_is_the_fused_gradient():
     assert torch.allclose(head.grad, head_grad, atol=1e-6)
     cos = torch.nn.functional.cosine_similarity(G[0], G[1], dim=0).item()
     assert diag["gradcos_a_b"] == pytest.approx(cos, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(FUSION_METHODS))
+def test_every_method_is_a_weighting_of_the_task_gradients(name):
+    G = torch.tensor([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.5], [0.2, -0.3, 1.0]])
+    w = task_weights(make_fusion(name, 3), G)      # fresh instances: stateful methods start equal
+    assert w.shape == (3,) and torch.allclose(w @ G, make_fusion(name, 3)(G), atol=1e-5)
+
+
+def test_periodic_fusion_reuses_the_last_weights_until_the_next_refresh():
+    shared = torch.nn.Parameter(torch.zeros(2))
+    imtl = make_fusion("imtl_g", 2)
+
+    def losses(scale_b):   # gradients (1, 0) and (0, scale_b): IMTL-G weighs them 1/(1+|b|) apart
+        return {"a": shared @ torch.tensor([1.0, 0.0]), "b": shared @ torch.tensor([0.0, scale_b])}
+
+    periodic, diag = PeriodicFusion(imtl, every=3), {}
+    periodic.loss(losses(4.0), [shared], step=0, diagnostics=diag).backward()
+    w0 = task_weights(imtl, torch.tensor([[1.0, 0.0], [0.0, 4.0]]))
+    assert torch.allclose(shared.grad, w0 @ torch.tensor([[1.0, 0.0], [0.0, 4.0]]))   # = the fused one
+    assert diag["fusion_weight_a"] == pytest.approx(w0[0].item()) and diag["gradcos_a_b"] == pytest.approx(0)
+    shared.grad = None
+    periodic.loss(losses(1.0), [shared], step=2).backward()          # within 3 steps: old weights
+    assert torch.allclose(shared.grad, torch.tensor([w0[0], w0[1]]))
+    shared.grad = None
+    periodic.loss(losses(1.0), [shared], step=3).backward()          # refreshed: equal weights now
+    assert torch.allclose(shared.grad, torch.tensor([0.5, 0.5]))
+    assert periodic.loss({"a": losses(1.0)["a"]}, [shared], step=4) is not None   # one task: weight 1
+
+
+def test_fusion_every_must_be_positive():
+    with pytest.raises(ValueError, match=r"fusion_every=0 must be > 0"):
+        MTLConfig().replace(fusion="imtl_g", fusion_every=0)
 
 
 @pytest.mark.parametrize("name", sorted(WEIGHTINGS))

@@ -48,3 +48,14 @@ def test_one_real_training_step_per_method(ray_cluster, data_dir, tmp_path, meth
     assert m["step"] == 2 and torch.isfinite(torch.tensor(m["train_loss"]))
     assert {"gradcos_sst_quora", "gradcos_sst_sts", "gradcos_quora_sts", "fused_norm"} <= set(m)
     assert -1.0 <= m["gradcos_sst_quora"] <= 1.0 and m["fused_norm"] > 0
+
+
+def test_periodic_fusion_trains_and_reports_the_task_weights(ray_cluster, data_dir, tmp_path):
+    from raymtl.config import smoke
+    from raymtl.trainer import fit
+    cfg = smoke().replace(data_dir=data_dir, output=str(tmp_path), steps=3, eval_every=3, max_rows=120,
+                          fusion="imtl_g", fusion_every=2, cpus_per_worker=1.0)
+    m = fit(cfg, verbose=False).metrics                  # fuses at steps 0 and 2, reuses at 1
+    assert m["step"] == 3 and torch.isfinite(torch.tensor(m["train_loss"]))
+    weights = [m[f"fusion_weight_{t}"] for t in ("sst", "quora", "sts")]
+    assert all(w > 0 for w in weights) and sum(weights) == pytest.approx(1.0, abs=1e-4)   # IMTL-G's
