@@ -187,9 +187,14 @@ class ScaleConfig:
     placement_strategy: str = _help(
         "how workers are placed on nodes (Ray placement group): PACK, SPREAD, STRICT_PACK "
         "(one node) or STRICT_SPREAD (one worker per node)", default="PACK")
+    worker_niceness: int = _help(
+        "Unix nice level of the training workers, 0-19; Ray starts workers at 15 and its control "
+        "actors stay there, so 0 gives training the CPUs first (Ray's own job driver runs at 0)", default=0)
 
     def __post_init__(self):
         _positive("num_workers", self.num_workers, allow_zero=True)
+        if not isinstance(self.worker_niceness, int) or not 0 <= self.worker_niceness <= 19:
+            raise ValueError(f"worker_niceness={self.worker_niceness!r} must be an integer in 0..19")
         _choice("placement_strategy", self.placement_strategy, {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"})
         _positive("cpus_per_worker", self.cpus_per_worker)
         _choice("zero_stage", self.zero_stage, {0, 1, 2, 3})

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -119,7 +120,8 @@ class Progress:
         w = self.window if self.window["steps"] else self.startup
         s = max(w["s"], 1e-9)
         out = {"examples_per_s": w["rows"] / s, "tokens_per_s": w["tokens"] / s,
-               "s_per_step": s / max(w["steps"], 1), "padding_fraction": 1 - self.tokens / max(self.padded, 1)}
+               "s_per_step": s / max(w["steps"], 1), "padding_fraction": 1 - self.tokens / max(self.padded, 1),
+               "worker_niceness": os.nice(0)}      # scale.worker_niceness, as the OS applied it
         self.window = self._empty()
         return out
 

@@ -66,7 +66,9 @@ def build_trainer(cfg: MTLConfig, datasets: dict, train_sizes: dict[str, int], l
             num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute=stage.score,
             checkpoint_score_order="max"),
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-        callbacks=callbacks)
+        callbacks=callbacks,
+        # Ray reads this variable when it starts the worker process (its job driver uses it too).
+        worker_runtime_env={"env_vars": {"RAY_worker_niceness": str(s.worker_niceness)}})
     return TorchTrainer(
         loop or train_loop_per_worker,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "train_sizes": train_sizes},

@@ -9,6 +9,8 @@ from raymtl.sampling import SAMPLERS
 
 @pytest.mark.parametrize("field,value,message", [
     ("zero_stage", 4, r"zero_stage=4 is not valid; choose one of \[0, 1, 2, 3\]"),
+    ("worker_niceness", 20, r"worker_niceness=20 must be an integer in 0..19"),
+    ("worker_niceness", -1, r"worker_niceness=-1 must be an integer in 0..19"),
     ("sampling", "lottery", r"sampling='lottery' is not valid; choose one of \['annealed'"),
     ("tasks", ("sst", "mnli"), r"tasks='mnli' is not valid"),
     ("lr", -1.0, r"lr=-1.0 must be > 0"),

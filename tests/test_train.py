@@ -45,14 +45,16 @@ def test_one_worker_loss_falls_and_checkpoint_reloads(one_worker_run):
     assert len(losses) == 2 and losses[-1] < losses[0]
     m = summary.best_metrics
     assert set(m) >= {"val_sst", "val_quora", "val_sts", "overall", "step"}
+    assert m["worker_niceness"] == 0          # Ray would start the worker at 15
     again = reloaded_scores(cfg, summary.best_checkpoint)
     for task in ("sst", "quora", "sts"):
         assert again[task] == pytest.approx(m[f"val_{task}"], abs=1e-5)
 
 
 def test_two_workers_zero2(ray_cluster, data_dir, tmp_path):
-    cfg = smoke_cfg(tmp_path, data_dir, num_workers=2, cpus_per_worker=0.9, zero_stage=2)
+    cfg = smoke_cfg(tmp_path, data_dir, num_workers=2, cpus_per_worker=0.9, zero_stage=2, worker_niceness=7)
     summary = fit(cfg)
+    assert summary.best_metrics["worker_niceness"] == 7
     losses = losses_of(summary.run_dir)
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     again = reloaded_scores(cfg, summary.best_checkpoint)
