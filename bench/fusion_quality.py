@@ -3,7 +3,8 @@
     .venv/bin/python bench/fusion_quality.py --output runs/fusion               # ~14 min per method here
     .venv/bin/python bench/fusion_quality.py --methods sum,pcgrad --smoke       # tiny model, ~2 min
 
-Every run is `jobs/mtl.py` on the embedded defaults with only `--fusion` changed (same
+Every run is `jobs/mtl.py` on the embedded defaults with only `--fusion METHOD --fusion-every 1`
+changed (each method fused every step; same
 data, split, seed, steps, batch), through the same Ray Train + DeepSpeed loop. A method
 whose run already finished under --output is read back, not retrained, so the script can
 be run method by method. Prints the best checkpoint's validation scores per method.
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     base = (smoke() if a.smoke else MTLConfig()).replace(output=str(Path(a.output).resolve()))
-    rows = {m: fit_once(base.replace(fusion=m, name=f"fusion-{m}")) for m in a.methods.split(",")}
+    rows = {m: fit_once(base.replace(fusion=m, fusion_every=1, name=f"fusion-{m}")) for m in a.methods.split(",")}
     print(f"\n{'fusion':<9} {'SST acc':>8} {'Quora acc':>10} {'STS r':>7} {'overall':>8} "
           f"{'best step':>9} {'s/step':>7}")
     for m, r in rows.items():

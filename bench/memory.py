@@ -3,7 +3,8 @@
     .venv/bin/python bench/memory.py             # default encoder, 2 CPU workers, ~8 min here
     .venv/bin/python bench/memory.py --smoke     # tiny model, ~3 min
 
-Each stage is a short real run of the multi-task loop (same data, batches and seed; only
+Each stage is a short real run of the multi-task loop on the summed loss (`--fusion sum`:
+ZeRO-3 partitions the gradients that fusion needs; same data, batches and seed; only
 `--zero-stage` changes). Every worker reports its peak resident memory (`ru_maxrss`) and
 the loop reports the largest; the table sets it next to the per-worker bytes of weights,
 gradients and AdamW state that the stage keeps in theory (fp32: 4 + 4 + 8 bytes per
@@ -12,7 +13,7 @@ and the saving against stage 0 measured in the same run.
 """
 import argparse
 
-from raymtl.config import MTLConfig, smoke
+from raymtl.config import SUM_LOSS, MTLConfig, smoke
 from raymtl.model import MultiTaskModel
 from raymtl.trainer import fit
 
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     base = (smoke() if a.smoke else MTLConfig()).replace(
         num_workers=2, cpus_per_worker=0.9, steps=a.steps, eval_every=a.steps, log_every=a.steps,
-        max_rows=600, batch_size=16, output=a.output)
+        max_rows=600, batch_size=16, output=a.output, **SUM_LOSS)   # ZeRO-3 needs the summed loss
     params = sum(q.numel() for q in MultiTaskModel.from_config(base.model, list(base.data.tasks)).parameters())
     rows = []
     for stage in (int(s) for s in a.stages.split(",")):

@@ -9,8 +9,9 @@ encoder, steps and rows per task per step, so every task sees the same number of
 examples in every run:
 
 * three single-task models (``--tasks sst``, ``--tasks quora``, ``--tasks sts``),
-* the multi-task model with ``--fusion sum``, and with each ``--best`` method (default pcgrad;
-  ``imtl_g:10`` means ``--fusion imtl_g --fusion-every 10``; several, comma-separated),
+* the multi-task model with ``--fusion sum``, and with each ``--best`` method (default
+  ``imtl_g:10``, raymtl's default: ``--fusion imtl_g --fusion-every 10``; ``METHOD:N`` fuses
+  every N steps, plain ``METHOD`` every step; several, comma-separated),
 
 and prints each task's validation metric and the overall score as mean ± half-range over
 seeds. A run that finished before under --output is read back, not retrained.
@@ -19,7 +20,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from raymtl.config import MTLConfig, smoke
+from raymtl.config import SUM_LOSS, MTLConfig, smoke
 from raymtl.metrics import overall
 from raymtl.trainer import fit_once
 
@@ -31,7 +32,7 @@ def runs_for_seed(base: MTLConfig, seed: int, best: str) -> dict[str, dict[str, 
     seeded = base.replace(seed=seed, split_seed=seed)
     single = {}
     for t in TASKS:
-        m = fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}"))
+        m = fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}", **SUM_LOSS))   # one task: nothing to fuse
         single[t] = m[f"val_{t}"]
     out = {"single-task (3 models)": single}
     for spec in dict.fromkeys(["sum", *best.split(",")]):
@@ -51,7 +52,7 @@ def spread(values: list[float]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="1,2,3")
-    p.add_argument("--best", default="pcgrad",
+    p.add_argument("--best", default="imtl_g:10",
                    help="fusion method(s) set next to sum, comma-separated; METHOD:N fuses every N steps")
     p.add_argument("--steps", type=int, help="steps per run (default: the config's)")
     p.add_argument("--output", default="runs/bench-quality")

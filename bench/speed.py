@@ -9,7 +9,11 @@ rows per step, fp32) and data (the same Ray datasets) in all three; only the mac
 * plain-padded:   a plain loop, each batch padded to its longest row;
 * plain-bucketed: the same plain loop over length-bucketed batches (raymtl's bucketing);
 * raymtl:         ``jobs/mtl.py``'s path: TorchTrainer worker + DeepSpeed engine (fused AdamW
-                  on CPU, no gradient all-reduce with a single ZeRO-0 worker).
+                  on CPU, no gradient all-reduce with a single ZeRO-0 worker), on the summed
+                  loss (``--fusion sum``), the plain loops' arithmetic;
+* raymtl-default: the same with the default fusion (IMTL-G weights refreshed every 10
+                  steps: three per-task backwards on those steps), so the table also shows
+                  what the better multi-task default costs.
 
 Runs are interleaved round after round; each run's s/step, examples/s and tokens/s are means
 over its timed steps; reported are medians over rounds and ratios against the plain
@@ -23,7 +27,7 @@ import time
 
 import torch
 
-from raymtl.config import MTLConfig, smoke
+from raymtl.config import SUM_LOSS, MTLConfig, smoke
 from raymtl.engine import param_groups
 from raymtl.loop import Progress, cycle_batches
 from raymtl.model import MultiTaskModel
@@ -59,13 +63,13 @@ def plain_loop(cfg: MTLConfig, datasets: dict, steps: int, bucket: int) -> dict:
             "tokens_per_s": tokens / sum(times)}
 
 
-def raymtl_loop(cfg: MTLConfig, steps: int) -> dict:
+def raymtl_loop(cfg: MTLConfig, steps: int, **overrides) -> dict:
     from raymtl.trainer import fit
     total = steps + Progress.warmup          # raymtl's reported throughput leaves these out
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        s = fit(cfg.replace(steps=total, eval_every=total, log_every=total, output=tmp, warmup_ratio=0.0),
-                verbose=False)
+        s = fit(cfg.replace(steps=total, eval_every=total, log_every=total, output=tmp, warmup_ratio=0.0,
+                            **overrides), verbose=False)
         wall = time.perf_counter() - t0
     m = s.metrics
     return {"s_per_step": m["s_per_step"], "examples_per_s": m["examples_per_s"],
@@ -95,11 +99,12 @@ def main(argv=None):
     tokenize_s = time.perf_counter() - t0
     total_rows = sum(ds.count() for ds in datasets.values())
 
-    runs = {"plain-padded": [], "plain-bucketed": [], "raymtl": []}
+    runs = {"plain-padded": [], "plain-bucketed": [], "raymtl": [], "raymtl-default": []}
     for r in range(rounds):
         runs["plain-padded"].append(plain_loop(cfg, datasets, steps, bucket=1))
         runs["plain-bucketed"].append(plain_loop(cfg, datasets, steps, bucket=cfg.data.bucket_batches))
-        runs["raymtl"].append(raymtl_loop(cfg, steps))
+        runs["raymtl"].append(raymtl_loop(cfg, steps, **SUM_LOSS))
+        runs["raymtl-default"].append(raymtl_loop(cfg, steps))
         print(f"[bench] round {r + 1}/{rounds}: " + ", ".join(
             f"{k} {v[-1]['tokens_per_s']:.0f} tok/s" for k, v in runs.items()), flush=True)
 

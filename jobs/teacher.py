@@ -17,7 +17,7 @@ import sys
 
 from raymtl.cli import add_config_args, config_from_args
 from raymtl.data import DataError
-from raymtl.pipeline import run_teacher, teacher_config
+from raymtl.pipeline import run_teacher, teacher_config, teacher_defaults
 from raymtl.related import DEFAULT_RELATED
 from raymtl.tasks import TASKS
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     related = args.related_sets
     args.related_sets = None
     try:
-        cfg = teacher_config(config_from_args(args), args.task,
+        cfg = teacher_config(config_from_args(args, defaults=teacher_defaults), args.task,
                              DEFAULT_RELATED.get(args.task, ()) if related is None else related)
         if args.name:
             cfg = cfg.replace(name=args.name)

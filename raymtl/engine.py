@@ -96,9 +96,10 @@ def initialize(model: torch.nn.Module, cfg):
 
 
 def save_checkpoint(engine, directory: Path, step: int, rank: int, tokenizer, cfg_dict: dict,
-                    metrics: dict) -> None:
-    """Collective: every rank writes its DeepSpeed shard; rank 0 also writes the HF model."""
-    engine.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG, client_state={"step": step})
+                    metrics: dict, client: dict | None = None) -> None:
+    """Collective: every rank writes its DeepSpeed shard; rank 0 also writes the HF model.
+    ``client`` (plain lists, numbers, strings) is stored next to the step for the loop."""
+    engine.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG, client_state={**(client or {}), "step": step})
     model = engine.module
     extra = {"step": step, "max_length": cfg_dict["data"]["max_length"]}
     if engine.zero_optimization_stage() == 3:
@@ -115,8 +116,9 @@ def save_checkpoint(engine, directory: Path, step: int, rank: int, tokenizer, cf
         dist.barrier()
 
 
-def load_checkpoint(engine, directory: Path, total_steps: int) -> int:
-    """Restore engine weights, optimizer and scheduler; returns the step to continue from.
+def load_checkpoint(engine, directory: Path, total_steps: int) -> dict:
+    """Restore engine weights, optimizer and scheduler; returns the client state saved with
+    them: ``step`` (the step to continue from) and the loop's own entries.
 
     The restored schedule is stretched to ``total_steps``, so re-running with more
     steps continues the decay over the new horizon instead of sitting at lr 0.
@@ -126,4 +128,4 @@ def load_checkpoint(engine, directory: Path, total_steps: int) -> int:
         raise RuntimeError(f"could not load DeepSpeed state from {directory / 'deepspeed'}")
     if hasattr(engine.lr_scheduler, "total_num_steps"):
         engine.lr_scheduler.total_num_steps = total_steps
-    return int(client["step"])
+    return {**client, "step": int(client["step"])}

@@ -185,3 +185,10 @@ class PeriodicFusion:
             if diagnostics is not None:
                 _diagnose(list(losses), G, held[0], diagnostics)
         return sum(w * loss for w, loss in zip(held[0].tolist(), losses.values()))
+
+    def state_dict(self) -> dict:
+        """The held weights, checkpointed so a resumed run continues the same schedule."""
+        return {"|".join(key): {"weights": w.tolist(), "step": step} for key, (w, step) in self.weights.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = {tuple(k.split("|")): (torch.tensor(v["weights"]), int(v["step"])) for k, v in state.items()}

@@ -184,7 +184,10 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            step = eng.load_checkpoint(engine, Path(d), cfg.train.steps)
+            client = eng.load_checkpoint(engine, Path(d), cfg.train.steps)
+            step = client["step"]
+            if periodic is not None and "periodic_fusion" in client:
+                periodic.load_state_dict(client["periodic_fusion"])
             initial = start_metrics(Path(d))
         if rank == 0:
             say(f"[raymtl] resumed from checkpoint at step {step}")
@@ -245,5 +248,6 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 say("[raymtl] validation step %d: %s" % (step, " ".join(f"{k}={v:.4f}" for k, v in scores.items())))
             with tempfile.TemporaryDirectory() as tmp:
-                eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics)
+                eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics,
+                                    {"periodic_fusion": periodic.state_dict()} if periodic else None)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

@@ -4,7 +4,9 @@
     [-> mtl-plain: the same student without distillation, with --baseline]
 
 Every stage is an ordinary run of the shared loop (``jobs/pretrain.py``, ``jobs/teacher.py``,
-``jobs/mtl.py`` run each alone); its checkpoint feeds the next stage's config. A stage writes
+``jobs/mtl.py`` run each alone); its checkpoint feeds the next stage's config. Pre-training
+and the teachers train on the summed loss; the student uses the student config's ``fusion``
+(default IMTL-G every 10 steps). A stage writes
 ``OUTPUT/<stage>/stage.json`` with a key hashed from its config, its upstream stages' keys and
 the size/mtime of its data files, and its result; its runs go to ``OUTPUT/<stage>/<key>/``.
 A later run skips a stage whose key matches (``--force`` redoes it), so an interrupted or
@@ -23,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from raymtl.config import MTLConfig
+from raymtl.config import SUM_LOSS, MTLConfig
 from raymtl.related import DEFAULT_RELATED, RELATED
 from raymtl.tasks import TASKS
 
@@ -33,6 +35,12 @@ class StageFailed(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ teachers
+def teacher_defaults() -> MTLConfig:
+    """``jobs/teacher.py``'s defaults: a teacher (one task and its related stream) trains on
+    the summed loss, as measured; ``--fusion`` still chooses otherwise."""
+    return MTLConfig().replace(**SUM_LOSS)
+
+
 def teacher_config(base: MTLConfig, task: str, related: tuple[str, ...] | None = None, **overrides) -> MTLConfig:
     """A teacher for ``task``: the base config on that one task plus its related sets."""
     related = DEFAULT_RELATED.get(task, ()) if related is None else related
@@ -178,7 +186,7 @@ class PipelinePlan:
             return done["pretrain"]["checkpoint"] if pre_cfg else s.model.init_from
 
         for task in self.teacher_tasks:
-            t_cfg = teacher_config(s, task, steps=self.teacher_steps, output=f"{out}/teacher-{task}",
+            t_cfg = teacher_config(s, task, steps=self.teacher_steps, output=f"{out}/teacher-{task}", **SUM_LOSS,
                                    init_from="" if pre_cfg else s.model.init_from)
             files = task_files + [p for n in t_cfg.data.related_sets for p in RELATED[n].paths]
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raymtl.config import SECTIONS, MTLConfig, _help, _positive, smoke
+from raymtl.config import SECTIONS, SUM_LOSS, MTLConfig, _help, _positive, smoke
 from raymtl.data import _pad
 from raymtl.loop import cycle_batches
 from raymtl.metrics import pearson
@@ -101,7 +101,7 @@ class PretrainJobConfig(MTLConfig):
 def pretrain_defaults() -> PretrainJobConfig:
     """``python jobs/pretrain.py``: the default encoder, 100 steps of 32 rows per objective
     (12-16 s/step measured on a busy 2-core CPU: ≈ 25 min with start-up and validation)."""
-    return PretrainJobConfig().replace(name="pretrain", lr=3e-5, steps=100, eval_every=50)
+    return PretrainJobConfig().replace(name="pretrain", lr=3e-5, steps=100, eval_every=50, **SUM_LOSS)
 
 
 def pretrain_smoke(cfg: PretrainJobConfig | None = None) -> PretrainJobConfig:

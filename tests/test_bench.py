@@ -2,6 +2,8 @@
 prints its table. Real runs: the session's Ray cluster, real data, the tiny model."""
 import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +38,17 @@ def test_grad_norms_smoke(capsys):
 def test_speed_smoke(ray_cluster, capsys):
     bench("speed").main(["--smoke"])
     out = capsys.readouterr().out
-    assert "plain-bucketed" in out and "raymtl" in out
+    assert all(f"| {loop} |" in out for loop in ("plain-padded", "plain-bucketed", "raymtl", "raymtl-default"))
+
+
+def test_engine_smoke():
+    # a subprocess: DeepSpeed's 1-process gloo group must not leak into the pytest process
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "engine.py"), "--smoke", "--port", "29573"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert {"plain", "plain-fused", "engine", "engine-module"} <= set(rows)
+    assert float(rows["engine"].split("|")[2]) > 0                  # a measured step time
 
 
 def test_memory_smoke(ray_cluster, tmp_path, capsys):
@@ -61,7 +73,7 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
     bench("quality").main(["--smoke", "--seeds", "1", "--output", str(tmp_path)])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     setups = [row.split("|")[1].strip() for row in table[1:]]   # after the header row
-    assert setups == ["single-task (3 models)", "multi-task, sum", "multi-task, pcgrad"]
+    assert setups == ["single-task (3 models)", "multi-task, sum", "multi-task, imtl_g, fused every 10 steps"]
     for t in ("sst", "quora", "sts"):                     # one single-task run per task, same budget
         assert (tmp_path / f"single-{t}-s1" / "best_metrics.json").is_file()
 

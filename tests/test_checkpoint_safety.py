@@ -26,9 +26,11 @@ SCRIPT = textwrap.dedent("""
         engine.backward(loss)
         engine.step()
         d = out / f"zero{stage}"
-        engine.save_checkpoint(str(d / "deepspeed"), tag=eng.DS_TAG, client_state={"step": 7})
+        held = {"sst|quora": {"weights": [0.8, 0.2], "step": 5}}   # the loop's PeriodicFusion state
+        engine.save_checkpoint(str(d / "deepspeed"), tag=eng.DS_TAG, client_state={"step": 7, "periodic_fusion": held})
         again = eng.initialize(MultiTaskModel.from_config(cfg.model, ["sst"]), cfg)
-        assert eng.load_checkpoint(again, d, 12) == 7
+        client = eng.load_checkpoint(again, d, 12)
+        assert client["step"] == 7 and client["periodic_fusion"] == held
         w0 = engine.module.heads["sst"].out.weight
         assert torch.equal(w0, again.module.heads["sst"].out.weight)
         print(f"zero{stage} reloaded")

@@ -40,6 +40,8 @@ def test_zero3_with_per_task_surgery_is_refused():
     with pytest.raises(ValueError, match="ZeRO-3 partitions"):
         MTLConfig().replace(fusion="pcgrad", zero_stage=3)
     MTLConfig().replace(fusion="sum", zero_stage=3)  # fine
+    with pytest.raises(ValueError, match=r"fusion='imtl_g'.*--fusion sum"):   # the default fusion
+        MTLConfig().replace(zero_stage=3)
 
 
 def test_surrogate_gradient_is_the_fused_gradient():
@@ -78,6 +80,11 @@ def test_periodic_fusion_reuses_the_last_weights_until_the_next_refresh():
     assert diag["fusion_weight_a"] == pytest.approx(w0[0].item()) and diag["gradcos_a_b"] == pytest.approx(0)
     shared.grad = None
     periodic.loss(losses(1.0), [shared], step=2).backward()          # within 3 steps: old weights
+    assert torch.allclose(shared.grad, torch.tensor([w0[0], w0[1]]))
+    resumed = PeriodicFusion(imtl, every=3)                          # from a checkpoint's client state
+    resumed.load_state_dict(periodic.state_dict())
+    shared.grad = None
+    resumed.loss(losses(1.0), [shared], step=2).backward()           # keeps the held weights
     assert torch.allclose(shared.grad, torch.tensor([w0[0], w0[1]]))
     shared.grad = None
     periodic.loss(losses(1.0), [shared], step=3).backward()          # refreshed: equal weights now
