@@ -63,6 +63,24 @@ def test_job_flags_map_onto_config_fields():
     assert cfg.scale.use_gpu and cfg.scale.zero_stage == 1
 
 
+def test_a_config_file_sets_its_own_fields_over_a_stage_default(tmp_path):
+    import argparse
+
+    from raymtl.cli import add_config_args, config_from_args
+    from raymtl.pipeline import teacher_defaults
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+    (tmp_path / "flat.json").write_text(json.dumps({"fusion": "imtl_g", "lr": 1e-4}))
+    (tmp_path / "nested.json").write_text(json.dumps({"train": {"fusion": "imtl_g"}}))
+    for f in ("flat.json", "nested.json"):
+        # imtl_g is MTLConfig's default, but a teacher's is sum: the file's explicit value wins
+        cfg = config_from_args(p.parse_args(["--config", str(tmp_path / f)]), defaults=teacher_defaults)
+        assert cfg.train.fusion == "imtl_g" and cfg.train.fusion_every == 1
+    assert cfg.train.lr == teacher_defaults().train.lr               # fields the file leaves out keep the stage's
+    flagged = config_from_args(p.parse_args(["--config", str(tmp_path / "flat.json"), "--lr", "0.02"]))
+    assert flagged.train.lr == 0.02                                  # flags override the file
+
+
 def test_samplers():
     import random
     sizes = {"sst": 100, "quora": 10000, "sts": 100}
