@@ -1,6 +1,6 @@
 """What raymtl's DeepSpeed engine costs per step, in one process without Ray.
 
-    .venv/bin/python bench/engine.py            # default encoder, 4 rounds x 6 steps per loop, ~5 min here
+    .venv/bin/python bench/engine.py            # default encoder, 4 rounds x 6 steps per loop, ~8 min here
     .venv/bin/python bench/engine.py --smoke    # tiny model, seconds
 
 bench/speed.py compares raymtl's whole Ray Train + DeepSpeed loop with plain PyTorch loops.
@@ -54,9 +54,9 @@ def main(argv=None):
     def fresh():
         m = MultiTaskModel.from_config(cfg.model, list(cfg.data.tasks), seed=cfg.train.seed)
         return m.train()
-    probe = fresh()
-    batches = {t: batch_from_rows(tok, rng.sample(train, cfg.train.batch_size), probe.modes[t], cfg.data.max_length)
-               for t, (train, _) in splits.items()}
+    engine_model = fresh()
+    batches = {t: batch_from_rows(tok, rng.sample(train, cfg.train.batch_size), engine_model.modes[t],
+                                  cfg.data.max_length) for t, (train, _) in splits.items()}
 
     def plain(fused: bool):
         model = fresh()
@@ -70,7 +70,7 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
         return step
 
-    engine = initialize(fresh(), cfg)
+    engine = initialize(engine_model, cfg)
 
     def through(forward):
         def step():

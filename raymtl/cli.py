@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import sys
 import typing
 from pathlib import Path
@@ -53,11 +52,7 @@ def config_from_args(args: argparse.Namespace, defaults=MTLConfig, shrink=smoke)
     stage's default config and ``shrink(cfg)`` its smoke version."""
     cfg = shrink(defaults()) if args.smoke else defaults()
     if args.config:
-        kind = type(cfg)
-        loaded = kind.load(args.config)                 # checks the whole file
-        raw = json.loads(Path(args.config).read_text())
-        given = set(raw) if not set(raw) <= set(kind.SECTIONS) else {k for part in raw.values() for k in part}
-        cfg = cfg.replace(**{k: v for k, v in loaded.flat().items() if k in given})   # the file's fields only
+        cfg = type(cfg).load(args.config, over=cfg)     # the file's own fields over the job's defaults
     flags = {k: v for k, v in vars(args).items()
              if v is not None and k in cfg.flat()}
     return cfg.replace(**flags)

@@ -298,7 +298,7 @@ class MTLConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MTLConfig":
         """Accepts the nested form (``{"train": {"lr": ...}}``) or the flat form."""
-        if d and not set(d) <= set(cls.SECTIONS):
+        if not cls._nested(d):
             return cls().replace(**d)
         built = {}
         for name, kind in cls.SECTIONS.items():
@@ -311,7 +311,13 @@ class MTLConfig:
         return cls(**built)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "MTLConfig":
+    def _nested(cls, d: dict[str, Any]) -> bool:
+        return set(d) <= set(cls.SECTIONS)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, over: "MTLConfig | None" = None) -> "MTLConfig":
+        """The config in a JSON file (every field checked). With ``over``, only the fields the
+        file names replace ``over``'s; the rest keep ``over``'s values (a job's own defaults)."""
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist")
@@ -319,7 +325,11 @@ class MTLConfig:
             d = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}:{e.lineno}: not valid JSON: {e.msg}") from None
-        return cls.from_dict(d)
+        loaded = cls.from_dict(d)
+        if over is None:
+            return loaded
+        named = {k for part in d.values() for k in part} if cls._nested(d) else set(d)
+        return over.replace(**{k: v for k, v in loaded.flat().items() if k in named})
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
