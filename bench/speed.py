@@ -19,11 +19,19 @@ Runs are interleaved round after round; each run's s/step, examples/s and tokens
 over its timed steps; reported are medians over rounds and ratios against the plain
 loops measured in the same run, plus Ray start-up time and Ray Data tokenization throughput
 against the rate training consumes rows.
+
+Each row also says how much CPU the *other* processes took while that loop trained (sampled
+from ``/proc`` every 2 s, over the intervals in which the loop's own process used at least
+3/4 of its cores), and the largest of them during raymtl's runs are listed by name: on a
+small machine every core Ray's daemons and actors take is a core the training threads lack.
 """
 import argparse
+import os
 import statistics
 import tempfile
+import threading
 import time
+from collections import defaultdict
 
 import torch
 
@@ -32,6 +40,79 @@ from raymtl.engine import param_groups
 from raymtl.loop import Progress, cycle_batches
 from raymtl.model import MultiTaskModel
 from raymtl.objectives import LOSSES
+
+
+def process_name(cmdline: list[str]) -> str:
+    """A short name for a process: ``ray::Actor`` titles as they are, else program + script."""
+    if not cmdline:
+        return "?"
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0].split()[0]
+    script = next((os.path.basename(c) for c in cmdline[1:] if c.endswith(".py")), "")
+    return " ".join(filter(None, [os.path.basename(cmdline[0]), script]))
+
+
+class CpuSampler:
+    """Every process's CPU time (Linux ``/proc``), sampled every ``period`` seconds in a thread,
+    so a loop's row can say what the *other* processes took from the machine while it trained:
+    Ray's daemons and actors compete with the training threads for the same cores."""
+
+    def __init__(self, period: float = 2.0):
+        self.period, self.samples = period, []
+        self.available = os.path.isdir("/proc/self/task")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def snapshot() -> dict[int, tuple[float, str]]:
+        tick, out = os.sysconf("SC_CLK_TCK"), {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/cmdline") as f:
+                    cmd = [c for c in f.read().split("\0") if c]
+            except OSError:                 # the process ended meanwhile
+                continue
+            out[int(pid)] = ((int(fields[11]) + int(fields[12])) / tick, process_name(cmd))
+        return out
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self.snapshot()))
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        if self.available:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.available:
+            self._thread.join()
+            self.samples.append((time.perf_counter(), self.snapshot()))
+
+    def others(self, is_trainer, busy: float) -> dict | None:
+        """Over the sampling intervals in which the training process (``is_trainer(pid, name)``)
+        used at least ``busy`` cores, the other processes' CPU: ``machine`` (share of all
+        cores) and ``by_name`` (cores, largest first). None if no interval qualified."""
+        cores, seconds, other, by_name = os.cpu_count() or 1, 0.0, 0.0, defaultdict(float)
+        for (t0, a), (t1, b) in zip(self.samples, self.samples[1:]):
+            used = {pid: cpu - a[pid][0] for pid, (cpu, _) in b.items() if pid in a}
+            trainer = [pid for pid in used if is_trainer(pid, b[pid][1])]
+            if not trainer or sum(used[p] for p in trainer) < busy * (t1 - t0):
+                continue
+            seconds += t1 - t0
+            for pid, cpu in used.items():
+                if pid not in trainer and cpu > 0:
+                    other += cpu
+                    by_name[b[pid][1]] += cpu
+        if not seconds:
+            return None
+        return {"machine": other / (seconds * cores), "seconds": seconds,
+                "by_name": dict(sorted(((k, v / seconds) for k, v in by_name.items()),
+                                       key=lambda kv: -kv[1]))}
 
 
 def plain_loop(cfg: MTLConfig, datasets: dict, steps: int, bucket: int) -> dict:
@@ -99,12 +180,21 @@ def main(argv=None):
     tokenize_s = time.perf_counter() - t0
     total_rows = sum(ds.count() for ds in datasets.values())
 
-    runs = {"plain-padded": [], "plain-bucketed": [], "raymtl": [], "raymtl-default": []}
+    loops = {"plain-padded": lambda: plain_loop(cfg, datasets, steps, bucket=1),
+             "plain-bucketed": lambda: plain_loop(cfg, datasets, steps, bucket=cfg.data.bucket_batches),
+             "raymtl": lambda: raymtl_loop(cfg, steps, **SUM_LOSS),
+             "raymtl-default": lambda: raymtl_loop(cfg, steps)}
+    driver = os.getpid()
+    trainer = {"plain-padded": lambda pid, name: pid == driver, "plain-bucketed": lambda pid, name: pid == driver,
+               "raymtl": lambda pid, name: name.startswith("ray::RayTrainWorker")}
+    trainer["raymtl-default"] = trainer["raymtl"]
+    busy = 0.75 * cfg.scale.cpus_per_worker          # "training": the loop's process uses most of its cores
+    runs = {name: [] for name in loops}
     for r in range(rounds):
-        runs["plain-padded"].append(plain_loop(cfg, datasets, steps, bucket=1))
-        runs["plain-bucketed"].append(plain_loop(cfg, datasets, steps, bucket=cfg.data.bucket_batches))
-        runs["raymtl"].append(raymtl_loop(cfg, steps, **SUM_LOSS))
-        runs["raymtl-default"].append(raymtl_loop(cfg, steps))
+        for name, loop in loops.items():
+            with CpuSampler(period=0.5 if a.smoke else 2.0) as sampler:
+                result = loop()
+            runs[name].append({**result, "others": sampler.others(trainer[name], busy)})
         print(f"[bench] round {r + 1}/{rounds}: " + ", ".join(
             f"{k} {v[-1]['tokens_per_s']:.0f} tok/s" for k, v in runs.items()), flush=True)
 
@@ -113,13 +203,27 @@ def main(argv=None):
 
     print(f"\nencoder={cfg.model.encoder} batch={cfg.train.batch_size} rows/task/step, "
           f"{len(cfg.data.tasks)} tasks, fp32, {steps} timed steps x {rounds} interleaved rounds\n")
-    print("| loop | s/step | examples/s | useful tokens/s | raymtl ÷ this (tokens/s, median [min–max]) |")
-    print("|---|---|---|---|---|")
+    def others(name):
+        shares = [x["others"]["machine"] for x in runs[name] if x["others"]]
+        return f"{100 * statistics.median(shares):.1f} %" if shares else "n/a"
+
+    print("| loop | s/step | examples/s | useful tokens/s | raymtl ÷ this (tokens/s, median [min–max]) "
+          "| other processes' CPU while it trained (share of the machine) |")
+    print("|---|---|---|---|---|---|")
     for name in runs:
         ratios = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs["raymtl"], runs[name])]
         print(f"| {name} | {med(name, 's_per_step'):.2f} | {med(name, 'examples_per_s'):.1f} | "
               f"{med(name, 'tokens_per_s'):.0f} | {statistics.median(ratios):.2f} "
-              f"[{min(ratios):.2f}–{max(ratios):.2f}] |")
+              f"[{min(ratios):.2f}–{max(ratios):.2f}] | {others(name)} |")
+    by_name = defaultdict(list)
+    for x in runs["raymtl"]:
+        for k, v in (x["others"] or {}).get("by_name", {}).items():
+            by_name[k].append(v)
+    if by_name:
+        top = sorted(((statistics.median(v + [0.0] * (rounds - len(v))), k) for k, v in by_name.items()),
+                     reverse=True)
+        print(f"\nOther processes during raymtl's training, % of one core (median over rounds; "
+              f"{os.cpu_count()} cores): " + ", ".join(f"{k} {100 * c:.1f}" for c, k in top[:12]))
     consume = med("raymtl", "examples_per_s")
     start = f"{ray_start:.1f} s" if fresh else "n/a (Ray was already running)"
     print(f"\nRay start-up (ray.init): {start}; TorchTrainer.fit wall incl. worker start, "

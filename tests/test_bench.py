@@ -39,6 +39,23 @@ def test_speed_smoke(ray_cluster, capsys):
     bench("speed").main(["--smoke"])
     out = capsys.readouterr().out
     assert all(f"| {loop} |" in out for loop in ("plain-padded", "plain-bucketed", "raymtl", "raymtl-default"))
+    assert "other processes' CPU while it trained" in out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_speed_cpu_sampler_charges_the_other_processes_not_the_trainer():
+    speed = bench("speed")
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 2.5: pass"
+    busy = subprocess.Popen(["raymtl-busy-child", "-c", spin], executable=sys.executable)
+    with speed.CpuSampler(period=0.25) as sampler:
+        busy.wait(timeout=60)
+    found = sampler.others(lambda pid, name: name == "raymtl-busy-child", busy=0.5)
+    assert found is not None and found["seconds"] > 0.5           # the child was seen training, by name
+    assert 0 <= found["machine"] <= 1
+    assert "raymtl-busy-child" not in found["by_name"]             # the trainer is not charged as "other"
+    assert sampler.others(lambda pid, name: False, busy=0.5) is None   # no trainer: no interval qualifies
+    assert speed.process_name(["ray::RayTrainWorker.train_fn", "x"]) == "ray::RayTrainWorker.train_fn"
+    assert speed.process_name(["/v/bin/python", "-u", "/v/ray/dashboard/dashboard.py"]) == "python dashboard.py"
 
 
 def test_engine_smoke():
