@@ -42,11 +42,12 @@ from raymtl.model import MultiTaskModel
 from raymtl.objectives import LOSSES
 
 
-def process_name(cmdline: list[str]) -> str:
-    """A short name for a process: ``ray::Actor`` titles as they are, else program + script."""
+def process_name(cmdline: list[str], comm: str = "?") -> str:
+    """A short name for a process: ``ray::Actor`` and other set titles (one argument with
+    spaces) by their first word, else program + script; no command line: the kernel's name."""
     if not cmdline:
-        return "?"
-    if cmdline[0].startswith("ray::"):
+        return comm
+    if cmdline[0].startswith("ray::") or (len(cmdline) == 1 and " " in cmdline[0]):
         return cmdline[0].split()[0]
     script = next((os.path.basename(c) for c in cmdline[1:] if c.endswith(".py")), "")
     return " ".join(filter(None, [os.path.basename(cmdline[0]), script]))
@@ -69,12 +70,14 @@ class CpuSampler:
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
+                    comm, fields = f.read().rsplit(")", 1)
                 with open(f"/proc/{pid}/cmdline") as f:
                     cmd = [c for c in f.read().split("\0") if c]
             except OSError:                 # the process ended meanwhile
                 continue
-            out[int(pid)] = ((int(fields[11]) + int(fields[12])) / tick, process_name(cmd))
+            fields = fields.split()
+            out[int(pid)] = ((int(fields[11]) + int(fields[12])) / tick,
+                             process_name(cmd, comm.split("(", 1)[1]))
         return out
 
     def _run(self):

@@ -56,6 +56,8 @@ def test_speed_cpu_sampler_charges_the_other_processes_not_the_trainer():
     assert sampler.others(lambda pid, name: False, busy=0.5) is None   # no trainer: no interval qualifies
     assert speed.process_name(["ray::RayTrainWorker.train_fn", "x"]) == "ray::RayTrainWorker.train_fn"
     assert speed.process_name(["/v/bin/python", "-u", "/v/ray/dashboard/dashboard.py"]) == "python dashboard.py"
+    assert speed.process_name(["ray-dashboard-StateHead-0 (/v/bin/python -c 'x')"]) == "ray-dashboard-StateHead-0"
+    assert speed.process_name([], "kdamond.0") == "kdamond.0"
 
 
 def test_engine_smoke():
