@@ -206,6 +206,7 @@ def main(argv=None):
 
     print(f"\nencoder={cfg.model.encoder} batch={cfg.train.batch_size} rows/task/step, "
           f"{len(cfg.data.tasks)} tasks, fp32, {steps} timed steps x {rounds} interleaved rounds\n")
+
     def others(name):
         shares = [x["others"]["machine"] for x in runs[name] if x["others"]]
         return f"{100 * statistics.median(shares):.1f} %" if shares else "n/a"
