@@ -11,7 +11,8 @@ examples in every run:
 * three single-task models (``--tasks sst``, ``--tasks quora``, ``--tasks sts``),
 * the multi-task model with ``--fusion sum``, and with each ``--best`` method (default
   ``imtl_g:10``, raymtl's default: ``--fusion imtl_g --fusion-every 10``; ``METHOD:N`` fuses
-  every N steps, plain ``METHOD`` every step; several, comma-separated),
+  every N steps, plain ``METHOD`` every step; ``+pals`` / ``+prefix`` add PALs / a learned
+  task prefix, e.g. ``imtl_g:10+pals``; several, comma-separated),
 
 and prints each task's validation metric and the overall score as mean ± half-range over
 seeds. A run that finished before under --output is read back, not retrained.
@@ -27,19 +28,39 @@ from raymtl.trainer import fit_once
 TASKS = ("sst", "quora", "sts")
 
 
-def runs_for_seed(base: MTLConfig, seed: int, best: str) -> dict[str, dict[str, float]]:
-    """Scores per setup ({'single': ..., 'mtl-sum': ..., 'mtl-<best>': ...}) for one seed."""
+ADDONS = {"pals": ("PALs", {"pals": True}), "prefix": ("learned task prefix", {"task_prefix": "learned"})}
+
+
+def parse_setup(spec: str) -> tuple[str, str, dict]:
+    """``METHOD[:N][+ADDON...]`` -> (run-name tag, table label, config overrides); e.g.
+    ``imtl_g:10+pals`` is IMTL-G fused every 10 steps with PALs."""
+    method, *addons = spec.split("+")
+    fusion, _, every = method.partition(":")
+    try:
+        every = int(every or 1)
+    except ValueError:
+        raise SystemExit(f"--best {spec!r}: N in METHOD:N must be an integer") from None
+    unknown = [a for a in addons if a not in ADDONS]
+    if unknown:
+        raise SystemExit(f"--best {spec!r}: unknown addon(s) {unknown}; valid: {sorted(ADDONS)}")
+    tag, label = (f"{fusion}-every{every}", f"{fusion}, fused every {every} steps") if every > 1 else (fusion, fusion)
+    over = {"fusion": fusion, "fusion_every": every}
+    for a in addons:
+        tag, label = f"{tag}-{a}", f"{label}, {ADDONS[a][0]}"
+        over.update(ADDONS[a][1])
+    return tag, label, over
+
+
+def runs_for_seed(base: MTLConfig, seed: int, setups: list[tuple[str, str, dict]]) -> dict[str, dict[str, float]]:
+    """Scores per setup (single-task, then each multi-task ``parse_setup``) for one seed."""
     seeded = base.replace(seed=seed, split_seed=seed)
     single = {}
     for t in TASKS:
         m = fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}", **SUM_LOSS))   # one task: nothing to fuse
         single[t] = m[f"val_{t}"]
     out = {"single-task (3 models)": single}
-    for spec in dict.fromkeys(["sum", *best.split(",")]):
-        fusion, _, every = spec.partition(":")
-        every = int(every or 1)
-        tag, label = (f"{fusion}-every{every}", f"{fusion}, fused every {every} steps") if every > 1 else (fusion, fusion)
-        m = fit_once(seeded.replace(fusion=fusion, fusion_every=every, name=f"mtl-{tag}-s{seed}"))
+    for tag, label, over in setups:
+        m = fit_once(seeded.replace(name=f"mtl-{tag}-s{seed}", **over))
         out[f"multi-task, {label}"] = {t: m[f"val_{t}"] for t in TASKS}
     return out
 
@@ -53,7 +74,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--best", default="imtl_g:10",
-                   help="fusion method(s) set next to sum, comma-separated; METHOD:N fuses every N steps")
+                   help="fusion method(s) set next to sum, comma-separated; METHOD:N fuses every N steps; "
+                        "+pals / +prefix add PALs / a learned task prefix (e.g. imtl_g:10+pals)")
     p.add_argument("--steps", type=int, help="steps per run (default: the config's)")
     p.add_argument("--output", default="runs/bench-quality")
     p.add_argument("--smoke", action="store_true")
@@ -62,7 +84,10 @@ def main(argv=None) -> int:
     if a.steps:
         base = base.replace(steps=a.steps, eval_every=min(base.train.eval_every, a.steps))
     seeds = [int(s) for s in a.seeds.split(",")]
-    per_seed = [runs_for_seed(base, s, a.best) for s in seeds]
+    setups = [parse_setup(spec) for spec in dict.fromkeys(["sum", *a.best.split(",")])]
+    for _, _, over in setups:       # bad specs and values fail here, before hours of training
+        base.replace(**over)
+    per_seed = [runs_for_seed(base, s, setups) for s in seeds]
     print(f"\n{base.model.encoder} encoder, {base.train.steps} steps x {base.train.batch_size} rows per task "
           f"({base.train.steps * base.train.batch_size} training rows per task in every run), "
           f"seeds {seeds}; mean ± half-range\n")

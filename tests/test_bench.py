@@ -1,6 +1,7 @@
 """Every benchmark script's --smoke mode runs end to end (so the scripts never rot) and
 prints its table. Real runs: the session's Ray cluster, real data, the tiny model."""
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -89,12 +90,26 @@ def test_fusion_quality_smoke_reuses_finished_runs(ray_cluster, tmp_path, capsys
 
 
 def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
-    bench("quality").main(["--smoke", "--seeds", "1", "--output", str(tmp_path)])
+    bench("quality").main(["--smoke", "--seeds", "1", "--best", "imtl_g:10+pals", "--output", str(tmp_path)])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     setups = [row.split("|")[1].strip() for row in table[1:]]   # after the header row
-    assert setups == ["single-task (3 models)", "multi-task, sum", "multi-task, imtl_g, fused every 10 steps"]
+    assert setups == ["single-task (3 models)", "multi-task, sum", "multi-task, imtl_g, fused every 10 steps, PALs"]
+    best = json.loads((tmp_path / "mtl-imtl_g-every10-pals-s1" / "best_metrics.json").read_text())["best_checkpoint"]
+    assert json.loads((Path(best) / "raymtl.json").read_text())["pals"]       # the addon reached the model
     for t in ("sst", "quora", "sts"):                     # one single-task run per task, same budget
         assert (tmp_path / f"single-{t}-s1" / "best_metrics.json").is_file()
+
+
+def test_quality_setups_parse_and_bad_ones_fail_before_training():
+    quality = bench("quality")
+    assert quality.parse_setup("sum") == ("sum", "sum", {"fusion": "sum", "fusion_every": 1})
+    assert quality.parse_setup("imtl_g:10+pals+prefix") == (
+        "imtl_g-every10-pals-prefix", "imtl_g, fused every 10 steps, PALs, learned task prefix",
+        {"fusion": "imtl_g", "fusion_every": 10, "pals": True, "task_prefix": "learned"})
+    for bad, says in (("imtl_g:x", "must be an integer"), ("imtl_g+lora", "unknown addon"),
+                      ("nosuch:10", "unknown fusion|nosuch")):
+        with pytest.raises((SystemExit, ValueError), match=says):
+            quality.main(["--smoke", "--seeds", "1", "--best", bad, "--output", "/nonexistent/never-written"])
 
 
 def test_transfer_smoke_table_next_to_the_heuristic(ray_cluster, tmp_path, capsys):
