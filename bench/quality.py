@@ -39,10 +39,10 @@ def parse_setup(spec: str) -> tuple[str, str, dict]:
     try:
         every = int(every or 1)
     except ValueError:
-        raise SystemExit(f"--best {spec!r}: N in METHOD:N must be an integer") from None
+        raise ValueError(f"--best {spec!r}: N in METHOD:N must be an integer") from None
     unknown = [a for a in addons if a not in ADDONS]
     if unknown:
-        raise SystemExit(f"--best {spec!r}: unknown addon(s) {unknown}; valid: {sorted(ADDONS)}")
+        raise ValueError(f"--best {spec!r}: unknown addon(s) {unknown}; valid: {sorted(ADDONS)}")
     tag, label = (f"{fusion}-every{every}", f"{fusion}, fused every {every} steps") if every > 1 else (fusion, fusion)
     over = {"fusion": fusion, "fusion_every": every}
     for a in addons:
@@ -84,9 +84,12 @@ def main(argv=None) -> int:
     if a.steps:
         base = base.replace(steps=a.steps, eval_every=min(base.train.eval_every, a.steps))
     seeds = [int(s) for s in a.seeds.split(",")]
-    setups = [parse_setup(spec) for spec in dict.fromkeys(["sum", *a.best.split(",")])]
-    for _, _, over in setups:       # bad specs and values fail here, before hours of training
-        base.replace(**over)
+    try:                            # bad specs and values fail here, before hours of training
+        setups = [parse_setup(spec) for spec in dict.fromkeys(["sum", *a.best.split(",")])]
+        for _, _, over in setups:
+            base.replace(**over)
+    except ValueError as e:
+        p.error(str(e))
     per_seed = [runs_for_seed(base, s, setups) for s in seeds]
     print(f"\n{base.model.encoder} encoder, {base.train.steps} steps x {base.train.batch_size} rows per task "
           f"({base.train.steps * base.train.batch_size} training rows per task in every run), "

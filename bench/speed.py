@@ -1,7 +1,7 @@
 """Training-loop speed: raymtl's Ray Train + DeepSpeed loop against two plain PyTorch loops.
 
     .venv/bin/python bench/speed.py             # default encoder, 3 rounds x 40 steps, ~25 min here
-    .venv/bin/python bench/speed.py --smoke     # tiny model, one round, ~1.5 min
+    .venv/bin/python bench/speed.py --smoke     # tiny model, one round, ~1 min
 
 Same model (in train mode: dropout on), optimizer groups, clipping, batches (3 tasks x 32
 rows per step, fp32) and data (the same Ray datasets) in all three; only the machinery differs:
