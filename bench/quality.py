@@ -12,7 +12,8 @@ examples in every run:
 * the multi-task model with ``--fusion sum``, and with each ``--best`` method (default
   ``imtl_g:10``, raymtl's default: ``--fusion imtl_g --fusion-every 10``; ``METHOD:N`` fuses
   every N steps, plain ``METHOD`` every step; ``+pals`` / ``+prefix`` add PALs / a learned
-  task prefix, e.g. ``imtl_g:10+pals``; several, comma-separated),
+  task prefix, e.g. ``imtl_g:10+pals``; ``+pals=sts`` (``+pals=sst/sts``) gives PALs to
+  those tasks only; several setups, comma-separated),
 
 and prints each task's validation metric and the overall score as mean ± half-range over
 seeds. A run that finished before under --output is read back, not retrained.
@@ -40,14 +41,21 @@ def parse_setup(spec: str) -> tuple[str, str, dict]:
         every = int(every or 1)
     except ValueError:
         raise ValueError(f"--best {spec!r}: N in METHOD:N must be an integer") from None
-    unknown = [a for a in addons if a not in ADDONS]
+    unknown = [a for a in addons if a.partition("=")[0] not in ADDONS]
     if unknown:
         raise ValueError(f"--best {spec!r}: unknown addon(s) {unknown}; valid: {sorted(ADDONS)}")
     tag, label = (f"{fusion}-every{every}", f"{fusion}, fused every {every} steps") if every > 1 else (fusion, fusion)
     over = {"fusion": fusion, "fusion_every": every}
     for a in addons:
-        tag, label = f"{tag}-{a}", f"{label}, {ADDONS[a][0]}"
-        over.update(ADDONS[a][1])
+        name, _, only = a.partition("=")
+        tag, label = f"{tag}-{name}", f"{label}, {ADDONS[name][0]}"
+        over.update(ADDONS[name][1])
+        if only and name != "pals":
+            raise ValueError(f"--best {spec!r}: only +pals takes =TASKS (+pals=sts)")
+        if only:                                   # pals=sts: PALs for these tasks only
+            tasks = tuple(only.split("/"))
+            tag, label = f"{tag}-{'-'.join(tasks)}", f"{label} ({'/'.join(tasks)} only)"
+            over["pal_tasks"] = tasks
     return tag, label, over
 
 
@@ -75,7 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--best", default="imtl_g:10",
                    help="fusion method(s) set next to sum, comma-separated; METHOD:N fuses every N steps; "
-                        "+pals / +prefix add PALs / a learned task prefix (e.g. imtl_g:10+pals)")
+                        "+pals / +prefix add PALs / a learned task prefix (e.g. imtl_g:10+pals); "
+                        "+pals=sts gives PALs to STS only (several tasks: +pals=sst/sts)")
     p.add_argument("--steps", type=int, help="steps per run (default: the config's)")
     p.add_argument("--output", default="runs/bench-quality")
     p.add_argument("--smoke", action="store_true")

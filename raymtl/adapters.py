@@ -21,8 +21,10 @@ from torch import nn
 class PALConfig:
     rank: int = 204   # the paper's r for BERT-base (768); scale with the hidden size
     heads: int = 12
+    tasks: tuple[str, ...] = ()   # the tasks that get PALs; empty = every task of the model
 
     def __post_init__(self):
+        self.tasks = tuple(self.tasks)
         if self.rank <= 0 or self.heads <= 0 or self.rank % self.heads:
             raise ValueError(f"pal_rank={self.rank} must be a positive multiple of pal_heads={self.heads}")
 
@@ -54,7 +56,13 @@ class TaskPALs(nn.Module):
 
 
 def add_pals(model, tasks: list[str], cfg: PALConfig) -> None:
-    """Attach ``model.pals[task]`` and hook every encoder layer to add the active task's PAL."""
+    """Attach ``model.pals[task]`` (for ``cfg.tasks`` if set) and hook every encoder layer to
+    add the active task's PAL; a task without PALs runs the plain encoder."""
+    if cfg.tasks:
+        missing = [t for t in cfg.tasks if t not in tasks]
+        if missing:
+            raise ValueError(f"PAL task(s) {missing} are not tasks of the model {list(tasks)}")
+        tasks = [t for t in tasks if t in cfg.tasks]
     enc = model.encoder
     layers = enc.encoder.layer
     model.pals = nn.ModuleDict({t: TaskPALs(enc.config.hidden_size, len(layers), cfg) for t in tasks})

@@ -93,6 +93,8 @@ class ModelConfig:
     pals: bool = _help("add PALs (per-task low-rank attention in parallel to every layer)", default=False)
     pal_rank: int = _help("PAL projection size r (a multiple of pal_heads)", default=96)
     pal_heads: int = _help("attention heads inside each PAL", default=8)
+    pal_tasks: tuple[str, ...] = _help(
+        "tasks that get PALs, comma-separated (empty = every task); e.g. 'sts'", default=())
     train_only_adapters: bool = _help("freeze the encoder; train PALs, prefixes and heads only", default=False)
     task_prefix: str = _help("'none', 'text' (a 'task :' prefix in the input) or 'learned' "
                              "(trainable vectors after [CLS])", default="none")
@@ -107,6 +109,11 @@ class ModelConfig:
             raise ValueError(f"head_dropout={self.head_dropout!r} must be in [0, 1)")
         _choice("task_prefix", self.task_prefix, {"none", "text", "learned"})
         _positive("prefix_length", self.prefix_length)
+        self.pal_tasks = tuple(self.pal_tasks)
+        for t in self.pal_tasks:
+            _choice("pal_tasks", t, TASKS)
+        if self.pal_tasks and not self.pals:
+            raise ValueError(f"pal_tasks={list(self.pal_tasks)} needs pals=True (--pals)")
         if self.pals:
             from raymtl.adapters import PALConfig
             PALConfig(self.pal_rank, self.pal_heads)
@@ -115,7 +122,9 @@ class ModelConfig:
                              "(otherwise only the heads would train)")
 
     def pal_settings(self) -> dict | None:
-        return {"rank": self.pal_rank, "heads": self.pal_heads} if self.pals else None
+        if not self.pals:
+            return None
+        return {"rank": self.pal_rank, "heads": self.pal_heads, **({"tasks": list(self.pal_tasks)} if self.pal_tasks else {})}
 
     def mode_of(self, task: str) -> str:
         return self.pair_mode.get(task, TASKS[task].default_pair_mode)
@@ -261,6 +270,9 @@ class MTLConfig:
         unknown = [t for t in self.distill.teacher_outputs if t not in self.data.tasks]
         if unknown:
             raise ValueError(f"teacher_outputs names task(s) {unknown} that are not in tasks={list(self.data.tasks)}")
+        stray = [t for t in self.model.pal_tasks if t not in self.data.tasks]
+        if stray:
+            raise ValueError(f"pal_tasks names task(s) {stray} that are not in tasks={list(self.data.tasks)}")
         if self.train.per_task_gradients() and self.scale.zero_stage == 3:
             raise ValueError(
                 f"fusion={self.train.fusion!r} (diagnostics={self.train.diagnostics}) needs each task's full "
