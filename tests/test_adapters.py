@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from raymtl.adapters import pal_state_dict
-from raymtl.config import ModelConfig
+from raymtl.config import ModelConfig, MTLConfig
 from raymtl.model import MultiTaskModel
 
 TASKS = ["sst", "quora", "sts"]
@@ -50,6 +50,26 @@ def test_only_adapters_train_and_the_round_trip_restores_them(tmp_path):
     assert torch.allclose(back("sts", batch(pair=True)), before, atol=1e-6)
 
 
+def test_pals_for_chosen_tasks_only(tmp_path):
+    plain, sts_only = tiny(), tiny(pals=True, pal_rank=8, pal_heads=2, pal_tasks=("sts",))
+    assert set(sts_only.pals) == {"sts"}
+    assert {k.split(".")[1] for k in pal_state_dict(sts_only)} == {"sts"}
+    sts_only.encoder.load_state_dict(plain.encoder.state_dict())
+    sts_only.heads.load_state_dict(plain.heads.state_dict())
+    with torch.no_grad():
+        for p in sts_only.pals.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    assert torch.allclose(plain("sst", batch()), sts_only("sst", batch()), atol=1e-6)   # no PAL: plain encoder
+    b = batch()
+    assert not torch.allclose(plain.embed("sts", b["input_ids"], b["attention_mask"]),
+                              sts_only.embed("sts", b["input_ids"], b["attention_mask"]), atol=1e-4)
+    sts_only.save(tmp_path)
+    back = MultiTaskModel.load(tmp_path).eval()
+    assert back.pal_settings == {"rank": 8, "heads": 2, "tasks": ["sts"]} and set(back.pals) == {"sts"}
+    assert torch.allclose(back.embed("sts", b["input_ids"], b["attention_mask"]),
+                          sts_only.embed("sts", b["input_ids"], b["attention_mask"]), atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["learned", "text"])
 def test_task_prefixes(kind, tmp_path):
     m = tiny(task_prefix=kind, prefix_length=3)
@@ -68,3 +88,9 @@ def test_bad_adapter_settings_are_refused():
         ModelConfig(pals=True, pal_rank=10, pal_heads=4)
     with pytest.raises(ValueError, match="train_only_adapters=True needs pals=True"):
         ModelConfig(train_only_adapters=True)
+    with pytest.raises(ValueError, match=r"pal_tasks=\['sts'\] needs pals=True"):
+        ModelConfig(pal_tasks=("sts",))
+    with pytest.raises(ValueError, match="pal_tasks='nli' is not valid"):
+        ModelConfig(pals=True, pal_tasks=("nli",))
+    with pytest.raises(ValueError, match=r"pal_tasks names task\(s\) \['sts'\] that are not in tasks=\['sst'\]"):
+        MTLConfig().replace(tasks=("sst",), pals=True, pal_tasks=("sts",))

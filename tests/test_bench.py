@@ -106,7 +106,12 @@ def test_quality_setups_parse_and_bad_ones_fail_before_training(capsys):
     assert quality.parse_setup("imtl_g:10+pals+prefix") == (
         "imtl_g-every10-pals-prefix", "imtl_g, fused every 10 steps, PALs, learned task prefix",
         {"fusion": "imtl_g", "fusion_every": 10, "pals": True, "task_prefix": "learned"})
+    assert quality.parse_setup("imtl_g:10+pals=sst/sts") == (
+        "imtl_g-every10-pals-sst-sts", "imtl_g, fused every 10 steps, PALs (sst/sts only)",
+        {"fusion": "imtl_g", "fusion_every": 10, "pals": True, "pal_tasks": ("sst", "sts")})
     for bad, says in (("imtl_g:x", "must be an integer"), ("imtl_g+lora", "unknown addon(s) ['lora']"),
+                      ("imtl_g+prefix=sts", "only +pals takes =TASKS"),
+                      ("imtl_g+pals=stss", "pal_tasks='stss' is not valid"),
                       ("nosuch:10", "fusion='nosuch' is not valid")):
         with pytest.raises(SystemExit):     # argparse's error exit, no Ray started, nothing trained
             quality.main(["--smoke", "--seeds", "1", "--best", bad, "--output", "/nonexistent/never-written"])
