@@ -8,12 +8,13 @@ For every seed (training seed and validation split seed alike) it trains, with t
 encoder, steps and rows per task per step, so every task sees the same number of training
 examples in every run:
 
-* three single-task models (``--tasks sst``, ``--tasks quora``, ``--tasks sts``),
-* the multi-task model with ``--fusion sum``, and with each ``--best`` method (default
-  ``imtl_g:10``, raymtl's default: ``--fusion imtl_g --fusion-every 10``; ``METHOD:N`` fuses
-  every N steps, plain ``METHOD`` every step; ``+pals`` / ``+prefix`` add PALs / a learned
-  task prefix, e.g. ``imtl_g:10+pals``; ``+pals=sts`` (``+pals=sst/sts``) gives PALs to
-  those tasks only; several setups, comma-separated),
+* three single-task models (``--tasks sst``, ``--tasks quora``, ``--tasks sts``; plain
+  encoders, ``--no-pals``),
+* the multi-task model with ``--fusion sum``, and with each ``--best`` setup (default
+  ``imtl_g:10+pals=sts``, raymtl's default: ``--fusion imtl_g --fusion-every 10`` with PALs
+  for STS; ``METHOD:N`` fuses every N steps, plain ``METHOD`` every step; a setup has no
+  PALs unless it adds them: ``+pals`` gives every task PALs, ``+pals=sts`` (``+pals=sst/sts``)
+  those tasks only, ``+prefix`` adds a learned task prefix; several setups, comma-separated),
 
 and prints each task's validation metric and the overall score as mean ± half-range over
 seeds. A run that finished before under --output is read back, not retrained.
@@ -22,14 +23,14 @@ import argparse
 import statistics
 from pathlib import Path
 
-from raymtl.config import SUM_LOSS, MTLConfig, smoke
+from raymtl.config import NO_PALS, SUM_LOSS, MTLConfig, smoke
 from raymtl.metrics import overall
 from raymtl.trainer import fit_once
 
 TASKS = ("sst", "quora", "sts")
 
 
-ADDONS = {"pals": ("PALs", {"pals": True}), "prefix": ("learned task prefix", {"task_prefix": "learned"})}
+ADDONS = {"pals": ("PALs", {"pals": True, "pal_tasks": ()}), "prefix": ("learned task prefix", {"task_prefix": "learned"})}
 
 
 def parse_setup(spec: str) -> tuple[str, str, dict]:
@@ -45,7 +46,7 @@ def parse_setup(spec: str) -> tuple[str, str, dict]:
     if unknown:
         raise ValueError(f"--best {spec!r}: unknown addon(s) {unknown}; valid: {sorted(ADDONS)}")
     tag, label = (f"{fusion}-every{every}", f"{fusion}, fused every {every} steps") if every > 1 else (fusion, fusion)
-    over = {"fusion": fusion, "fusion_every": every}
+    over = {"fusion": fusion, "fusion_every": every, **NO_PALS}    # addons say what the setup adds
     for a in addons:
         name, _, only = a.partition("=")
         tag, label = f"{tag}-{name}", f"{label}, {ADDONS[name][0]}"
@@ -64,7 +65,7 @@ def runs_for_seed(base: MTLConfig, seed: int, setups: list[tuple[str, str, dict]
     seeded = base.replace(seed=seed, split_seed=seed)
     single = {}
     for t in TASKS:
-        m = fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}", **SUM_LOSS))   # one task: nothing to fuse
+        m = fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}", **SUM_LOSS, **NO_PALS))  # plain: nothing to fuse
         single[t] = m[f"val_{t}"]
     out = {"single-task (3 models)": single}
     for tag, label, over in setups:
@@ -81,7 +82,7 @@ def spread(values: list[float]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="1,2,3")
-    p.add_argument("--best", default="imtl_g:10",
+    p.add_argument("--best", default="imtl_g:10+pals=sts",
                    help="fusion method(s) set next to sum, comma-separated; METHOD:N fuses every N steps; "
                         "+pals / +prefix add PALs / a learned task prefix (e.g. imtl_g:10+pals); "
                         "+pals=sts gives PALs to STS only (several tasks: +pals=sst/sts)")

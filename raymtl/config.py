@@ -90,11 +90,14 @@ class ModelConfig:
     pooling: str = _help("sentence embedding pooling: 'mean' or 'cls'", default="mean")
     head_dropout: float = _help("dropout before each task head", default=0.1)
     init_from: str = _help("start from this raymtl checkpoint (encoder and heads) instead", default="")
-    pals: bool = _help("add PALs (per-task low-rank attention in parallel to every layer)", default=False)
+    pals: bool = _help(
+        "add PALs (per-task low-rank attention in parallel to every layer) for the trained tasks "
+        "named by pal_tasks; the multi-task default (STS only), off in the other stages", default=True)
     pal_rank: int = _help("PAL projection size r (a multiple of pal_heads)", default=96)
     pal_heads: int = _help("attention heads inside each PAL", default=8)
     pal_tasks: tuple[str, ...] = _help(
-        "tasks that get PALs, comma-separated (empty = every task); e.g. 'sts'", default=())
+        "tasks that get PALs when they are trained, comma-separated (empty = every task)",
+        default=("sts",))
     train_only_adapters: bool = _help("freeze the encoder; train PALs, prefixes and heads only", default=False)
     task_prefix: str = _help("'none', 'text' (a 'task :' prefix in the input) or 'learned' "
                              "(trainable vectors after [CLS])", default="none")
@@ -112,8 +115,6 @@ class ModelConfig:
         self.pal_tasks = tuple(self.pal_tasks)
         for t in self.pal_tasks:
             _choice("pal_tasks", t, TASKS)
-        if self.pal_tasks and not self.pals:
-            raise ValueError(f"pal_tasks={list(self.pal_tasks)} needs pals=True (--pals)")
         if self.pals:
             from raymtl.adapters import PALConfig
             PALConfig(self.pal_rank, self.pal_heads)
@@ -121,10 +122,19 @@ class ModelConfig:
             raise ValueError("train_only_adapters=True needs pals=True or task_prefix='learned' "
                              "(otherwise only the heads would train)")
 
-    def pal_settings(self) -> dict | None:
+    def pal_tasks_of(self, tasks) -> list[str]:
+        """The trained tasks that get PALs (none when pals is off)."""
         if not self.pals:
+            return []
+        return [t for t in tasks if t in self.pal_tasks] if self.pal_tasks else list(tasks)
+
+    def pal_settings(self, tasks) -> dict | None:
+        """PALConfig's fields for a model of ``tasks``; None when no trained task gets PALs."""
+        chosen = self.pal_tasks_of(tasks)
+        if not chosen:
             return None
-        return {"rank": self.pal_rank, "heads": self.pal_heads, **({"tasks": list(self.pal_tasks)} if self.pal_tasks else {})}
+        every = not self.pal_tasks
+        return {"rank": self.pal_rank, "heads": self.pal_heads, **({} if every else {"tasks": chosen})}
 
     def mode_of(self, task: str) -> str:
         return self.pair_mode.get(task, TASKS[task].default_pair_mode)
@@ -248,6 +258,10 @@ class DistillConfig:
 # quality"); the stages measured with the summed loss (further pre-training, teachers,
 # transfer strategies) put this in their own defaults.
 SUM_LOSS = {"fusion": "sum", "fusion_every": 1}
+# The multi-task default gives STS PALs (README, "Multi-task vs single-task quality"); the
+# stages measured without them (pre-training, teachers, transfer, relations, single-task
+# baselines) put this in their own defaults.
+NO_PALS = {"pals": False}
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
             "scale": ScaleConfig, "run": RunSettings, "distill": DistillConfig}
@@ -270,9 +284,6 @@ class MTLConfig:
         unknown = [t for t in self.distill.teacher_outputs if t not in self.data.tasks]
         if unknown:
             raise ValueError(f"teacher_outputs names task(s) {unknown} that are not in tasks={list(self.data.tasks)}")
-        stray = [t for t in self.model.pal_tasks if t not in self.data.tasks]
-        if stray:
-            raise ValueError(f"pal_tasks names task(s) {stray} that are not in tasks={list(self.data.tasks)}")
         if self.train.per_task_gradients() and self.scale.zero_stage == 3:
             raise ValueError(
                 f"fusion={self.train.fusion!r} (diagnostics={self.train.diagnostics}) needs each task's full "
@@ -363,4 +374,5 @@ def smoke(cfg: MTLConfig | None = None) -> MTLConfig:
     """Shrink a config so the same code path runs end to end in well under two minutes."""
     cfg = cfg or MTLConfig()
     return cfg.replace(encoder="tiny-random", max_rows=240, max_length=48, steps=12,
-                       batch_size=8, eval_every=6, log_every=3, lr=1e-3, warmup_ratio=0.0)
+                       batch_size=8, eval_every=6, log_every=3, lr=1e-3, warmup_ratio=0.0,
+                       pal_rank=8, pal_heads=2)

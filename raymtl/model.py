@@ -135,7 +135,7 @@ class MultiTaskModel(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg, tasks, seed: int = 0) -> "MultiTaskModel":
-        extras = dict(pals=model_cfg.pal_settings(), task_prefix=model_cfg.task_prefix,
+        extras = dict(pals=model_cfg.pal_settings(tasks), task_prefix=model_cfg.task_prefix,
                       prefix_length=model_cfg.prefix_length)
         if model_cfg.init_from:
             model = cls.load(model_cfg.init_from, tasks=tasks, pair_mode=model_cfg.pair_mode,

@@ -22,7 +22,7 @@ def batch(pair=False):
 
 
 def test_pal_keys_and_fresh_pals_leave_outputs_unchanged():
-    plain, pals = tiny(), tiny(pals=True, pal_rank=8, pal_heads=2)
+    plain, pals = tiny(pals=False), tiny(pals=True, pal_tasks=(), pal_rank=8, pal_heads=2)   # every task
     pals.encoder.load_state_dict(plain.encoder.state_dict())
     pals.heads.load_state_dict(plain.heads.state_dict())
     keys = set(pal_state_dict(pals))
@@ -37,7 +37,7 @@ def test_pal_keys_and_fresh_pals_leave_outputs_unchanged():
 
 
 def test_only_adapters_train_and_the_round_trip_restores_them(tmp_path):
-    m = tiny(pals=True, pal_rank=8, pal_heads=2, train_only_adapters=True)
+    m = tiny(pals=True, pal_tasks=(), pal_rank=8, pal_heads=2, train_only_adapters=True)
     trainable = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
     assert trainable == {"heads", "pals"}
     with torch.no_grad():
@@ -50,8 +50,8 @@ def test_only_adapters_train_and_the_round_trip_restores_them(tmp_path):
     assert torch.allclose(back("sts", batch(pair=True)), before, atol=1e-6)
 
 
-def test_pals_for_chosen_tasks_only(tmp_path):
-    plain, sts_only = tiny(), tiny(pals=True, pal_rank=8, pal_heads=2, pal_tasks=("sts",))
+def test_default_pals_are_for_sts_only(tmp_path):
+    plain, sts_only = tiny(pals=False), tiny(pal_rank=8, pal_heads=2)          # the default: STS only
     assert set(sts_only.pals) == {"sts"}
     assert {k.split(".")[1] for k in pal_state_dict(sts_only)} == {"sts"}
     sts_only.encoder.load_state_dict(plain.encoder.state_dict())
@@ -87,10 +87,18 @@ def test_bad_adapter_settings_are_refused():
     with pytest.raises(ValueError, match="pal_rank=10 must be a positive multiple of pal_heads=4"):
         ModelConfig(pals=True, pal_rank=10, pal_heads=4)
     with pytest.raises(ValueError, match="train_only_adapters=True needs pals=True"):
-        ModelConfig(train_only_adapters=True)
-    with pytest.raises(ValueError, match=r"pal_tasks=\['sts'\] needs pals=True"):
-        ModelConfig(pal_tasks=("sts",))
+        ModelConfig(pals=False, train_only_adapters=True)
     with pytest.raises(ValueError, match="pal_tasks='nli' is not valid"):
         ModelConfig(pals=True, pal_tasks=("nli",))
-    with pytest.raises(ValueError, match=r"pal_tasks names task\(s\) \['sts'\] that are not in tasks=\['sst'\]"):
-        MTLConfig().replace(tasks=("sst",), pals=True, pal_tasks=("sts",))
+
+
+def test_pal_tasks_apply_to_the_trained_tasks():
+    cfg = MTLConfig()                                  # the multi-task default
+    assert cfg.model.pals and cfg.model.pal_tasks == ("sts",)
+    assert cfg.model.pal_settings(["sst", "quora", "sts"]) == {"rank": 96, "heads": 8, "tasks": ["sts"]}
+    assert cfg.model.pal_settings(["sst"]) is None     # a single-task SST run: the plain encoder
+    assert cfg.replace(pal_tasks=()).model.pal_settings(["sst", "sts"]) == {"rank": 96, "heads": 8}
+    assert cfg.replace(pals=False).model.pal_settings(["sts"]) is None
+    assert set(MultiTaskModel.from_config(ModelConfig(encoder="tiny-random", pal_rank=8, pal_heads=2),
+                                          ["sst", "sts"]).pals) == {"sts"}
+    assert not hasattr(MultiTaskModel.from_config(ModelConfig(encoder="tiny-random"), ["sst"]), "pals")

@@ -90,22 +90,27 @@ def test_fusion_quality_smoke_reuses_finished_runs(ray_cluster, tmp_path, capsys
 
 
 def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
-    bench("quality").main(["--smoke", "--seeds", "1", "--best", "imtl_g:10+pals", "--output", str(tmp_path)])
+    bench("quality").main(["--smoke", "--seeds", "1", "--output", str(tmp_path)])    # --best: raymtl's default
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     setups = [row.split("|")[1].strip() for row in table[1:]]   # after the header row
-    assert setups == ["single-task (3 models)", "multi-task, sum", "multi-task, imtl_g, fused every 10 steps, PALs"]
-    best = json.loads((tmp_path / "mtl-imtl_g-every10-pals-s1" / "best_metrics.json").read_text())["best_checkpoint"]
-    assert json.loads((Path(best) / "raymtl.json").read_text())["pals"]       # the addon reached the model
-    for t in ("sst", "quora", "sts"):                     # one single-task run per task, same budget
-        assert (tmp_path / f"single-{t}-s1" / "best_metrics.json").is_file()
+    assert setups == ["single-task (3 models)", "multi-task, sum",
+                      "multi-task, imtl_g, fused every 10 steps, PALs (sts only)"]
+
+    def pals_of(run):
+        best = json.loads((tmp_path / run / "best_metrics.json").read_text())["best_checkpoint"]
+        return json.loads((Path(best) / "raymtl.json").read_text())["pals"]
+    assert pals_of("mtl-imtl_g-every10-pals-sts-s1")["tasks"] == ["sts"]       # the addon reached the model
+    assert pals_of("mtl-sum-s1") is None
+    for t in ("sst", "quora", "sts"):                     # one plain single-task run per task, same budget
+        assert pals_of(f"single-{t}-s1") is None
 
 
 def test_quality_setups_parse_and_bad_ones_fail_before_training(capsys):
     quality = bench("quality")
-    assert quality.parse_setup("sum") == ("sum", "sum", {"fusion": "sum", "fusion_every": 1})
+    assert quality.parse_setup("sum") == ("sum", "sum", {"fusion": "sum", "fusion_every": 1, "pals": False})
     assert quality.parse_setup("imtl_g:10+pals+prefix") == (
         "imtl_g-every10-pals-prefix", "imtl_g, fused every 10 steps, PALs, learned task prefix",
-        {"fusion": "imtl_g", "fusion_every": 10, "pals": True, "task_prefix": "learned"})
+        {"fusion": "imtl_g", "fusion_every": 10, "pals": True, "pal_tasks": (), "task_prefix": "learned"})
     assert quality.parse_setup("imtl_g:10+pals=sst/sts") == (
         "imtl_g-every10-pals-sst-sts", "imtl_g, fused every 10 steps, PALs (sst/sts only)",
         {"fusion": "imtl_g", "fusion_every": 10, "pals": True, "pal_tasks": ("sst", "sts")})
