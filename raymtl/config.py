@@ -281,6 +281,11 @@ class MTLConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
+        m = self.model
+        if m.train_only_adapters and m.task_prefix != "learned" and not m.pal_tasks_of(self.data.tasks):
+            raise ValueError(f"train_only_adapters=True, but none of tasks={list(self.data.tasks)} is in "
+                             f"pal_tasks={list(m.pal_tasks)}, so only the heads would train; "
+                             "name a trained task in --pal-tasks")
         unknown = [t for t in self.distill.teacher_outputs if t not in self.data.tasks]
         if unknown:
             raise ValueError(f"teacher_outputs names task(s) {unknown} that are not in tasks={list(self.data.tasks)}")

@@ -90,6 +90,8 @@ def test_bad_adapter_settings_are_refused():
         ModelConfig(pals=False, train_only_adapters=True)
     with pytest.raises(ValueError, match="pal_tasks='nli' is not valid"):
         ModelConfig(pals=True, pal_tasks=("nli",))
+    with pytest.raises(ValueError, match=r"none of tasks=\['sst'\] is in pal_tasks=\['sts'\]"):
+        MTLConfig().replace(tasks=("sst",), train_only_adapters=True)
 
 
 def test_pal_tasks_apply_to_the_trained_tasks():
