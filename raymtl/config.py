@@ -128,13 +128,12 @@ class ModelConfig:
             return []
         return [t for t in tasks if t in self.pal_tasks] if self.pal_tasks else list(tasks)
 
-    def pal_settings(self, tasks) -> dict | None:
-        """PALConfig's fields for a model of ``tasks``; None when no trained task gets PALs."""
-        chosen = self.pal_tasks_of(tasks)
-        if not chosen:
+    def pal_settings(self) -> dict | None:
+        """PALConfig's fields (``MultiTaskModel`` keeps the ``tasks`` it trains)."""
+        if not self.pals:
             return None
-        every = not self.pal_tasks
-        return {"rank": self.pal_rank, "heads": self.pal_heads, **({} if every else {"tasks": chosen})}
+        only = {"tasks": list(self.pal_tasks)} if self.pal_tasks else {}
+        return {"rank": self.pal_rank, "heads": self.pal_heads, **only}
 
     def mode_of(self, task: str) -> str:
         return self.pair_mode.get(task, TASKS[task].default_pair_mode)

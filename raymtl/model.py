@@ -125,6 +125,9 @@ class MultiTaskModel(nn.Module):
         hidden = encoder.config.hidden_size
         self.heads = nn.ModuleDict({t: Head(TASKS[t], self.modes[t], hidden, head_dropout) for t in tasks})
         self.active_task, self.active_padding = None, None      # read by the PAL hooks
+        if pals and pals.get("tasks"):    # PALs only for this model's tasks (a checkpoint's others are dropped)
+            kept = [t for t in tasks if t in pals["tasks"]]
+            pals = {**pals, "tasks": kept} if kept else None
         self.pal_settings, self.task_prefix, self.prefix_length = pals, task_prefix, prefix_length
         if pals:
             add_pals(self, list(tasks), PALConfig(**pals))
@@ -135,7 +138,7 @@ class MultiTaskModel(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg, tasks, seed: int = 0) -> "MultiTaskModel":
-        extras = dict(pals=model_cfg.pal_settings(tasks), task_prefix=model_cfg.task_prefix,
+        extras = dict(pals=model_cfg.pal_settings(), task_prefix=model_cfg.task_prefix,
                       prefix_length=model_cfg.prefix_length)
         if model_cfg.init_from:
             model = cls.load(model_cfg.init_from, tasks=tasks, pair_mode=model_cfg.pair_mode,

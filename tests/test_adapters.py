@@ -68,6 +68,9 @@ def test_default_pals_are_for_sts_only(tmp_path):
     assert back.pal_settings == {"rank": 8, "heads": 2, "tasks": ["sts"]} and set(back.pals) == {"sts"}
     assert torch.allclose(back.embed("sts", b["input_ids"], b["attention_mask"]),
                           sts_only.embed("sts", b["input_ids"], b["attention_mask"]), atol=1e-6)
+    sst_only = MultiTaskModel.load(tmp_path, tasks=["sst"]).eval()    # e.g. --tasks sst --init-from it
+    assert sst_only.pal_settings is None and not hasattr(sst_only, "pals")
+    assert torch.allclose(sst_only("sst", b), sts_only("sst", b), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["learned", "text"])
@@ -97,10 +100,11 @@ def test_bad_adapter_settings_are_refused():
 def test_pal_tasks_apply_to_the_trained_tasks():
     cfg = MTLConfig()                                  # the multi-task default
     assert cfg.model.pals and cfg.model.pal_tasks == ("sts",)
-    assert cfg.model.pal_settings(["sst", "quora", "sts"]) == {"rank": 96, "heads": 8, "tasks": ["sts"]}
-    assert cfg.model.pal_settings(["sst"]) is None     # a single-task SST run: the plain encoder
-    assert cfg.replace(pal_tasks=()).model.pal_settings(["sst", "sts"]) == {"rank": 96, "heads": 8}
-    assert cfg.replace(pals=False).model.pal_settings(["sts"]) is None
+    assert cfg.model.pal_settings() == {"rank": 96, "heads": 8, "tasks": ["sts"]}
+    assert cfg.model.pal_tasks_of(["sst"]) == [] and cfg.model.pal_tasks_of(["sst", "sts"]) == ["sts"]
+    assert cfg.replace(pal_tasks=()).model.pal_tasks_of(["sst", "sts"]) == ["sst", "sts"]   # empty: every task
+    assert cfg.replace(pals=False).model.pal_settings() is None
     assert set(MultiTaskModel.from_config(ModelConfig(encoder="tiny-random", pal_rank=8, pal_heads=2),
                                           ["sst", "sts"]).pals) == {"sts"}
-    assert not hasattr(MultiTaskModel.from_config(ModelConfig(encoder="tiny-random"), ["sst"]), "pals")
+    single = MultiTaskModel.from_config(ModelConfig(encoder="tiny-random"), ["sst"])   # a single-task SST run
+    assert single.pal_settings is None and not hasattr(single, "pals")
