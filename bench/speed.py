@@ -1,24 +1,25 @@
 """Training-loop speed: raymtl's Ray Train + DeepSpeed loop against two plain PyTorch loops.
 
-    .venv/bin/python bench/speed.py             # default encoder, 3 rounds x 40 steps, ~25 min here
+    .venv/bin/python bench/speed.py             # default encoder, 3 rounds x 40 steps, ~60 min here
     .venv/bin/python bench/speed.py --smoke     # tiny model, one round, ~1 min
 
 Same model (in train mode: dropout on), optimizer groups, clipping, batches (3 tasks x 32
-rows per step, fp32) and data (the same Ray datasets) in all three; only the machinery differs:
+rows per step, fp32) and data (the same Ray datasets) in all of them; only the machinery differs:
 
-* plain-padded:   a plain loop, each batch padded to its longest row;
+* plain-padded:   a plain loop over Hugging Face's forward, each batch padded to its longest row;
 * plain-bucketed: the same plain loop over length-bucketed batches (raymtl's bucketing);
-* raymtl:         ``jobs/mtl.py``'s path: TorchTrainer worker + DeepSpeed engine (fused AdamW
-                  on CPU, no gradient all-reduce with a single ZeRO-0 worker), on the summed
-                  loss (``--fusion sum``), the plain loops' arithmetic;
-* raymtl-default: the same with the default fusion (IMTL-G weights refreshed every 10
-                  steps: three per-task backwards on those steps), so the table also shows
-                  what the better multi-task default costs.
+* raymtl-padded:  ``jobs/mtl.py``'s path with Hugging Face's padded forward (``--no-unpad``):
+                  TorchTrainer worker + DeepSpeed engine (fused AdamW on CPU, no gradient
+                  all-reduce with a single ZeRO-0 worker), on the summed loss (``--fusion
+                  sum``), the plain loops' arithmetic: what the machinery alone costs;
+* raymtl:         the same with raymtl's default padding-free encoder forward (``raymtl.unpad``);
+* raymtl-default: the default loop: that, with the default fusion (IMTL-G weights refreshed
+                  every 10 steps: three per-task backwards on those steps).
 
 Runs are interleaved round after round; each run's s/step, examples/s and tokens/s are means
 over its timed steps; reported are medians over rounds and ratios against the plain
 loops measured in the same run, plus Ray start-up time and Ray Data tokenization throughput
-against the rate training consumes rows.
+against the rate training consumes rows. Useful tokens are the real (non-padding) ones.
 
 Each row also says how much CPU the *other* processes took while that loop trained (sampled
 from ``/proc`` every 2 s, over the intervals in which the loop's own process used at least
@@ -187,14 +188,16 @@ def main(argv=None):
     tokenize_s = time.perf_counter() - t0
     total_rows = sum(ds.count() for ds in datasets.values())
 
-    loops = {"plain-padded": lambda: plain_loop(cfg, datasets, steps, bucket=1),
-             "plain-bucketed": lambda: plain_loop(cfg, datasets, steps, bucket=cfg.data.bucket_batches),
+    plain = cfg.replace(unpad=False)         # a plain loop runs Hugging Face's padded forward
+    loops = {"plain-padded": lambda: plain_loop(plain, datasets, steps, bucket=1),
+             "plain-bucketed": lambda: plain_loop(plain, datasets, steps, bucket=cfg.data.bucket_batches),
+             "raymtl-padded": lambda: raymtl_loop(plain, steps, **SUM_LOSS),
              "raymtl": lambda: raymtl_loop(cfg, steps, **SUM_LOSS),
              "raymtl-default": lambda: raymtl_loop(cfg, steps)}
     driver = os.getpid()
-    trainer = {"plain-padded": lambda pid, name: pid == driver, "plain-bucketed": lambda pid, name: pid == driver,
-               "raymtl": lambda pid, name: name.startswith("ray::RayTrainWorker")}
-    trainer["raymtl-default"] = trainer["raymtl"]
+    in_driver = lambda pid, name: pid == driver                                  # noqa: E731
+    in_worker = lambda pid, name: name.startswith("ray::RayTrainWorker")         # noqa: E731
+    trainer = {name: in_driver if name.startswith("plain") else in_worker for name in loops}
     busy = 0.75 * cfg.scale.cpus_per_worker          # "training": the loop's process uses most of its cores
     runs = {name: [] for name in loops}
     for r in range(rounds):
@@ -215,14 +218,17 @@ def main(argv=None):
         shares = [x["others"]["machine"] for x in runs[name] if x["others"]]
         return f"{100 * statistics.median(shares):.1f} %" if shares else "n/a"
 
+    def ratio(a, b):                        # a ÷ b in useful tokens/s, round by round
+        r = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs[a], runs[b])]
+        return f"{statistics.median(r):.2f} [{min(r):.2f}–{max(r):.2f}]"
+
     print("| loop | s/step | examples/s | useful tokens/s | raymtl ÷ this (tokens/s, median [min–max]) "
-          "| other processes' CPU while it trained (share of the machine) |")
-    print("|---|---|---|---|---|---|")
+          "| raymtl-default ÷ this | other processes' CPU while it trained (share of the machine) |")
+    print("|---|---|---|---|---|---|---|")
     for name in runs:
-        ratios = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs["raymtl"], runs[name])]
         print(f"| {name} | {med(name, 's_per_step'):.2f} | {med(name, 'examples_per_s'):.1f} | "
-              f"{med(name, 'tokens_per_s'):.0f} | {statistics.median(ratios):.2f} "
-              f"[{min(ratios):.2f}–{max(ratios):.2f}] | {others(name)} |")
+              f"{med(name, 'tokens_per_s'):.0f} | {ratio('raymtl', name)} | {ratio('raymtl-default', name)} "
+              f"| {others(name)} |")
     by_name = defaultdict(list)
     for x in runs["raymtl"]:
         for k, v in (x["others"] or {}).get("by_name", {}).items():

@@ -54,10 +54,17 @@ class TaskPALs(nn.Module):
     def forward(self, i: int, h: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         return self.dec(self.layers[i](self.enc(h), pad))           # (B, T, H)
 
+    def forward_packed(self, i: int, h: torch.Tensor, packing) -> torch.Tensor:
+        """The same on packed real tokens (``raymtl.unpad``): (N, H) -> (N, H)."""
+        z = self.layers[i](packing.unpack(self.enc(h)), packing.padding)
+        return self.dec(packing.pack(z))
+
 
 def add_pals(model, tasks: list[str], cfg: PALConfig) -> None:
     """Attach ``model.pals[task]`` (for ``cfg.tasks`` if set) and hook every encoder layer to
-    add the active task's PAL; a task without PALs runs the plain encoder."""
+    add the active task's PAL; a task without PALs runs the plain encoder. (The unpadded
+    forward calls no layer module, so no hook fires there: ``MultiTaskModel.embed`` passes
+    ``TaskPALs.forward_packed`` as its ``layer_extra``.)"""
     if cfg.tasks:
         tasks = [t for t in tasks if t in cfg.tasks]
     enc = model.encoder

@@ -89,6 +89,9 @@ class ModelConfig:
         default_factory=lambda: {"quora": "bi", "sts": "bi"})
     pooling: str = _help("sentence embedding pooling: 'mean' or 'cls'", default="mean")
     head_dropout: float = _help("dropout before each task head", default=0.1)
+    unpad: bool = _help(
+        "run the encoder on the real tokens only, padding left out of every per-token operation "
+        "(raymtl.unpad; same result, less arithmetic); BERT/RoBERTa-shaped encoders, else ignored", default=True)
     init_from: str = _help("start from this raymtl checkpoint (encoder and heads) instead", default="")
     pals: bool = _help(
         "add PALs (per-task low-rank attention in parallel to every layer) for the trained tasks "

@@ -18,6 +18,7 @@ from torch import nn
 from raymtl.adapters import PALConfig, add_pals, mark_only_pals_as_trainable
 from raymtl.prefixes import TaskPrefix, text_prefix
 from raymtl.tasks import TASKS, TaskSpec
+from raymtl.unpad import supports_unpadding, unpadded_forward
 
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=64, max_position_embeddings=512)
@@ -117,7 +118,8 @@ class Head(nn.Module):
 class MultiTaskModel(nn.Module):
     def __init__(self, encoder: nn.Module, tasks: list[str], pair_mode: dict[str, str],
                  pooling: str = "mean", head_dropout: float = 0.1, source: str = "default",
-                 pals: dict | None = None, task_prefix: str = "none", prefix_length: int = 4):
+                 pals: dict | None = None, task_prefix: str = "none", prefix_length: int = 4,
+                 unpad: bool = True):
         super().__init__()
         self.encoder, self.pooling, self.source = encoder, pooling, source
         self.modes = {t: (pair_mode.get(t, TASKS[t].default_pair_mode) if TASKS[t].is_pair else None)
@@ -132,6 +134,8 @@ class MultiTaskModel(nn.Module):
         if pals:
             add_pals(self, list(tasks), PALConfig(**pals))
         self.prefix = TaskPrefix(list(tasks), hidden, prefix_length) if task_prefix == "learned" else None
+        # compute only on real tokens (raymtl.unpad) where the encoder allows; else Hugging Face's forward
+        self.unpad = unpad and supports_unpadding(encoder)
 
     def text_prefix(self, task: str) -> str:
         return text_prefix(task) if self.task_prefix == "text" else ""
@@ -139,7 +143,7 @@ class MultiTaskModel(nn.Module):
     @classmethod
     def from_config(cls, model_cfg, tasks, seed: int = 0) -> "MultiTaskModel":
         extras = dict(pals=model_cfg.pal_settings(), task_prefix=model_cfg.task_prefix,
-                      prefix_length=model_cfg.prefix_length)
+                      prefix_length=model_cfg.prefix_length, unpad=model_cfg.unpad)
         if model_cfg.init_from:
             model = cls.load(model_cfg.init_from, tasks=tasks, pair_mode=model_cfg.pair_mode,
                              head_dropout=model_cfg.head_dropout, **extras)
@@ -154,7 +158,12 @@ class MultiTaskModel(nn.Module):
         inputs = (self.prefix(task, self.encoder, ids, mask, tt) if self.prefix is not None else
                   {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt})
         mask = inputs["attention_mask"]
-        self.active_task, self.active_padding = task, mask == 0
+        if self.unpad:
+            pals = getattr(self, "pals", {})
+            extra = pals[task].forward_packed if task in pals else None
+            packed, packing = unpadded_forward(self.encoder, layer_extra=extra, **inputs)
+            return pool(packing.unpack(packed), mask, self.pooling)  # (B, H)
+        self.active_task, self.active_padding = task, mask == 0      # read by the PAL hooks
         try:
             hidden = self.encoder(**inputs).last_hidden_state        # (B, T, H)
         finally:
@@ -223,22 +232,30 @@ class PretrainModel(nn.Module):
     heads; the head's own weights (all but the tied matrix) go to ``mlm_head.safetensors``.
     """
 
-    def __init__(self, encoder: str, pooling: str = "mean", seed: int = 0):
+    def __init__(self, encoder: str, pooling: str = "mean", seed: int = 0, unpad: bool = True):
         super().__init__()
         mlm, self.created_head = _masked_lm(encoder, seed)
         self.encoder = mlm.base_model                               # "encoder.*", as in MultiTaskModel
         (self.mlm_head,) = [m for m in mlm.children() if m is not mlm.base_model]
         self.pooling, self.source = pooling, encoder
+        self.unpad = unpad and supports_unpadding(self.encoder)
+
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T, H), padding-free where the encoder allows (zeros at padding then)."""
+        if self.unpad:
+            packed, packing = unpadded_forward(self.encoder, mask, input_ids=ids)
+            return packing.unpack(packed)
+        return self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
 
     def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask, self.pooling)
+        return pool(self.hidden(ids, mask), mask, self.pooling)
 
     def forward(self, kind: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """'embed': (B, T) ids -> (B, H) pooled embeddings; 'mlm': logits (N, V) at the N
         positions whose ``mlm_labels`` are not -100 (the head never sees unmasked ones)."""
         if kind == "embed":
             return self.embed(batch["input_ids"], batch["attention_mask"])
-        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = self.hidden(batch["input_ids"], batch["attention_mask"])
         return self.mlm_head(hidden[batch["mlm_labels"] != -100])   # (B, T, H) -> (N, H) -> (N, V)
 
     def head_state(self) -> dict[str, torch.Tensor]:

@@ -147,7 +147,8 @@ class PretrainStage:
     def build_model(self) -> PretrainModel:
         from raymtl.loop import say
         cfg = self.cfg
-        model = PretrainModel(cfg.model.init_from or cfg.model.encoder, cfg.model.pooling, seed=cfg.train.seed)
+        model = PretrainModel(cfg.model.init_from or cfg.model.encoder, cfg.model.pooling, seed=cfg.train.seed,
+                              unpad=cfg.model.unpad)
         if model.created_head and dist.is_initialized() and dist.get_rank() == 0:
             say("[raymtl] the encoder has no MLM head: created one, tied to the word embeddings")
         weights = cfg.pretrain.weights()

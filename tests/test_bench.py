@@ -39,7 +39,8 @@ def test_grad_norms_smoke(capsys):
 def test_speed_smoke(ray_cluster, capsys):
     bench("speed").main(["--smoke"])
     out = capsys.readouterr().out
-    assert all(f"| {loop} |" in out for loop in ("plain-padded", "plain-bucketed", "raymtl", "raymtl-default"))
+    assert all(f"| {loop} |" in out for loop in ("plain-padded", "plain-bucketed", "raymtl-padded", "raymtl",
+                                                     "raymtl-default"))
     assert "other processes' CPU while it trained" in out
 
 

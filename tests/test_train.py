@@ -27,10 +27,10 @@ def reloaded_scores(cfg, checkpoint):
     return evaluate_rows(model, tok, {t: val for t, (_, val) in splits.items()}, cfg.data.max_length)
 
 
-def losses_of(run_dir):
+def losses_of(run_dir, key="train_loss"):
     from ray.train import Result
     df = Result.from_path(run_dir).metrics_dataframe.sort_values("step")
-    return df["train_loss"].tolist()
+    return df[key].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,11 @@ def one_worker_run(ray_cluster, data_dir, tmp_path_factory):
 
 def test_one_worker_loss_falls_and_checkpoint_reloads(one_worker_run):
     cfg, summary = one_worker_run
-    losses = losses_of(summary.run_dir)
-    assert len(losses) == 2 and losses[-1] < losses[0]
+    # the classifiers' losses (means over steps 1-15 and 16-30) fall; STS's CoSENT loss on the
+    # tiny random encoder moves up or down by chance over 30 steps, so it is not asserted on
+    for task in ("sst", "quora"):
+        losses = losses_of(summary.run_dir, f"train_loss_{task}")
+        assert len(losses) == 2 and losses[-1] < losses[0], (task, losses)
     m = summary.best_metrics
     assert set(m) >= {"val_sst", "val_quora", "val_sts", "overall", "step"}
     assert m["worker_niceness"] == 0          # Ray would start the worker at 15
