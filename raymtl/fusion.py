@@ -18,6 +18,13 @@ with ``fuse(G) == w @ G``. That is what ``fusion_every`` > 1 uses (``PeriodicFus
 every N steps, and in between train on the losses weighted by the last weights, one plain
 backward per step (the idea of Nash-MTL's ``update_weights_every``).
 
+Fixed task weights (``--task-weights``) are *preferences*: they scale each task's share of the
+update the method computes, ``fused = sum_t p_t w_t g_t``, with ``w`` from the unweighted
+gradients. For ``sum`` that is the weighted sum of losses. For a scale-invariant method such
+as IMTL-G it is the only way a weight can matter: weighting a loss before IMTL-G changes at
+most the length of the fused update, never its direction, and AdamW normalises lengths. Learned or dynamic loss weightings (uncertainty, DWA,
+softmax) still weight the losses the method sees.
+
 Stateful methods keep state across steps, so training builds a fresh instance per run
 with ``make_fusion(name, num_tasks)``; ``FUSION_METHODS`` holds ready-made instances for
 direct use. Per-task surgery needs each task's full gradient of every shared parameter,
@@ -131,18 +138,26 @@ def _diagnose(names: list[str], G: torch.Tensor, w: torch.Tensor, diagnostics: d
     diagnostics["fused_norm"] = (w @ G).norm().item()
 
 
+def preferred(w: torch.Tensor, names, prefs: dict[str, float] | None) -> torch.Tensor:
+    """The method's weights ``w`` (one per name) scaled by the task preferences ``prefs``."""
+    if not prefs:
+        return w
+    return w * torch.tensor([prefs.get(n, 1.0) for n in names], dtype=w.dtype, device=w.device)
+
+
 def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
                     heads: list[torch.nn.Parameter], fuse: Fusion,
-                    diagnostics: dict | None = None) -> torch.Tensor:
+                    diagnostics: dict | None = None, prefs: dict[str, float] | None = None) -> torch.Tensor:
     """A scalar whose gradient w.r.t. the shared parameters is the fused gradient and w.r.t.
-    every other parameter (task heads) is the plain gradient of the summed losses.
+    every other parameter (task heads) is the plain gradient of the summed losses (each
+    scaled by its preference ``prefs[task]``, default 1).
 
     ``engine.backward(surrogate)`` then leaves DeepSpeed in charge of accumulation,
     averaging (every worker holds the same fused vector), clipping and ZeRO 1-2 partitioning.
     """
     G = global_task_gradients(task_gradients(losses, shared))        # [T, D]
-    w = task_weights(fuse, G)
-    fused = w @ G                                                    # [D] == fuse(G)
+    w = preferred(task_weights(fuse, G), list(losses), prefs)
+    fused = w @ G                                                    # [D] == fuse(G) without prefs
     if diagnostics is not None:
         _diagnose(list(losses), G, w, diagnostics)
     surrogate, offset = 0.0, 0
@@ -151,7 +166,8 @@ def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Param
         surrogate = surrogate + (fused[offset:offset + n].view_as(p).detach() * p).sum()
         offset += n
     if heads:  # task heads: the ordinary gradient of the summed losses
-        hg = torch.autograd.grad(sum(losses.values()), heads, allow_unused=True)
+        summed = sum((prefs or {}).get(t, 1.0) * loss for t, loss in losses.items())
+        hg = torch.autograd.grad(summed, heads, allow_unused=True)
         for p, g in zip(heads, hg):
             if g is not None:
                 surrogate = surrogate + (g.detach() * p).sum()
@@ -174,17 +190,20 @@ class PeriodicFusion:
         self.weights: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
 
     def loss(self, losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter], step: int,
-             diagnostics: dict | None = None) -> torch.Tensor:
+             diagnostics: dict | None = None, prefs: dict[str, float] | None = None) -> torch.Tensor:
+        """The step's loss; ``prefs`` scale the method's held weights (``preferred``)."""
         key = tuple(losses)
         if len(key) == 1:
-            return next(iter(losses.values()))
+            loss, pref = next(iter(losses.values())), (prefs or {}).get(key[0], 1.0)
+            return loss if pref == 1.0 else pref * loss
         held = self.weights.get(key)
         if held is None or step - held[1] >= self.every:
             G = global_task_gradients(task_gradients(losses, shared))
             held = self.weights[key] = (task_weights(self.fuse, G), step)
             if diagnostics is not None:
-                _diagnose(list(losses), G, held[0], diagnostics)
-        return sum(w * loss for w, loss in zip(held[0].tolist(), losses.values()))
+                _diagnose(list(losses), G, preferred(held[0], key, prefs), diagnostics)
+        w = preferred(held[0], key, prefs)
+        return sum(wt * loss for wt, loss in zip(w.tolist(), losses.values()))
 
     def state_dict(self) -> dict:
         """The held weights, checkpointed so a resumed run continues the same schedule."""

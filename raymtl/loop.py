@@ -37,6 +37,7 @@ from raymtl.data import collate
 from raymtl.fusion import PeriodicFusion, fused_surrogate, make_fusion
 from raymtl.model import tokenizer_source
 from raymtl.sampling import get_sampler
+from raymtl.weighting import Fixed
 
 
 def say(msg: str) -> None:
@@ -214,14 +215,16 @@ def train_loop_per_worker(config: dict) -> None:
                 batch = {k: v.to(device) for k, v in next(streams[t]).items()}
                 seen.append(batch)
                 losses[t] = stage.loss(forward, t, batch)
-            weighted = model.weighting(losses, step)
             diag = {}
             if fuse is None:
-                engine.backward(sum(weighted.values()))
-            elif periodic is not None:
-                engine.backward(periodic.loss(weighted, shared, step, diag))
-            else:
-                engine.backward(fused_surrogate(weighted, shared, others, fuse, diag))
+                engine.backward(sum(model.weighting(losses, step).values()))
+            else:   # fixed task weights scale the method's shares; learned weightings weight its input
+                prefs = model.weighting.w if isinstance(model.weighting, Fixed) else None
+                fused_in = losses if prefs is not None else model.weighting(losses, step)
+                if periodic is not None:
+                    engine.backward(periodic.loss(fused_in, shared, step, diag, prefs))
+                else:
+                    engine.backward(fused_surrogate(fused_in, shared, others, fuse, diag, prefs))
             for k, v in diag.items():                    # (sum, count): periodic fusion measures
                 diag_sum[k] = (diag_sum.get(k, (0.0, 0))[0] + v, diag_sum.get(k, (0.0, 0))[1] + 1)
             engine.step()

@@ -93,6 +93,40 @@ def test_periodic_fusion_reuses_the_last_weights_until_the_next_refresh():
     assert periodic.loss(alone, [shared], step=4) is alone["a"]      # one task: its own loss, no gradients
 
 
+def test_task_weights_scale_the_shares_of_a_scale_invariant_fusion():
+    shared, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    G = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+
+    def losses(scale_a=1.0):
+        return {"a": scale_a * (shared @ G[0]) + head.sum(), "b": shared @ G[1]}
+
+    def grad_of(fn):
+        shared.grad = head.grad = None
+        fn().backward()
+        return shared.grad.clone(), (head.grad.clone() if head.grad is not None else None)
+
+    imtl = make_fusion("imtl_g", 2)
+    w = task_weights(imtl, G)
+    plain, _ = grad_of(lambda: fused_surrogate(losses(), [shared], [head], imtl))
+    scaled, _ = grad_of(lambda: fused_surrogate(losses(scale_a=2.0), [shared], [head], imtl))
+    assert torch.allclose(plain, w @ G)
+    unit = torch.nn.functional.normalize
+    assert torch.allclose(unit(scaled, dim=0), unit(plain, dim=0))     # a loss weight: same direction
+    diag = {}
+    pref, head_grad = grad_of(lambda: fused_surrogate(losses(), [shared], [head], imtl, diag, prefs={"a": 2.0}))
+    assert torch.allclose(pref, torch.tensor([2 * w[0] * 1.0, w[1] * 4.0]))      # a's share doubled
+    assert not torch.allclose(unit(pref, dim=0), unit(plain, dim=0), atol=1e-3)  # a new direction
+    assert head_grad.item() == pytest.approx(2.0)                               # a's head: 2 x its loss
+    assert diag["fusion_weight_a"] == pytest.approx(2 * w[0].item())            # reported as applied
+    periodic = PeriodicFusion(imtl, every=5)
+    held, _ = grad_of(lambda: periodic.loss(losses(), [shared], step=0, prefs={"a": 2.0}))
+    assert torch.allclose(held, pref)
+    again, _ = grad_of(lambda: periodic.loss(losses(), [shared], step=1, prefs={"a": 2.0}))
+    assert torch.allclose(again, pref)                                          # between refreshes too
+    alone, _ = grad_of(lambda: periodic.loss({"b": losses()["b"]}, [shared], step=2, prefs={"b": 3.0}))
+    assert torch.allclose(alone, 3 * G[1])
+
+
 def test_fusion_every_must_be_positive():
     with pytest.raises(ValueError, match=r"fusion_every=0 must be > 0"):
         MTLConfig().replace(fusion="imtl_g", fusion_every=0)
