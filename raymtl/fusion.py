@@ -109,14 +109,19 @@ def global_task_gradients(G: torch.Tensor) -> torch.Tensor:
     return G
 
 
-def task_gradients(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter]) -> torch.Tensor:
+def task_gradients(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
+                   used: list[bool] | None = None) -> torch.Tensor:
     """``[T, D]``: each loss's gradient w.r.t. the shared parameters, flattened (one backward
-    per task graph; the graphs are kept for the next)."""
-    rows = []
+    per task graph; the graphs are kept for the next). ``used``, if given, is filled with
+    whether any loss reached each parameter (the others' rows are zeros)."""
+    rows, reached = [], [False] * len(shared)
     for loss in losses.values():
         g = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+        reached = [r or x is not None for r, x in zip(reached, g)]
         rows.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
                                for x, p in zip(g, shared)]))
+    if used is not None:
+        used[:] = reached
     return torch.stack(rows)
 
 
@@ -145,44 +150,68 @@ def preferred(w: torch.Tensor, names, prefs: dict[str, float] | None) -> torch.T
     return w * torch.tensor([prefs.get(n, 1.0) for n in names], dtype=w.dtype, device=w.device)
 
 
+def _as_gradient(params: list[torch.nn.Parameter], flat: torch.Tensor, used=None) -> torch.Tensor:
+    """A scalar whose gradient w.r.t. ``params`` is ``flat`` (their gradients, flattened);
+    parameters not ``used`` get none (as a backward that never reached them)."""
+    surrogate, offset = flat.new_zeros(()), 0
+    for i, p in enumerate(params):
+        n = p.numel()
+        if used is None or used[i]:
+            surrogate = surrogate + (flat[offset:offset + n].view_as(p).detach() * p).sum()
+        offset += n
+    return surrogate
+
+
+def _fused_step(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
+                others: list[torch.nn.Parameter], weigh: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                diagnostics: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One backward per task over ``shared + others`` -> (surrogate, the method's weights).
+    ``weigh(G)`` gives the weights of the shared gradients and of the other parameters'."""
+    used: list[bool] = []
+    rows = task_gradients(losses, list(shared) + list(others), used)  # [T, D_shared + D_others]
+    d = sum(p.numel() for p in shared)
+    G = global_task_gradients(rows[:, :d].contiguous())              # [T, D]
+    w, w_others = weigh(G)
+    if diagnostics is not None:
+        _diagnose(list(losses), G, w, diagnostics)
+    surrogate = _as_gradient(shared, w @ G)                         # every worker: the same vector
+    if others:                                                       # local; DeepSpeed averages them
+        surrogate = surrogate + _as_gradient(others, w_others.to(rows.dtype) @ rows[:, d:], used[len(shared):])
+    return surrogate, w
+
+
 def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
                     heads: list[torch.nn.Parameter], fuse: Fusion,
                     diagnostics: dict | None = None, prefs: dict[str, float] | None = None) -> torch.Tensor:
     """A scalar whose gradient w.r.t. the shared parameters is the fused gradient and w.r.t.
-    every other parameter (task heads) is the plain gradient of the summed losses (each
-    scaled by its preference ``prefs[task]``, default 1).
+    every other parameter (task heads, PALs) is the plain gradient of the summed losses (each
+    scaled by its preference ``prefs[task]``, default 1). Both come from the same one backward
+    per task.
 
     ``engine.backward(surrogate)`` then leaves DeepSpeed in charge of accumulation,
     averaging (every worker holds the same fused vector), clipping and ZeRO 1-2 partitioning.
     """
-    G = global_task_gradients(task_gradients(losses, shared))        # [T, D]
-    w = preferred(task_weights(fuse, G), list(losses), prefs)
-    fused = w @ G                                                    # [D] == fuse(G) without prefs
-    if diagnostics is not None:
-        _diagnose(list(losses), G, w, diagnostics)
-    surrogate, offset = 0.0, 0
-    for p in shared:
-        n = p.numel()
-        surrogate = surrogate + (fused[offset:offset + n].view_as(p).detach() * p).sum()
-        offset += n
-    if heads:  # task heads: the ordinary gradient of the summed losses
-        summed = sum((prefs or {}).get(t, 1.0) * loss for t, loss in losses.items())
-        hg = torch.autograd.grad(summed, heads, allow_unused=True)
-        for p, g in zip(heads, hg):
-            if g is not None:
-                surrogate = surrogate + (g.detach() * p).sum()
-    return surrogate
+    names = list(losses)
+
+    def weigh(G):
+        ones = torch.ones(len(names), dtype=G.dtype, device=G.device)
+        return preferred(task_weights(fuse, G), names, prefs), preferred(ones, names, prefs)
+
+    return _fused_step(losses, shared, heads, weigh, diagnostics)[0]
 
 
 class PeriodicFusion:
     """``fusion_every`` = N > 1: per-task gradients and the fusion method's weights every N
     steps; in between, ``sum_t w_t * loss_t`` with the last weights: one ordinary backward.
 
-    The shared parameters get exactly the fused gradient on a refresh step and the
-    same weighting of fresh gradients in between. Unlike ``fused_surrogate``, a task's own
-    parameters (its head) see its gradient scaled by ``w_t`` too; AdamW's per-parameter
-    normalisation makes that a near no-op. Weights are kept per set of tasks in the step
-    (samplers that pick a subset), so each set is refreshed on its own schedule.
+    On a refresh step the per-task backwards (over the shared parameters and ``others``, the
+    heads and PALs) already hold every gradient the step needs, so the step's loss is a
+    surrogate that hands DeepSpeed ``sum_t w_t g_t`` without another backward through the
+    encoder. The shared parameters get exactly the fused gradient on a refresh step and the
+    same weighting of fresh gradients in between; unlike ``fused_surrogate``, a task's own
+    parameters see its gradient scaled by ``w_t`` too, on every step alike (AdamW's
+    per-parameter normalisation makes that a near no-op). Weights are kept per set of tasks
+    in the step (samplers that pick a subset), so each set is refreshed on its own schedule.
     """
 
     def __init__(self, fuse: Fusion, every: int):
@@ -190,18 +219,21 @@ class PeriodicFusion:
         self.weights: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
 
     def loss(self, losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter], step: int,
-             diagnostics: dict | None = None, prefs: dict[str, float] | None = None) -> torch.Tensor:
-        """The step's loss; ``prefs`` scale the method's held weights (``preferred``)."""
+             diagnostics: dict | None = None, prefs: dict[str, float] | None = None,
+             others: list[torch.nn.Parameter] = ()) -> torch.Tensor:
+        """The step's loss; ``prefs`` scale the method's held weights (``preferred``);
+        ``others`` are the trainable parameters outside ``shared`` (they train on every step)."""
         key = tuple(losses)
         if len(key) == 1:
             loss, pref = next(iter(losses.values())), (prefs or {}).get(key[0], 1.0)
             return loss if pref == 1.0 else pref * loss
         held = self.weights.get(key)
         if held is None or step - held[1] >= self.every:
-            G = global_task_gradients(task_gradients(losses, shared))
-            held = self.weights[key] = (task_weights(self.fuse, G), step)
-            if diagnostics is not None:
-                _diagnose(list(losses), G, preferred(held[0], key, prefs), diagnostics)
+            def weigh(G):
+                self.weights[key] = (task_weights(self.fuse, G), step)
+                w = preferred(self.weights[key][0], key, prefs)
+                return w, w
+            return _fused_step(losses, shared, others, weigh, diagnostics)[0]
         w = preferred(held[0], key, prefs)
         return sum(wt * loss for wt, loss in zip(w.tolist(), losses.values()))
 

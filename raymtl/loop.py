@@ -222,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
                 prefs = model.weighting.w if isinstance(model.weighting, Fixed) else None
                 fused_in = losses if prefs is not None else model.weighting(losses, step)
                 if periodic is not None:
-                    engine.backward(periodic.loss(fused_in, shared, step, diag, prefs))
+                    engine.backward(periodic.loss(fused_in, shared, step, diag, prefs, others=others))
                 else:
                     engine.backward(fused_surrogate(fused_in, shared, others, fuse, diag, prefs))
             for k, v in diag.items():                    # (sum, count): periodic fusion measures

@@ -127,6 +127,32 @@ def test_task_weights_scale_the_shares_of_a_scale_invariant_fusion():
     assert torch.allclose(alone, 3 * G[1])
 
 
+def test_a_refresh_step_hands_over_the_weighted_gradient_of_every_parameter():
+    torch.manual_seed(0)
+    enc, head_a, head_b, unused = (torch.nn.Linear(4, 4), torch.nn.Linear(4, 1), torch.nn.Linear(4, 1),
+                                   torch.nn.Linear(4, 1))
+    shared, others = list(enc.parameters()), [*head_a.parameters(), *head_b.parameters(), *unused.parameters()]
+    x = torch.randn(8, 4)
+
+    def losses():
+        h = torch.tanh(enc(x))
+        return {"a": head_a(h).pow(2).mean(), "b": (head_b(h) - 1).abs().mean() * 5}
+
+    def grads(loss):
+        for p in shared + others:
+            p.grad = None
+        loss.backward()
+        return [p.grad.clone() if p.grad is not None else None for p in shared + others]
+
+    periodic = PeriodicFusion(make_fusion("imtl_g", 2), every=10)
+    surrogate = grads(periodic.loss(losses(), shared, step=0, prefs={"b": 1.5}, others=others))
+    w = periodic.weights[("a", "b")][0] * torch.tensor([1.0, 1.5])
+    plain = grads(sum(wt * loss for wt, loss in zip(w.tolist(), losses().values())))   # the old refresh step
+    for got, want in zip(surrogate, plain):
+        assert (got is None) == (want is None)                   # the unused head gets no gradient
+        assert got is None or torch.allclose(got, want, atol=1e-6)
+
+
 def test_fusion_every_must_be_positive():
     with pytest.raises(ValueError, match=r"fusion_every=0 must be > 0"):
         MTLConfig().replace(fusion="imtl_g", fusion_every=0)
