@@ -1,6 +1,6 @@
 """Training-loop speed: raymtl's Ray Train + DeepSpeed loop against two plain PyTorch loops.
 
-    .venv/bin/python bench/speed.py             # default encoder, 3 rounds x 40 steps, ~60 min here
+    .venv/bin/python bench/speed.py             # default encoder, 3 rounds x 40 steps, ~45 min here (35 with --steps 30)
     .venv/bin/python bench/speed.py --smoke     # tiny model, one round, ~1 min
 
 Same model (in train mode: dropout on), optimizer groups, clipping, batches (3 tasks x 32
