@@ -14,7 +14,12 @@ Optimization", 2024), which implements them as published; raymtl only adapts the
     upgrad    Quinton & Rey 2024, projection of each gradient onto the dual cone, averaged
 
 Every method is also a *weighting*: ``task_weights(fuse, G)`` gives the ``[T]`` weights ``w``
-with ``fuse(G) == w @ G``. That is what ``fusion_every`` > 1 uses (``PeriodicFusion``): fuse
+with ``fuse(G) == w @ G``, and the weights depend on ``G`` only through its Gramian ``G G^T``.
+So the training step never builds the ``[T, D]`` matrix (three 90 MB rows and their copies
+for the default encoder): it accumulates the ``[T, T]`` Gramian parameter by parameter from
+the per-task gradients, asks the method for the weights of a ``[T, T]`` factor of it
+(``gramian_factor``), and hands each parameter ``sum_t w_t g_t`` straight to the backward
+(``_HandOver``). That is what ``fusion_every`` > 1 uses too (``PeriodicFusion``): fuse
 every N steps, and in between train on the losses weighted by the last weights, one plain
 backward per step (the idea of Nash-MTL's ``update_weights_every``).
 
@@ -22,8 +27,9 @@ Fixed task weights (``--task-weights``) are *preferences*: they scale each task'
 update the method computes, ``fused = sum_t p_t w_t g_t``, with ``w`` from the unweighted
 gradients. For ``sum`` that is the weighted sum of losses. For a scale-invariant method such
 as IMTL-G it is the only way a weight can matter: weighting a loss before IMTL-G changes at
-most the length of the fused update, never its direction, and AdamW normalises lengths. Learned or dynamic loss weightings (uncertainty, DWA,
-softmax) still weight the losses the method sees.
+most the length of the fused update, never its direction, and AdamW normalises lengths.
+Learned or dynamic loss weightings (uncertainty, DWA, softmax) still weight the losses the
+method sees.
 
 Stateful methods keep state across steps, so training builds a fresh instance per run
 with ``make_fusion(name, num_tasks)``; ``FUSION_METHODS`` holds ready-made instances for
@@ -109,20 +115,54 @@ def global_task_gradients(G: torch.Tensor) -> torch.Tensor:
     return G
 
 
-def task_gradients(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
-                   used: list[bool] | None = None) -> torch.Tensor:
-    """``[T, D]``: each loss's gradient w.r.t. the shared parameters, flattened (one backward
-    per task graph; the graphs are kept for the next). ``used``, if given, is filled with
-    whether any loss reached each parameter (the others' rows are zeros)."""
-    rows, reached = [], [False] * len(shared)
-    for loss in losses.values():
-        g = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
-        reached = [r or x is not None for r, x in zip(reached, g)]
-        rows.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
-                               for x, p in zip(g, shared)]))
-    if used is not None:
-        used[:] = reached
-    return torch.stack(rows)
+def per_task_gradients(losses: dict[str, torch.Tensor], params: list[torch.nn.Parameter]
+                       ) -> list[list[torch.Tensor | None]]:
+    """Each loss's gradient of each of ``params`` (``None`` where the loss does not reach it):
+    one backward per task graph, graphs kept for the next. Nothing is flattened or copied."""
+    return [list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+            for loss in losses.values()]
+
+
+def task_gradients(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter]) -> torch.Tensor:
+    """``[T, D]``: each loss's gradient w.r.t. the shared parameters, flattened (zeros where a
+    loss does not reach a parameter)."""
+    return torch.stack([torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
+                                   for x, p in zip(g, shared)]) for g in per_task_gradients(losses, shared)])
+
+
+def _average_over_workers(grads: list[list[torch.Tensor | None]], shared: list[torch.nn.Parameter]) -> None:
+    """Replace the per-task gradients of ``shared`` by their average over data-parallel workers
+    (one all-reduce of the flattened ``[T, D]``), in place; nothing to do on one worker."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    G = global_task_gradients(torch.stack([torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
+                                                      for x, p in zip(g, shared)]) for g in grads]))
+    for t, g in enumerate(grads):
+        g[:] = [part.view_as(p) for part, p in zip(G[t].split([p.numel() for p in shared]), shared)]
+
+
+def gramian(grads: list[list[torch.Tensor | None]]) -> torch.Tensor:
+    """``[T, T]`` float64 inner products of the tasks' gradients, accumulated parameter by
+    parameter (``G @ G.T`` without building ``G``)."""
+    T = len(grads)
+    device = next((x.device for g in grads for x in g if x is not None), torch.device("cpu"))
+    gram = torch.zeros(T, T, dtype=torch.float64, device=device)
+    for i in range(T):
+        for j in range(i, T):
+            dots = [torch.dot(a.reshape(-1).float(), b.reshape(-1).float())
+                    for a, b in zip(grads[i], grads[j]) if a is not None and b is not None]
+            if dots:
+                gram[i, j] = gram[j, i] = torch.stack(dots).double().sum()
+    return gram
+
+
+def gramian_factor(gram: torch.Tensor) -> torch.Tensor:
+    """A ``[T, T]`` matrix ``R`` with ``R @ R.T == gram``. Every registered method's weights
+    depend on the task gradients only through their Gramian (TorchJD's Gramian-weighted
+    aggregators; Nash-MTL uses ``G G^T`` and ``|w G|``), so ``task_weights(fuse, R)`` are the
+    weights of the full ``[T, D]`` matrix."""
+    lam, V = torch.linalg.eigh(gram)
+    return V * lam.clamp(min=0).sqrt()
 
 
 def task_weights(fuse: Fusion, G: torch.Tensor) -> torch.Tensor:
@@ -133,14 +173,15 @@ def task_weights(fuse: Fusion, G: torch.Tensor) -> torch.Tensor:
     return fuse.weighting(G).to(G.dtype)
 
 
-def _diagnose(names: list[str], G: torch.Tensor, w: torch.Tensor, diagnostics: dict) -> None:
-    unit = torch.nn.functional.normalize(G, dim=1)
-    cos = unit @ unit.T                                              # [T, T]
+def _diagnose(names: list[str], gram: torch.Tensor, w: torch.Tensor, diagnostics: dict) -> None:
+    norms = gram.diagonal().clamp(min=0).sqrt().clamp(min=1e-12)
+    cos = gram / norms[:, None] / norms[None, :]                     # [T, T]
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             diagnostics[f"gradcos_{names[i]}_{names[j]}"] = cos[i, j].item()
         diagnostics[f"fusion_weight_{names[i]}"] = w[i].item()
-    diagnostics["fused_norm"] = (w @ G).norm().item()
+    w = w.to(gram.dtype)
+    diagnostics["fused_norm"] = (w @ gram @ w).clamp(min=0).sqrt().item()
 
 
 def preferred(w: torch.Tensor, names, prefs: dict[str, float] | None) -> torch.Tensor:
@@ -150,34 +191,54 @@ def preferred(w: torch.Tensor, names, prefs: dict[str, float] | None) -> torch.T
     return w * torch.tensor([prefs.get(n, 1.0) for n in names], dtype=w.dtype, device=w.device)
 
 
-def _as_gradient(params: list[torch.nn.Parameter], flat: torch.Tensor, used=None) -> torch.Tensor:
-    """A scalar whose gradient w.r.t. ``params`` is ``flat`` (their gradients, flattened);
-    parameters not ``used`` get none (as a backward that never reached them)."""
-    surrogate, offset = flat.new_zeros(()), 0
-    for i, p in enumerate(params):
-        n = p.numel()
-        if used is None or used[i]:
-            surrogate = surrogate + (flat[offset:offset + n].view_as(p).detach() * p).sum()
-        offset += n
-    return surrogate
+def _combine(w: list[float], parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """``sum_t w_t parts_t`` over the tasks whose part exists (``None``: none does)."""
+    out = None
+    for wt, x in zip(w, parts):
+        if x is not None:
+            out = x * wt if out is None else out.add_(x, alpha=wt)
+    return out
+
+
+class _HandOver(torch.autograd.Function):
+    """A zero scalar whose backward gives each of ``params`` the gradient in ``grads`` (times
+    the incoming gradient: DeepSpeed scales the loss for accumulation); a ``None`` gives none,
+    as a backward that never reached the parameter. A loss for ``engine.backward`` whose
+    gradients were computed already, without a forward or a copy."""
+
+    @staticmethod
+    def forward(ctx, grads, *params):
+        ctx.grads = grads
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, out):
+        grads, ctx.grads = ctx.grads, None
+        scale = float(out)
+        return (None, *(g if g is None or scale == 1.0 else g * scale for g in grads))
 
 
 def _fused_step(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
                 others: list[torch.nn.Parameter], weigh: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                 diagnostics: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One backward per task over ``shared + others`` -> (surrogate, the method's weights).
-    ``weigh(G)`` gives the weights of the shared gradients and of the other parameters'."""
-    used: list[bool] = []
-    rows = task_gradients(losses, list(shared) + list(others), used)  # [T, D_shared + D_others]
-    d = sum(p.numel() for p in shared)
-    G = global_task_gradients(rows[:, :d].contiguous())              # [T, D]
-    w, w_others = weigh(G)
+    """One backward per task over ``shared + others`` -> (the step's loss, the method's weights).
+    ``weigh(R)``, with ``R`` a ``[T, T]`` factor of the shared gradients' Gramian
+    (``gramian_factor``), gives the weights of the shared gradients and of the other parameters'.
+    Per parameter, the shared parameters get ``sum_t w_t g_t`` (zeros if no task reaches one:
+    every worker hands DeepSpeed the same set), the others ``sum_t w'_t g_t`` or nothing."""
+    k = len(shared)
+    grads = per_task_gradients(losses, list(shared) + list(others))
+    mine = [g[:k] for g in grads]
+    _average_over_workers(mine, shared)                              # every worker: the same
+    gram = gramian(mine)
+    w, w_others = weigh(gramian_factor(gram))
     if diagnostics is not None:
-        _diagnose(list(losses), G, w, diagnostics)
-    surrogate = _as_gradient(shared, w @ G)                         # every worker: the same vector
-    if others:                                                       # local; DeepSpeed averages them
-        surrogate = surrogate + _as_gradient(others, w_others.to(rows.dtype) @ rows[:, d:], used[len(shared):])
-    return surrogate, w
+        _diagnose(list(losses), gram, w, diagnostics)
+    w, w_others = w.tolist(), w_others.tolist()
+    fused = [_combine(w, [g[i] for g in mine]) for i in range(k)]
+    fused = [x if x is not None else torch.zeros_like(p) for x, p in zip(fused, shared)]
+    fused += [_combine(w_others, [g[i] for g in grads]) for i in range(k, len(shared) + len(others))]
+    return _HandOver.apply(fused, *shared, *others), torch.tensor(w)
 
 
 def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
@@ -193,9 +254,9 @@ def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Param
     """
     names = list(losses)
 
-    def weigh(G):
-        ones = torch.ones(len(names), dtype=G.dtype, device=G.device)
-        return preferred(task_weights(fuse, G), names, prefs), preferred(ones, names, prefs)
+    def weigh(R):
+        ones = torch.ones(len(names), dtype=R.dtype, device=R.device)
+        return preferred(task_weights(fuse, R), names, prefs), preferred(ones, names, prefs)
 
     return _fused_step(losses, shared, heads, weigh, diagnostics)[0]
 
@@ -205,9 +266,9 @@ class PeriodicFusion:
     steps; in between, ``sum_t w_t * loss_t`` with the last weights: one ordinary backward.
 
     On a refresh step the per-task backwards (over the shared parameters and ``others``, the
-    heads and PALs) already hold every gradient the step needs, so the step's loss is a
-    surrogate that hands DeepSpeed ``sum_t w_t g_t`` without another backward through the
-    encoder. The shared parameters get exactly the fused gradient on a refresh step and the
+    heads and PALs) already hold every gradient the step needs, so the step's loss hands
+    DeepSpeed ``sum_t w_t g_t`` without another backward through the encoder; with the
+    Gramian-only weights (module docstring) a refresh step costs about what a plain one does. The shared parameters get exactly the fused gradient on a refresh step and the
     same weighting of fresh gradients in between; unlike ``fused_surrogate``, a task's own
     parameters see its gradient scaled by ``w_t`` too, on every step alike (AdamW's
     per-parameter normalisation makes that a near no-op). Weights are kept per set of tasks
@@ -229,8 +290,8 @@ class PeriodicFusion:
             return loss if pref == 1.0 else pref * loss
         held = self.weights.get(key)
         if held is None or step - held[1] >= self.every:
-            def weigh(G):
-                self.weights[key] = (task_weights(self.fuse, G), step)
+            def weigh(R):
+                self.weights[key] = (task_weights(self.fuse, R), step)
                 w = preferred(self.weights[key][0], key, prefs)
                 return w, w
             return _fused_step(losses, shared, others, weigh, diagnostics)[0]

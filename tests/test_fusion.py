@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from raymtl.config import MTLConfig
-from raymtl.fusion import FUSION_METHODS, PeriodicFusion, fused_surrogate, make_fusion, task_weights
+from raymtl.fusion import (FUSION_METHODS, PeriodicFusion, fused_surrogate, gramian, gramian_factor, make_fusion,
+                           task_weights)
 from raymtl.weighting import WEIGHTINGS, make_weighting
 
 
@@ -64,6 +65,26 @@ def test_every_method_is_a_weighting_of_the_task_gradients(name):
     G = torch.tensor([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.5], [0.2, -0.3, 1.0]])
     w = task_weights(make_fusion(name, 3), G)      # fresh instances: stateful methods start equal
     assert w.shape == (3,) and torch.allclose(w @ G, make_fusion(name, 3)(G), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(FUSION_METHODS))
+def test_every_method_weighs_by_the_gramian_alone(name):
+    """The training step never builds the [T, D] matrix: it hands the method a [T, T] factor of
+    the Gramian accumulated parameter by parameter; the weights must be the full matrix's."""
+    torch.manual_seed(1)
+    parts = [[torch.randn(40, 7), None, torch.randn(5)] for _ in range(3)]
+    parts[1][1] = torch.randn(2, 2)                                  # one task reaches a parameter alone
+    zeros = [torch.zeros(40, 7), torch.zeros(2, 2), torch.zeros(5)]
+    G = torch.stack([torch.cat([(x if x is not None else z).reshape(-1) for x, z in zip(g, zeros)]) for g in parts])
+    gram = gramian(parts)
+    assert gram.dtype == torch.float64 and torch.allclose(gram, (G @ G.T).double(), rtol=1e-5)
+    R = gramian_factor(gram)
+    assert torch.allclose(R @ R.T, gram, rtol=1e-9, atol=1e-9)
+    w_full = task_weights(make_fusion(name, 3), G)
+    w_factor = task_weights(make_fusion(name, 3), R)
+    assert torch.allclose(w_factor.float(), w_full, atol=1e-4), (w_factor, w_full)
+    singular = gramian([parts[0], parts[0], parts[2]])               # linearly dependent rows
+    assert torch.allclose(gramian_factor(singular) @ gramian_factor(singular).T, singular, atol=1e-6)
 
 
 def test_periodic_fusion_reuses_the_last_weights_until_the_next_refresh():

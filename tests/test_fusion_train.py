@@ -11,10 +11,13 @@ def fuse_on_worker(config):
     """Each rank holds different per-task gradients; returns what the rank fuses."""
     import ray.train
 
-    from raymtl.fusion import global_task_gradients, make_fusion
+    from raymtl.fusion import fused_surrogate, global_task_gradients, make_fusion
     rank = ray.train.get_context().get_world_rank()
     G = torch.tensor(config["local"][rank])
-    return make_fusion(config["method"], 2)(global_task_gradients(G)).tolist()
+    shared = torch.nn.Parameter(torch.zeros(2))             # the training step's path: losses whose
+    losses = {"a": shared @ G[0], "b": shared @ G[1]}       # gradients are this rank's rows
+    fused_surrogate(losses, [shared], [], make_fusion(config["method"], 2)).backward()
+    return make_fusion(config["method"], 2)(global_task_gradients(G.clone())).tolist(), shared.grad.tolist()
 
 
 @pytest.mark.parametrize("method", ["pcgrad", "mgda"])
@@ -34,7 +37,9 @@ def test_two_workers_fuse_the_globally_averaged_task_gradients(ray_cluster, tmp_
     # not the same as averaging each rank's locally fused gradient:
     local_then_mean = torch.stack([FUSION_METHODS[method](torch.tensor(g)) for g in local]).mean(0)
     assert not torch.allclose(expected, local_then_mean, atol=1e-3)
-    assert torch.allclose(torch.tensor(result.return_value), expected, atol=1e-5)
+    fused, step_grad = result.return_value
+    assert torch.allclose(torch.tensor(fused), expected, atol=1e-5)
+    assert torch.allclose(torch.tensor(step_grad), expected, atol=1e-5)   # what the step hands DeepSpeed
 
 
 # A real run per kind of method: plain sum, the stateful ones (GradVac's EMA, Nash-MTL's
