@@ -1,6 +1,6 @@
 """Step-time overhead of each gradient-fusion method relative to plain `sum`.
 
-    .venv/bin/python bench/fusion.py            # default encoder, ~6 min on 2 CPU cores
+    .venv/bin/python bench/fusion.py            # default encoder, ~2 min on 2 CPU cores
     .venv/bin/python bench/fusion.py --smoke    # tiny model, seconds
 
 Runs the loop's own step (forward per task, `fused_surrogate` for per-task gradients and
