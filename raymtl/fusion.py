@@ -220,8 +220,8 @@ class _HandOver(torch.autograd.Function):
 
 def _fused_step(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
                 others: list[torch.nn.Parameter], weigh: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                diagnostics: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One backward per task over ``shared + others`` -> (the step's loss, the method's weights).
+                diagnostics: dict | None) -> torch.Tensor:
+    """One backward per task over ``shared + others`` -> the step's loss.
     ``weigh(R)``, with ``R`` a ``[T, T]`` factor of the shared gradients' Gramian
     (``gramian_factor``), gives the weights of the shared gradients and of the other parameters'.
     Per parameter, the shared parameters get ``sum_t w_t g_t`` (zeros if no task reaches one:
@@ -238,7 +238,7 @@ def _fused_step(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter
     fused = [_combine(w, [g[i] for g in mine]) for i in range(k)]
     fused = [x if x is not None else torch.zeros_like(p) for x, p in zip(fused, shared)]
     fused += [_combine(w_others, [g[i] for g in grads]) for i in range(k, len(shared) + len(others))]
-    return _HandOver.apply(fused, *shared, *others), torch.tensor(w)
+    return _HandOver.apply(fused, *shared, *others)
 
 
 def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
@@ -258,7 +258,7 @@ def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Param
         ones = torch.ones(len(names), dtype=R.dtype, device=R.device)
         return preferred(task_weights(fuse, R), names, prefs), preferred(ones, names, prefs)
 
-    return _fused_step(losses, shared, heads, weigh, diagnostics)[0]
+    return _fused_step(losses, shared, heads, weigh, diagnostics)
 
 
 class PeriodicFusion:
@@ -294,7 +294,7 @@ class PeriodicFusion:
                 self.weights[key] = (task_weights(self.fuse, R), step)
                 w = preferred(self.weights[key][0], key, prefs)
                 return w, w
-            return _fused_step(losses, shared, others, weigh, diagnostics)[0]
+            return _fused_step(losses, shared, others, weigh, diagnostics)
         w = preferred(held[0], key, prefs)
         return sum(wt * loss for wt, loss in zip(w.tolist(), losses.values()))
 
