@@ -246,8 +246,13 @@ class DistillConfig:
     distill_temperature: float = _help(
         "softmax temperature T of the classification KL (scaled by T^2); the regression term is MSE",
         default=2.0)
+    distill_schedule: str = _help(
+        "how alpha changes over the run: constant, or anneal (teacher annealing, Clark et al. 2019: "
+        "alpha at step 0 falling linearly to 0 at the last step)", default="constant")
 
     def __post_init__(self):
+        from raymtl.objectives import DISTILL_SCHEDULES
+        _choice("distill_schedule", self.distill_schedule, DISTILL_SCHEDULES)
         for task in self.teacher_outputs:
             _choice("teacher_outputs task", task, TASKS)
         if not 0 <= self.distill_alpha <= 1:

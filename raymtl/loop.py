@@ -12,7 +12,7 @@ the per-stream losses, progress lines, validation/checkpoint/report, resume)::
         def __init__(self, config: dict)          # parses config["cfg"]; sets .cfg, .sizes
         def build_model(self) -> nn.Module        # .encoder, .weighting, .save(dir, tokenizer, extra)
         def streams(self, rank, seed) -> dict[str, Iterator[dict]]   # endless batches per name
-        def loss(self, forward, name, batch) -> Tensor               # scalar loss of one batch
+        def loss(self, forward, name, batch, step) -> Tensor         # scalar loss of one batch
         def validate(self, module, rank, world) -> dict[str, float]  # collective on every rank
 
 ``.sizes`` maps each stream name to its training rows (read by the task sampler). Stages:
@@ -214,7 +214,7 @@ def train_loop_per_worker(config: dict) -> None:
             for t in chosen:
                 batch = {k: v.to(device) for k, v in next(streams[t]).items()}
                 seen.append(batch)
-                losses[t] = stage.loss(forward, t, batch)
+                losses[t] = stage.loss(forward, t, batch, step)
             diag = {}
             if fuse is None:
                 engine.backward(sum(model.weighting(losses, step).values()))

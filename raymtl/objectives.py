@@ -54,6 +54,21 @@ def kd_mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student, teacher.reshape(student.shape))
 
 
+def constant_alpha(alpha: float, step: int, steps: int) -> float:
+    """The same mix every step."""
+    return alpha
+
+
+def annealed_alpha(alpha: float, step: int, steps: int) -> float:
+    """Teacher annealing (Clark et al. 2019, "BAM! Born-Again Multi-Task Networks"): the
+    teacher's share falls linearly from ``alpha`` at step 0 to 0 at the last step, so the
+    student starts from the teacher's soft targets and ends on the gold labels alone."""
+    return alpha * max(0.0, 1.0 - step / max(steps, 1))
+
+
+DISTILL_SCHEDULES = {"constant": constant_alpha, "anneal": annealed_alpha}
+
+
 def task_loss(kind: str, output: torch.Tensor, batch: dict, alpha: float = 0.0, temperature: float = 1.0
               ) -> torch.Tensor:
     """The loss of one task batch: the head kind's hard-label loss (a classifier reads the

@@ -181,7 +181,7 @@ class PretrainStage:
             inputs[i, :n], labels[i, :n] = b["input_ids"][0], b["mlm_labels"][0]
         return {"input_ids": inputs, "attention_mask": mask, "mlm_labels": labels}
 
-    def loss(self, forward, name: str, batch: dict) -> torch.Tensor:
+    def loss(self, forward, name: str, batch: dict, step: int) -> torch.Tensor:
         p = self.cfg.pretrain
         if name == "mlm":
             b = self.masked(batch)

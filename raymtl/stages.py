@@ -14,7 +14,7 @@ from raymtl.evaluation import predict_batches
 from raymtl.loop import cycle_batches
 from raymtl.metrics import overall, task_metric
 from raymtl.model import MultiTaskModel
-from raymtl.objectives import task_loss
+from raymtl.objectives import DISTILL_SCHEDULES, task_loss
 from raymtl.weighting import make_weighting
 
 
@@ -69,9 +69,10 @@ class MTLStage:
         return {n: cycle_batches(ray.train.get_dataset_shard(f"train_{n}"), mb, seed, self.cfg.data.bucket_batches)
                 for n in self.sizes}
 
-    def loss(self, forward, stream: str, batch: dict):
+    def loss(self, forward, stream: str, batch: dict, step: int):
         task, d = stream_task(stream), self.cfg.distill
-        return task_loss(self.heads[task].kind, forward(task, batch), batch, d.distill_alpha, d.distill_temperature)
+        alpha = DISTILL_SCHEDULES[d.distill_schedule](d.distill_alpha, step, self.cfg.train.steps)
+        return task_loss(self.heads[task].kind, forward(task, batch), batch, alpha, d.distill_temperature)
 
     def validate(self, module, rank: int, world: int) -> dict[str, float]:
         scores = validate(module, self.tasks, rank, world, shard_eval=self.cfg.scale.zero_stage < 3)

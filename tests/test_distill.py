@@ -55,6 +55,25 @@ def test_task_loss_mixes_hard_and_soft_by_alpha():
     assert task_loss("cosine", cos, sts, 1.0).item() == pytest.approx(kd_mse_loss(cos, sts["teacher"]).item())
 
 
+def test_teacher_annealing_moves_the_stage_loss_from_teacher_to_gold_labels():
+    from raymtl.stages import MTLStage
+    cfg = smoke().replace(tasks=("sst",), steps=10, distill_alpha=0.8, distill_schedule="anneal")
+    stage = MTLStage({"cfg": cfg.to_dict(), "train_sizes": {"sst": 10}})
+    stage.build_model()
+    out = torch.tensor([[1.0, 0.0, 0.5, -1.0, 0.2], [0.0, 1.0, 0.0, 0.3, 2.0]])
+    batch = {"label": torch.tensor([0, 4]), "teacher": torch.tensor([[0.0, 3.0, 0, 0, 0], [1.0, 0, 0, 0, 2.0]])}
+    hard = F.cross_entropy(out, batch["label"]).item()
+    soft = kd_kl_loss(out, batch["teacher"], cfg.distill.distill_temperature).item()
+    for step, alpha in ((0, 0.8), (5, 0.4), (10, 0.0)):
+        got = stage.loss(lambda task, b: out, "sst", batch, step).item()
+        assert got == pytest.approx(alpha * soft + (1 - alpha) * hard, rel=1e-6), step
+    constant = MTLStage({"cfg": cfg.replace(distill_schedule="constant").to_dict(), "train_sizes": {"sst": 10}})
+    constant.build_model()
+    assert constant.loss(lambda task, b: out, "sst", batch, 10).item() == pytest.approx(0.8 * soft + 0.2 * hard, rel=1e-6)
+    with pytest.raises(ValueError, match="distill_schedule"):
+        cfg.replace(distill_schedule="cosine")
+
+
 # ------------------------------------------------------------------ related sets: label spaces
 def test_related_sets_map_into_the_target_label_space(data_dir):
     sst2, _ = read_related("sst2", data_dir, max_rows=200)
