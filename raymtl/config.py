@@ -248,7 +248,7 @@ class DistillConfig:
         default=2.0)
     distill_schedule: str = _help(
         "how alpha changes over the run: constant, or anneal (teacher annealing, Clark et al. 2019: "
-        "alpha at step 0 falling linearly to 0 at the last step)", default="constant")
+        "alpha at step 0 falling linearly towards 0 at the end of the run)", default="constant")
 
     def __post_init__(self):
         from raymtl.objectives import DISTILL_SCHEDULES

@@ -61,8 +61,9 @@ def constant_alpha(alpha: float, step: int, steps: int) -> float:
 
 def annealed_alpha(alpha: float, step: int, steps: int) -> float:
     """Teacher annealing (Clark et al. 2019, "BAM! Born-Again Multi-Task Networks"): the
-    teacher's share falls linearly from ``alpha`` at step 0 to 0 at the last step, so the
-    student starts from the teacher's soft targets and ends on the gold labels alone."""
+    teacher's share falls linearly from ``alpha`` at step 0 towards 0 at the end of the run
+    (``alpha / steps`` on the last step), so the student starts from the teacher's soft
+    targets and ends on the gold labels."""
     return alpha * max(0.0, 1.0 - step / max(steps, 1))
 
 

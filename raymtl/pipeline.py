@@ -20,12 +20,12 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from raymtl.config import NO_PALS, SUM_LOSS, MTLConfig
+from raymtl.config import NO_PALS, SUM_LOSS, DistillConfig, MTLConfig
 from raymtl.related import DEFAULT_RELATED, RELATED
 from raymtl.tasks import TASKS
 
@@ -42,10 +42,12 @@ def teacher_defaults() -> MTLConfig:
 
 
 def teacher_config(base: MTLConfig, task: str, related: tuple[str, ...] | None = None, **overrides) -> MTLConfig:
-    """A teacher for ``task``: the base config on that one task plus its related sets."""
+    """A teacher for ``task``: the base config on that one task plus its related sets. A
+    teacher distils from nothing, so the student's distillation settings are reset: they must
+    not change the teacher's stage key (a new ``--distill-schedule`` retrains only the student)."""
     related = DEFAULT_RELATED.get(task, ()) if related is None else related
     return base.replace(tasks=(task,), related_sets=tuple(related), name=f"teacher-{task}",
-                        teacher_outputs={}, task_weights={}, **overrides)
+                        task_weights={}, **asdict(DistillConfig()), **overrides)
 
 
 def stage_result(summary, what: str, **extra) -> dict:

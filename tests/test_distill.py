@@ -74,6 +74,16 @@ def test_teacher_annealing_moves_the_stage_loss_from_teacher_to_gold_labels():
         cfg.replace(distill_schedule="cosine")
 
 
+def test_a_teachers_config_does_not_depend_on_the_students_distillation_settings():
+    from raymtl.pipeline import teacher_config
+    student = MTLConfig()
+    distilling = student.replace(teacher_outputs={"sst": "somewhere"}, distill_alpha=1.0,
+                                 distill_temperature=4.0, distill_schedule="anneal")
+    teacher = teacher_config(distilling, "sst")
+    assert teacher.to_dict() == teacher_config(student, "sst").to_dict()   # same stage key
+    assert teacher.distill.teacher_outputs == {} and teacher.data.tasks == ("sst",)
+
+
 # ------------------------------------------------------------------ related sets: label spaces
 def test_related_sets_map_into_the_target_label_space(data_dir):
     sst2, _ = read_related("sst2", data_dir, max_rows=200)
