@@ -88,6 +88,10 @@ class ModelConfig:
         "per pair task: 'cross' ([CLS] a [SEP] b) or 'bi' (SBERT features / cosine)",
         default_factory=lambda: {"quora": "bi", "sts": "bi"})
     pooling: str = _help("sentence embedding pooling: 'mean' or 'cls'", default="mean")
+    task_pooling: dict[str, str] = _help(
+        "per task: a pooling that replaces `pooling` for that task's embeddings, e.g. sst=cls "
+        "(the task's head then reads a vector the other tasks' objectives do not shape directly)",
+        default_factory=dict)
     head_dropout: float = _help("dropout before each task head", default=0.1)
     unpad: bool = _help(
         "run the encoder on the real tokens only, padding left out of every per-token operation "
@@ -111,6 +115,9 @@ class ModelConfig:
             _choice("pair_mode task", task, [t for t, s in TASKS.items() if s.is_pair])
             _choice(f"pair_mode[{task}]", mode, {"cross", "bi"})
         _choice("pooling", self.pooling, {"mean", "cls"})
+        for task, how in self.task_pooling.items():
+            _choice("task_pooling task", task, TASKS)
+            _choice(f"task_pooling[{task}]", how, {"mean", "cls"})
         if not 0 <= self.head_dropout < 1:
             raise ValueError(f"head_dropout={self.head_dropout!r} must be in [0, 1)")
         _choice("task_prefix", self.task_prefix, {"none", "text", "learned"})

@@ -4,7 +4,7 @@ Checkpoint layout (everything loads without pickle)::
 
     encoder/            AutoModel.save_pretrained (safetensors) + tokenizer
     heads.safetensors   task heads ("heads.<task>.*"), PALs ("pals.*"), learned prefixes
-    raymtl.json         model config (encoder source, pair modes, pooling, tasks)
+    raymtl.json         model config (encoder source, pair modes, pooling per task, tasks)
 """
 from __future__ import annotations
 
@@ -119,9 +119,10 @@ class MultiTaskModel(nn.Module):
     def __init__(self, encoder: nn.Module, tasks: list[str], pair_mode: dict[str, str],
                  pooling: str = "mean", head_dropout: float = 0.1, source: str = "default",
                  pals: dict | None = None, task_prefix: str = "none", prefix_length: int = 4,
-                 unpad: bool = True):
+                 unpad: bool = True, task_pooling: dict[str, str] | None = None):
         super().__init__()
         self.encoder, self.pooling, self.source = encoder, pooling, source
+        self.task_pooling = {t: how for t, how in (task_pooling or {}).items() if t in tasks and how != pooling}
         self.modes = {t: (pair_mode.get(t, TASKS[t].default_pair_mode) if TASKS[t].is_pair else None)
                       for t in tasks}
         hidden = encoder.config.hidden_size
@@ -140,10 +141,14 @@ class MultiTaskModel(nn.Module):
     def text_prefix(self, task: str) -> str:
         return text_prefix(task) if self.task_prefix == "text" else ""
 
+    def pooling_of(self, task: str) -> str:
+        return self.task_pooling.get(task, self.pooling)
+
     @classmethod
     def from_config(cls, model_cfg, tasks, seed: int = 0) -> "MultiTaskModel":
         extras = dict(pals=model_cfg.pal_settings(), task_prefix=model_cfg.task_prefix,
-                      prefix_length=model_cfg.prefix_length, unpad=model_cfg.unpad)
+                      prefix_length=model_cfg.prefix_length, unpad=model_cfg.unpad,
+                      task_pooling=model_cfg.task_pooling)
         if model_cfg.init_from:
             model = cls.load(model_cfg.init_from, tasks=tasks, pair_mode=model_cfg.pair_mode,
                              head_dropout=model_cfg.head_dropout, **extras)
@@ -162,13 +167,13 @@ class MultiTaskModel(nn.Module):
             pals = getattr(self, "pals", {})
             extra = pals[task].forward_packed if task in pals else None
             packed, packing = unpadded_forward(self.encoder, layer_extra=extra, **inputs)
-            return pool(packing.unpack(packed), mask, self.pooling)  # (B, H)
+            return pool(packing.unpack(packed), mask, self.pooling_of(task))  # (B, H)
         self.active_task, self.active_padding = task, mask == 0      # read by the PAL hooks
         try:
             hidden = self.encoder(**inputs).last_hidden_state        # (B, T, H)
         finally:
             self.active_task, self.active_padding = None, None
-        return pool(hidden, mask, self.pooling)                      # (B, H)
+        return pool(hidden, mask, self.pooling_of(task))             # (B, H)
 
     def forward(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         u = self.embed(task, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
@@ -178,7 +183,8 @@ class MultiTaskModel(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict:
-        return {"source": self.source, "pooling": self.pooling, "modes": self.modes,
+        return {"source": self.source, "pooling": self.pooling, "task_pooling": self.task_pooling,
+                "modes": self.modes,
                 "head_dropout": self.heads[next(iter(self.heads))].drop.p,
                 "pals": self.pal_settings, "task_prefix": self.task_prefix,
                 "prefix_length": self.prefix_length}
@@ -196,11 +202,11 @@ class MultiTaskModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, tasks: list[str] | None = None, pair_mode: dict | None = None,
-             head_dropout: float | None = None, **overrides) -> "MultiTaskModel":
+             head_dropout: float | None = None, task_pooling: dict | None = None, **overrides) -> "MultiTaskModel":
         """Load a raymtl checkpoint. With ``tasks``, heads missing from it start fresh, in
-        ``pair_mode`` (the checkpoint's own modes win for the heads it has); a checkpoint
-        without heads (``jobs/pretrain.py``) takes ``head_dropout`` too. ``overrides`` (pals,
-        task_prefix, prefix_length) add adapters the checkpoint lacks."""
+        ``pair_mode`` and ``task_pooling`` (the checkpoint's own modes and poolings win for the
+        heads it has); a checkpoint without heads (``jobs/pretrain.py``) takes ``head_dropout``
+        too. ``overrides`` (pals, task_prefix, prefix_length) add adapters the checkpoint lacks."""
         from safetensors.torch import load_file
         from transformers import AutoModel
         d = Path(directory)
@@ -212,8 +218,12 @@ class MultiTaskModel(nn.Module):
         extras = {k: meta.get(k) for k in ("pals", "task_prefix", "prefix_length") if meta.get(k) is not None}
         extras.update({k: v for k, v in overrides.items() if v not in (None, "none")})
         modes = {**(pair_mode or {}), **{t: m for t, m in meta["modes"].items() if m}}
+        own = meta.get("task_pooling", {})        # checkpoints before task_pooling: none
+        pooling = {**{t: p for t, p in (task_pooling or {}).items() if t not in meta["modes"]},
+                   **{t: own.get(t, meta["pooling"]) for t in meta["modes"]}}
         dropout = meta.get("head_dropout", head_dropout if head_dropout is not None else 0.1)
-        model = cls(encoder, tasks, modes, meta["pooling"], dropout, source=meta["source"], **extras)
+        model = cls(encoder, tasks, modes, meta["pooling"], dropout, source=meta["source"],
+                    task_pooling=pooling, **extras)
         saved = load_file(str(d / "heads.safetensors"))
         own = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
         model.load_state_dict({k: saved.get(k, v) for k, v in own.items()}, strict=False)

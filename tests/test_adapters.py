@@ -108,3 +108,24 @@ def test_pal_tasks_apply_to_the_trained_tasks():
                                           ["sst", "sts"]).pals) == {"sts"}
     single = MultiTaskModel.from_config(ModelConfig(encoder="tiny-random"), ["sst"])   # a single-task SST run
     assert single.pal_settings is None and not hasattr(single, "pals")
+
+
+def test_task_pooling_gives_one_task_its_own_read_out_and_survives_the_round_trip(tmp_path):
+    mean, per_task = tiny(pals=False), tiny(pals=False, task_pooling={"sst": "cls"})
+    per_task.load_state_dict(mean.state_dict())
+    b = batch()
+    hidden = mean.encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    sst = per_task.embed("sst", b["input_ids"], b["attention_mask"])
+    assert torch.allclose(sst, hidden[:, 0], atol=1e-5)                          # [CLS] for SST
+    assert not torch.allclose(sst, mean.embed("sst", b["input_ids"], b["attention_mask"]), atol=1e-3)
+    assert torch.equal(per_task.embed("sts", b["input_ids"], b["attention_mask"]),   # mean for the others
+                       mean.embed("sts", b["input_ids"], b["attention_mask"]))
+    per_task.save(tmp_path)
+    back = MultiTaskModel.load(tmp_path, tasks=TASKS, task_pooling={"sts": "cls"}).eval()   # saved heads keep theirs
+    assert back.task_pooling == {"sst": "cls"}
+    assert torch.allclose(back("sst", b), per_task("sst", b), atol=1e-6)
+    sst_only = MultiTaskModel.from_config(ModelConfig(encoder="tiny-random", pals=False, task_pooling={"sst": "cls"}),
+                                          ["sst"], seed=0)
+    sst_only.save(tmp_path / "sst")
+    grown = MultiTaskModel.load(tmp_path / "sst", tasks=["sst", "quora"], task_pooling={"sst": "mean", "quora": "cls"})
+    assert grown.task_pooling == {"sst": "cls", "quora": "cls"}                   # a new head takes the asked one

@@ -16,6 +16,8 @@ from raymtl.sampling import SAMPLERS
     ("lr", -1.0, r"lr=-1.0 must be > 0"),
     ("val_fraction", 1.5, r"val_fraction=1.5 must be in \(0, 1\)"),
     ("pair_mode", {"sts": "siamese"}, r"pair_mode\[sts\]='siamese' is not valid"),
+    ("task_pooling", {"sst": "max"}, r"task_pooling\[sst\]='max' is not valid"),
+    ("task_pooling", {"mnli": "cls"}, r"task_pooling task='mnli' is not valid"),
     ("precision", "fp16", r"precision='fp16' needs use_gpu=True"),
     ("placement_strategy", "ANYWHERE", r"placement_strategy='ANYWHERE' is not valid; choose one of \['PACK'"),
     ("batch_size", 33, r"batch_size=33 must be divisible by num_workers x grad_accum = 2"),
