@@ -139,3 +139,83 @@ def _has_tabulate() -> bool:
         return True
     except ImportError:
         return False
+
+
+# ------------------------------------------------------------------ raymtl curves RUN [RUN ...]
+def load_curve(run: str | Path) -> pd.DataFrame:
+    """One run's validation history (a row per report), from the newest checkpoint of a run
+    directory, or from a checkpoint directory itself."""
+    from raymtl.loop import HISTORY
+    d = Path(run)
+    if not d.is_dir():
+        raise FileNotFoundError(f"run directory {d} does not exist")
+    candidates = [d] if (d / HISTORY).is_file() else sorted(d.glob(f"checkpoint_*/{HISTORY}"))
+    candidates = [c if c.name == HISTORY else c / HISTORY for c in candidates]
+    if not candidates:
+        has_checkpoints = any(d.glob("checkpoint_*/metrics.json")) or (d / "metrics.json").is_file()
+        raise FileNotFoundError(
+            f"{d}: no {HISTORY} in it or in a checkpoint_* directory under it"
+            + (" (its checkpoints predate the history; re-run to record one)" if has_checkpoints else
+               " (not a raymtl run directory or checkpoint)"))
+    histories = [json.loads(c.read_text()) for c in candidates]
+    longest = max(histories, key=lambda h: (h[-1]["step"] if h else -1, len(h)))
+    return pd.DataFrame(longest).sort_values("step").reset_index(drop=True)
+
+
+def _label_and_path(spec: str) -> tuple[str, str]:
+    if "=" in spec and not Path(spec).exists():
+        label, path = spec.split("=", 1)
+        return label, path
+    p = Path(spec)
+    return (p.parent.name if p.name.startswith("checkpoint_") else p.name), spec
+
+
+def default_metrics(frames: dict[str, pd.DataFrame]) -> list[str]:
+    """Validation scores present in any run: ``val_*`` and ``overall`` (MTL runs) or the
+    pre-training stage's ``mlm_loss`` and ``sts_zero_shot``."""
+    seen = []
+    for df in frames.values():
+        seen += [c for c in df.columns if (c.startswith("val_") or c in ("overall", "mlm_loss", "sts_zero_shot"))
+                 and not c.endswith("_step0") and c not in seen]
+    return seen
+
+
+def curves(runs: list[str], out_dir: str | Path, metrics: list[str] | None = None) -> dict:
+    """Learning curves of several runs on one figure: a panel per metric, a line per run.
+    Writes ``curves.png`` and ``curves.csv`` (run, step, metric, value) to ``out_dir``."""
+    if not runs:
+        raise ValueError("curves: name at least one run directory")
+    frames = {}
+    for spec in runs:
+        label, path = _label_and_path(spec)
+        if label in frames:
+            raise ValueError(f"curves: two runs are labelled {label!r}; name them as LABEL=PATH")
+        frames[label] = load_curve(path)
+    metrics = list(metrics) if metrics else default_metrics(frames)
+    missing = [m for m in metrics if not any(m in df for df in frames.values())]
+    if missing or not metrics:
+        known = sorted({c for df in frames.values() for c in df.columns})
+        raise ValueError(f"curves: metric(s) {missing or metrics} in none of the runs; they report {known}")
+    long = pd.concat([df[["step", m]].dropna().rename(columns={m: "value"}).assign(run=label, metric=m)
+                      for label, df in frames.items() for m in metrics if m in df], ignore_index=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    long[["run", "step", "metric", "value"]].to_csv(out / "curves.csv", index=False)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for label in frames:
+            part = long[(long.run == label) & (long.metric == m)]
+            ax.plot(part["step"], part["value"], marker="o", markersize=3, label=label)
+        ax.set(title=m, xlabel="step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+    table = long.pivot_table(index=["run", "step"], columns="metric", values="value", sort=False).reset_index()
+    table.columns.name = None
+    return {"table": table[["run", "step", *metrics]], "plot": out / "curves.png", "csv": out / "curves.csv"}

@@ -137,6 +137,15 @@ def cmd_analyze(a) -> int:
     return 0
 
 
+def cmd_curves(a) -> int:
+    from raymtl.analysis import curves, format_trials
+    res = curves(a.runs, a.out, [m for m in (a.metrics or "").split(",") if m])
+    print(format_trials(res["table"]))
+    print(f"[raymtl] plot: {res['plot']}")
+    print(f"[raymtl] table: {res['csv']}")
+    return 0
+
+
 def cmd_relations(a) -> int:
     from raymtl.relations import format_matrices, relations_defaults, relations_smoke, run
     res, paths = run(config_from_args(a, defaults=relations_defaults, shrink=relations_smoke))
@@ -168,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     an.add_argument("experiment", help="experiment directory (e.g. runs/tune/mtl-search)")
     an.add_argument("--out", help="where to write trials.csv, best_config.json, plots (default EXPERIMENT/analysis)")
     an.set_defaults(fn=cmd_analyze)
+    cu = sub.add_parser("curves", help="validation curves of runs side by side (a panel per metric, a line per run)")
+    cu.add_argument("runs", nargs="+", metavar="RUN",
+                    help="run directory (OUTPUT/NAME) or checkpoint directory, optionally LABEL=PATH")
+    cu.add_argument("--metrics", help="comma-separated metric names (default: val_* and overall)")
+    cu.add_argument("--out", default="runs/curves", help="where to write curves.png and curves.csv")
+    cu.set_defaults(fn=cmd_curves)
     from raymtl.relations import RelationsJobConfig
     rel = sub.add_parser("relations", help="task-relationship map: inter-task affinity and gradient cosines "
                          "(in-process, no Ray); writes OUTPUT/NAME/relations.{csv,json,png}")

@@ -4,7 +4,8 @@
 from its ``config`` argument (never from module globals): ``config["stage"]`` is a stage
 class and ``config["cfg"]`` its nested config dict. A stage supplies what differs between
 stages; the loop owns what they share (seeds, DeepSpeed, sampling, weighting and fusion of
-the per-stream losses, progress lines, validation/checkpoint/report, resume)::
+the per-stream losses, progress lines, validation/checkpoint/report, resume; every checkpoint
+carries the run's validation history, ``metrics_history.json``, read by ``raymtl curves``)::
 
     class Stage:
         score: str                  # metric that ranks checkpoints (higher is better)
@@ -147,6 +148,16 @@ def start_metrics(checkpoint_dir: Path | None) -> dict[str, float]:
     return {k: v for k, v in json.loads(f.read_text()).items() if k.endswith("_step0")}
 
 
+HISTORY = "metrics_history.json"
+
+
+def start_history(checkpoint_dir: Path | None) -> list[dict]:
+    """Every validation report of a resumed run so far, from its checkpoint's history (Ray
+    keeps only ``keep_checkpoints`` of the checkpoints; each one carries the whole curve)."""
+    f = checkpoint_dir / HISTORY if checkpoint_dir else None
+    return json.loads(f.read_text()) if f and f.is_file() else []
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
@@ -181,7 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
     forward = engine.module if fuse is not None else engine
 
     # 3. resume from the last checkpoint of this run, if any -----------------------------
-    step, initial = 0, {}
+    step, initial, history = 0, {}, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -189,7 +200,7 @@ def train_loop_per_worker(config: dict) -> None:
             step = client["step"]
             if periodic is not None and "periodic_fusion" in client:
                 periodic.load_state_dict(client["periodic_fusion"])
-            initial = start_metrics(Path(d))
+            initial, history = start_metrics(Path(d)), start_history(Path(d))
         if rank == 0:
             say(f"[raymtl] resumed from checkpoint at step {step}")
     elif stage.validate_at_start:
@@ -253,4 +264,7 @@ def train_loop_per_worker(config: dict) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics,
                                     {"periodic_fusion": periodic.state_dict()} if periodic else None)
+                history = [h for h in history if h["step"] < step] + [metrics]   # a repeated step replaces
+                if rank == 0:
+                    (Path(tmp) / HISTORY).write_text(json.dumps(history))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

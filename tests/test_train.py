@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from raymtl.analysis import load_curve
 from raymtl.cli import main as raymtl_main
 from raymtl.config import smoke
 from raymtl.data import load_splits
@@ -69,6 +70,28 @@ def test_rerun_with_same_name_resumes_from_last_checkpoint(ray_cluster, data_dir
     assert first.metrics["step"] == 10 and first.metrics["start_step"] == 0
     second = fit(smoke_cfg(tmp_path, data_dir, steps=20, eval_every=5, name="resume"))
     assert second.metrics["start_step"] == 10 and second.metrics["step"] == 20
+    # the newest checkpoint carries every report, those of the first run included (Ray keeps 2)
+    history = load_curve(tmp_path / "resume")
+    assert history["step"].tolist() == [5, 10, 15, 20]
+    assert history["val_sst"].iloc[1] == pytest.approx(first.metrics["val_sst"])
+    assert history["val_sst"].iloc[3] == pytest.approx(second.metrics["val_sst"])
+    out = tmp_path / "curves"
+    assert raymtl_main(["curves", f"a={tmp_path / 'resume'}", f"b={second.best_checkpoint}",
+                        "--out", str(out)]) == 0
+    rows = out.joinpath("curves.csv").read_text().splitlines()
+    assert rows[0] == "run,step,metric,value" and out.joinpath("curves.png").stat().st_size > 10_000
+    assert {r.split(",")[2] for r in rows[1:]} == {"val_sst", "val_quora", "val_sts", "overall"}
+    assert sum(r.startswith("a,") for r in rows) == 16          # 4 reports x 4 metrics
+    assert raymtl_main(["curves", str(tmp_path / "resume"), "--metrics", "val_mnli", "--out", str(out)]) == 2
+
+
+def test_curves_name_what_is_missing(tmp_path, capsys):
+    assert raymtl_main(["curves", str(tmp_path / "nope")]) == 2
+    assert f"run directory {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    (tmp_path / "old" / "checkpoint_1").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoint_1" / "metrics.json").write_text('{"step": 5}')
+    assert raymtl_main(["curves", str(tmp_path / "old")]) == 2
+    assert "its checkpoints predate the history" in capsys.readouterr().err
 
 
 def test_predict_and_evaluate_cli(one_worker_run, data_dir, tmp_path, capsys):
