@@ -149,15 +149,14 @@ def load_curve(run: str | Path) -> pd.DataFrame:
     d = Path(run)
     if not d.is_dir():
         raise FileNotFoundError(f"run directory {d} does not exist")
-    candidates = [d] if (d / HISTORY).is_file() else sorted(d.glob(f"checkpoint_*/{HISTORY}"))
-    candidates = [c if c.name == HISTORY else c / HISTORY for c in candidates]
-    if not candidates:
+    files = [d / HISTORY] if (d / HISTORY).is_file() else sorted(d.glob(f"checkpoint_*/{HISTORY}"))
+    if not files:
         has_checkpoints = any(d.glob("checkpoint_*/metrics.json")) or (d / "metrics.json").is_file()
         raise FileNotFoundError(
             f"{d}: no {HISTORY} in it or in a checkpoint_* directory under it"
             + (" (its checkpoints predate the history; re-run to record one)" if has_checkpoints else
                " (not a raymtl run directory or checkpoint)"))
-    histories = [json.loads(c.read_text()) for c in candidates]
+    histories = [json.loads(f.read_text()) for f in files]
     longest = max(histories, key=lambda h: (h[-1]["step"] if h else -1, len(h)))
     return pd.DataFrame(longest).sort_values("step").reset_index(drop=True)
 

@@ -79,6 +79,9 @@ class DataConfig:
         return tuple(n for n in self.related_sets if RELATED[n].target == task)
 
 
+POOLINGS = ("mean", "cls")          # raymtl.model.pool
+
+
 @dataclass
 class ModelConfig:
     encoder: str = _help(
@@ -114,10 +117,10 @@ class ModelConfig:
         for task, mode in self.pair_mode.items():
             _choice("pair_mode task", task, [t for t, s in TASKS.items() if s.is_pair])
             _choice(f"pair_mode[{task}]", mode, {"cross", "bi"})
-        _choice("pooling", self.pooling, {"mean", "cls"})
+        _choice("pooling", self.pooling, POOLINGS)
         for task, how in self.task_pooling.items():
             _choice("task_pooling task", task, TASKS)
-            _choice(f"task_pooling[{task}]", how, {"mean", "cls"})
+            _choice(f"task_pooling[{task}]", how, POOLINGS)
         if not 0 <= self.head_dropout < 1:
             raise ValueError(f"head_dropout={self.head_dropout!r} must be in [0, 1)")
         _choice("task_prefix", self.task_prefix, {"none", "text", "learned"})

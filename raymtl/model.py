@@ -218,9 +218,9 @@ class MultiTaskModel(nn.Module):
         extras = {k: meta.get(k) for k in ("pals", "task_prefix", "prefix_length") if meta.get(k) is not None}
         extras.update({k: v for k, v in overrides.items() if v not in (None, "none")})
         modes = {**(pair_mode or {}), **{t: m for t, m in meta["modes"].items() if m}}
-        own = meta.get("task_pooling", {})        # checkpoints before task_pooling: none
+        saved_pooling = meta.get("task_pooling", {})        # checkpoints before task_pooling: none
         pooling = {**{t: p for t, p in (task_pooling or {}).items() if t not in meta["modes"]},
-                   **{t: own.get(t, meta["pooling"]) for t in meta["modes"]}}
+                   **{t: saved_pooling.get(t, meta["pooling"]) for t in meta["modes"]}}
         dropout = meta.get("head_dropout", head_dropout if head_dropout is not None else 0.1)
         model = cls(encoder, tasks, modes, meta["pooling"], dropout, source=meta["source"],
                     task_pooling=pooling, **extras)
