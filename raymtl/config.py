@@ -170,6 +170,10 @@ class TrainConfig:
         "fuse every N steps; in between, one plain backward of the losses weighted by the last "
         "fusion's task weights (1 = fuse every step, exact; N > 1 costs about 1/N of the fusion)",
         default=10)
+    task_norm: str = _help(
+        "normalise each task's shared gradient by its own running second moment before fusing "
+        "(raymtl.tasknorm: 'adam'), so every task moves every coordinate; needs fusion_every=1",
+        default="none")
     weighting: str = _help("loss weighting: fixed, uncertainty, dwa, softmax (raymtl.weighting)",
                            default="fixed")
     task_weights: dict[str, float] = _help("fixed loss weight per task (others weigh 1)",
@@ -193,6 +197,11 @@ class TrainConfig:
         from raymtl.weighting import WEIGHTINGS
         _choice("fusion", self.fusion, FACTORIES)
         _choice("weighting", self.weighting, WEIGHTINGS)
+        from raymtl.tasknorm import TASK_NORMS
+        _choice("task_norm", self.task_norm, TASK_NORMS)
+        if self.task_norm != "none" and self.fusion_every != 1:
+            raise ValueError(f"task_norm={self.task_norm!r} rescales every step's per-task gradients and "
+                             f"needs fusion_every=1 (--fusion-every 1), not {self.fusion_every}")
         for task, w in self.task_weights.items():
             _choice("task_weights task", task, TASKS)
             try:
@@ -202,7 +211,7 @@ class TrainConfig:
             _positive(f"task_weights[{task}]", self.task_weights[task], allow_zero=True)
 
     def per_task_gradients(self) -> bool:
-        return self.fusion != "sum" or self.diagnostics
+        return self.fusion != "sum" or self.diagnostics or self.task_norm != "none"
 
     def warmup_steps(self) -> int:
         return int(self.steps * self.warmup_ratio)

@@ -98,7 +98,7 @@ def initialize(model: torch.nn.Module, cfg):
 def save_checkpoint(engine, directory: Path, step: int, rank: int, tokenizer, cfg_dict: dict,
                     metrics: dict, client: dict | None = None) -> None:
     """Collective: every rank writes its DeepSpeed shard; rank 0 also writes the HF model.
-    ``client`` (plain lists, numbers, strings) is stored next to the step for the loop."""
+    ``client`` (plain lists, numbers, strings, tensors) is stored next to the step for the loop."""
     engine.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG, client_state={**(client or {}), "step": step})
     model = engine.module
     extra = {"step": step, "max_length": cfg_dict["data"]["max_length"]}

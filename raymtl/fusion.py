@@ -220,8 +220,10 @@ class _HandOver(torch.autograd.Function):
 
 def _fused_step(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
                 others: list[torch.nn.Parameter], weigh: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                diagnostics: dict | None) -> torch.Tensor:
+                diagnostics: dict | None, normalise: Callable | None = None) -> torch.Tensor:
     """One backward per task over ``shared + others`` -> the step's loss.
+    ``normalise`` (``raymtl.tasknorm``) rescales the shared gradients, averaged over workers,
+    before they are weighed.
     ``weigh(R)``, with ``R`` a ``[T, T]`` factor of the shared gradients' Gramian
     (``gramian_factor``), gives the weights of the shared gradients and of the other parameters'.
     Per parameter, the shared parameters get ``sum_t w_t g_t`` (zeros if no task reaches one:
@@ -230,6 +232,8 @@ def _fused_step(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter
     grads = per_task_gradients(losses, list(shared) + list(others))
     mine = [g[:k] for g in grads]
     _average_over_workers(mine, shared)                              # every worker: the same
+    if normalise is not None:
+        normalise(mine, list(losses), shared)
     gram = gramian(mine)
     w, w_others = weigh(gramian_factor(gram))
     if diagnostics is not None:
@@ -243,7 +247,8 @@ def _fused_step(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter
 
 def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
                     heads: list[torch.nn.Parameter], fuse: Fusion,
-                    diagnostics: dict | None = None, prefs: dict[str, float] | None = None) -> torch.Tensor:
+                    diagnostics: dict | None = None, prefs: dict[str, float] | None = None,
+                    normalise: Callable | None = None) -> torch.Tensor:
     """A scalar whose gradient w.r.t. the shared parameters is the fused gradient and w.r.t.
     every other parameter (task heads, PALs) is the plain gradient of the summed losses (each
     scaled by its preference ``prefs[task]``, default 1). Both come from the same one backward
@@ -258,7 +263,7 @@ def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Param
         ones = torch.ones(len(names), dtype=R.dtype, device=R.device)
         return preferred(task_weights(fuse, R), names, prefs), preferred(ones, names, prefs)
 
-    return _fused_step(losses, shared, heads, weigh, diagnostics)
+    return _fused_step(losses, shared, heads, weigh, diagnostics, normalise)
 
 
 class PeriodicFusion:

@@ -36,6 +36,7 @@ import torch
 
 from raymtl.data import collate
 from raymtl.fusion import PeriodicFusion, fused_surrogate, make_fusion
+from raymtl.tasknorm import make_task_norm
 from raymtl.model import tokenizer_source
 from raymtl.sampling import get_sampler
 from raymtl.weighting import Fixed
@@ -183,6 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
     others = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
     fuse = make_fusion(cfg.train.fusion, len(names)) if cfg.train.per_task_gradients() else None
     periodic = PeriodicFusion(fuse, cfg.train.fusion_every) if fuse and cfg.train.fusion_every > 1 else None
+    normalise = make_task_norm(cfg.train.task_norm)          # None, or every step (fusion_every 1)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.init_from or cfg.model.encoder))
     engine = eng.initialize(model, cfg)
     device = engine.device
@@ -200,6 +202,8 @@ def train_loop_per_worker(config: dict) -> None:
             step = client["step"]
             if periodic is not None and "periodic_fusion" in client:
                 periodic.load_state_dict(client["periodic_fusion"])
+            if normalise is not None and "task_norm" in client:
+                normalise.load_state_dict(client["task_norm"])
             initial, history = start_metrics(Path(d)), start_history(Path(d))
         if rank == 0:
             say(f"[raymtl] resumed from checkpoint at step {step}")
@@ -235,7 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if periodic is not None:
                     engine.backward(periodic.loss(fused_in, shared, step, diag, prefs, others=others))
                 else:
-                    engine.backward(fused_surrogate(fused_in, shared, others, fuse, diag, prefs))
+                    engine.backward(fused_surrogate(fused_in, shared, others, fuse, diag, prefs, normalise))
             for k, v in diag.items():                    # (sum, count): periodic fusion measures
                 diag_sum[k] = (diag_sum.get(k, (0.0, 0))[0] + v, diag_sum.get(k, (0.0, 0))[1] + 1)
             engine.step()
@@ -262,8 +266,9 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 say("[raymtl] validation step %d: %s" % (step, " ".join(f"{k}={v:.4f}" for k, v in scores.items())))
             with tempfile.TemporaryDirectory() as tmp:
-                eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics,
-                                    {"periodic_fusion": periodic.state_dict()} if periodic else None)
+                client = {**({"periodic_fusion": periodic.state_dict()} if periodic else {}),
+                          **({"task_norm": normalise.state_dict()} if normalise else {})}
+                eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics, client)
                 history = [h for h in history if h["step"] < step] + [metrics]   # a repeated step replaces
                 if rank == 0:
                     (Path(tmp) / HISTORY).write_text(json.dumps(history))
