@@ -18,6 +18,8 @@ from raymtl.sampling import SAMPLERS
     ("pair_mode", {"sts": "siamese"}, r"pair_mode\[sts\]='siamese' is not valid"),
     ("task_pooling", {"sst": "max"}, r"task_pooling\[sst\]='max' is not valid"),
     ("task_pooling", {"mnli": "cls"}, r"task_pooling task='mnli' is not valid"),
+    ("task_norm", "rms", r"task_norm='rms' is not valid; choose one of \['adam', 'none'\]"),
+    ("task_norm", "adam", r"task_norm='adam' rescales every step's per-task gradients and needs fusion_every=1"),
     ("precision", "fp16", r"precision='fp16' needs use_gpu=True"),
     ("placement_strategy", "ANYWHERE", r"placement_strategy='ANYWHERE' is not valid; choose one of \['PACK'"),
     ("batch_size", 33, r"batch_size=33 must be divisible by num_workers x grad_accum = 2"),

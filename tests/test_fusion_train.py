@@ -67,3 +67,32 @@ def test_periodic_fusion_trains_and_reports_the_task_weights(ray_cluster, data_d
     assert m["step"] == 3 and torch.isfinite(torch.tensor(m["train_loss"]))
     weights = [m[f"fusion_weight_{t}"] for t in ("sst", "quora", "sts")]
     assert all(w > 0 for w in weights) and sum(weights) == pytest.approx(1.0, abs=1e-4)   # IMTL-G's
+
+
+
+def test_task_norm_state_follows_the_run_into_its_checkpoint_and_back(ray_cluster, data_dir, tmp_path):
+    import json
+    from pathlib import Path
+
+    from raymtl.config import smoke
+    from raymtl.model import MultiTaskModel
+    from raymtl.trainer import fit
+
+    def client_state(run_dir, step):
+        """The loop's task_norm state in the run's checkpoint of ``step``."""
+        checkpoint = next(d for d in Path(run_dir).glob("checkpoint_*")
+                          if json.loads((d / "metrics.json").read_text())["step"] == step)
+        state = torch.load(checkpoint / "deepspeed/state/mp_rank_00_model_states.pt", weights_only=False)
+        return checkpoint, state["task_norm"]
+
+    cfg = smoke().replace(data_dir=data_dir, output=str(tmp_path), steps=2, eval_every=2, max_rows=120,
+                          fusion="sum", fusion_every=1, task_norm="adam", name="tn", cpus_per_worker=1.0)
+    first = fit(cfg, verbose=False)
+    checkpoint, state = client_state(first.run_dir, 2)
+    assert state["counts"] == {"sst": 2, "quora": 2, "sts": 2}            # one update per step and task
+    shared = [p for n, p in MultiTaskModel.load(checkpoint).named_parameters() if n.startswith("encoder.")]
+    assert [v.shape for v in state["moments"]["sst"]] == [p.shape for p in shared]
+    assert all(torch.isfinite(v).all() and (v >= 0).all() and v.sum() > 0 for v in state["moments"]["sts"])
+    second = fit(cfg.replace(steps=3, eval_every=1), verbose=False)         # resumes at step 2
+    assert second.metrics["start_step"] == 2
+    assert client_state(second.run_dir, 3)[1]["counts"] == {"sst": 3, "quora": 3, "sts": 3}
