@@ -165,8 +165,8 @@ def train_loop_per_worker(config: dict) -> None:
     from transformers import AutoTokenizer
 
     from raymtl import engine as eng
-    from raymtl.trainer import quiet_ray_data
-    quiet_ray_data()
+    from raymtl.trainer import configure_ray_data
+    configure_ray_data()
 
     # 1. stage, config, seeds, threads ---------------------------------------------------
     stage = config["stage"](config)

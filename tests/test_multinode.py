@@ -18,7 +18,7 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from raymtl.trainer import quiet_ray_data
+    from raymtl.trainer import configure_ray_data
     # a head that runs nothing, and two 2-CPU nodes
     import socket
     with socket.socket() as sock:          # 8265 may be held by another Ray on this machine
@@ -29,7 +29,7 @@ def cluster():
                                 "dashboard_port": dashboard_port})
     nodes = [c.add_node(num_cpus=2) for _ in range(2)]
     c.wait_for_nodes()
-    quiet_ray_data()
+    configure_ray_data()
     yield c, nodes
     ray.shutdown()
     c.shutdown()
