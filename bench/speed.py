@@ -176,7 +176,7 @@ def main(argv=None):
 
     import ray
 
-    from raymtl.trainer import prepare_data, configure_ray_data
+    from raymtl.trainer import configure_ray_data, prepare_data
     configure_ray_data()
     t0 = time.perf_counter()
     fresh = not ray.is_initialized()        # the --smoke test runs inside an existing cluster

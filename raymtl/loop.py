@@ -36,9 +36,9 @@ import torch
 
 from raymtl.data import collate
 from raymtl.fusion import PeriodicFusion, fused_surrogate, make_fusion
-from raymtl.tasknorm import make_task_norm
 from raymtl.model import tokenizer_source
 from raymtl.sampling import get_sampler
+from raymtl.tasknorm import make_task_norm
 from raymtl.weighting import Fixed
 
 
