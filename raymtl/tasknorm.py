@@ -35,8 +35,8 @@ class SecondMoment:
 
     def __call__(self, grads: list[list[torch.Tensor | None]], names: list[str],
                  shared: list[torch.nn.Parameter]) -> None:
-        before = after = 0.0
-        for name, g in zip(names, grads):
+        before, after = [], []                                    # squared norms, summed once:
+        for name, g in zip(names, grads):                        # one device sync per step
             v = self.moments.setdefault(name, [torch.zeros_like(p) for p in shared])
             if v and v[0].device != shared[0].device:             # resumed: loaded on the CPU
                 v[:] = [x.to(p.device) for x, p in zip(v, shared)]
@@ -46,10 +46,13 @@ class SecondMoment:
                 if x is None:
                     continue
                 v[i].mul_(self.beta).addcmul_(x, x, value=1.0 - self.beta)
-                before += float(x.float().square().sum())
+                before.append(x.float().square().sum())
                 g[i] = x / (v[i] / correction).sqrt().add_(self.eps)
-                after += float(g[i].float().square().sum())
-        scale = math.sqrt(before / after) if after > 0 else 1.0
+                after.append(g[i].float().square().sum())
+        if not after:
+            return
+        total_before, total_after = torch.stack(before).sum().item(), torch.stack(after).sum().item()
+        scale = math.sqrt(total_before / total_after) if total_after > 0 else 1.0
         for g in grads:
             g[:] = [x if x is None else x.mul_(scale) for x in g]
 

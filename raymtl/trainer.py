@@ -85,8 +85,9 @@ def build_trainer(cfg: MTLConfig, datasets: dict, train_sizes: dict[str, int], l
         loop or train_loop_per_worker,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "train_sizes": train_sizes},
         scaling_config=scaling, run_config=run, datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[
-            k for k in datasets if k.startswith("train_") and s.num_workers > 1], execution_options=ingest_options()))
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[k for k in datasets if k.startswith("train_") and s.num_workers > 1],
+            execution_options=ingest_options()))
 
 
 def prepare_data(cfg: MTLConfig, verbose: bool = True):

@@ -69,7 +69,6 @@ def test_periodic_fusion_trains_and_reports_the_task_weights(ray_cluster, data_d
     assert all(w > 0 for w in weights) and sum(weights) == pytest.approx(1.0, abs=1e-4)   # IMTL-G's
 
 
-
 def test_task_norm_state_follows_the_run_into_its_checkpoint_and_back(ray_cluster, data_dir, tmp_path):
     import json
     from pathlib import Path
