@@ -84,7 +84,9 @@ def add_pals(model, tasks: list[str], cfg: PALConfig) -> None:
             return output + extra
         return add_pal
 
-    for i, layer in enumerate(layers):
+    own = [(len(layers) - len(ls) + j, layer) for ls in getattr(model, "task_layers", {}).values()
+           for j, layer in enumerate(ls)]                 # a task's own top layers (raymtl.model)
+    for i, layer in [*enumerate(layers), *own]:
         layer.register_forward_hook(hook(i), with_kwargs=True)
 
 

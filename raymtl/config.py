@@ -95,6 +95,10 @@ class ModelConfig:
         "per task: a pooling that replaces `pooling` for that task's embeddings, e.g. sst=cls "
         "(the task's head then reads a vector the other tasks' objectives do not shape directly)",
         default_factory=dict)
+    task_layers: dict[str, int] = _help(
+        "per task: run its own copy of the encoder's top N layers, e.g. sst=1 (copied from the "
+        "encoder at the start, trained by that task alone; the layers below stay shared)",
+        default_factory=dict)
     head_dropout: float = _help("dropout before each task head", default=0.1)
     unpad: bool = _help(
         "run the encoder on the real tokens only, padding left out of every per-token operation "
@@ -121,6 +125,13 @@ class ModelConfig:
         for task, how in self.task_pooling.items():
             _choice("task_pooling task", task, TASKS)
             _choice(f"task_pooling[{task}]", how, POOLINGS)
+        for task, n in self.task_layers.items():
+            _choice("task_layers task", task, TASKS)
+            try:
+                self.task_layers[task] = int(str(n).strip())
+            except (TypeError, ValueError):
+                raise ValueError(f"task_layers[{task}]={n!r} is not a whole number") from None
+            _positive(f"task_layers[{task}]", self.task_layers[task])
         if not 0 <= self.head_dropout < 1:
             raise ValueError(f"head_dropout={self.head_dropout!r} must be in [0, 1)")
         _choice("task_prefix", self.task_prefix, {"none", "text", "learned"})

@@ -13,12 +13,13 @@ DS_TAG = "state"
 def param_groups(model: torch.nn.Module, cfg) -> tuple[list[dict], list[float]]:
     """AdamW groups: encoder weights (decayed), encoder biases/LayerNorm (not decayed), and the
     task heads at their own, higher learning rate: a fresh linear head on small-norm mean-pooled
-    features barely moves at an encoder-sized learning rate. Returns (groups, peak lr per group)."""
+    features barely moves at an encoder-sized learning rate. A task's own top layers (copies of
+    encoder layers) train like the encoder. Returns (groups, peak lr per group)."""
     enc_decay, enc_plain, heads = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if not name.startswith("encoder."):  # task heads and learnable loss weights
+        if not name.startswith(("encoder.", "task_layers.")):  # task heads, PALs, loss weights
             heads.append(p)
         elif p.ndim < 2:
             enc_plain.append(p)

@@ -3,12 +3,15 @@
 Checkpoint layout (everything loads without pickle)::
 
     encoder/            AutoModel.save_pretrained (safetensors) + tokenizer
-    heads.safetensors   task heads ("heads.<task>.*"), PALs ("pals.*"), learned prefixes
-    raymtl.json         model config (encoder source, pair modes, pooling per task, tasks)
+    heads.safetensors   task heads ("heads.<task>.*"), PALs ("pals.*"), learned prefixes,
+                        tasks' own top layers ("task_layers.<task>.*")
+    raymtl.json         model config (encoder source, pair modes, pooling and own layers per task)
 """
 from __future__ import annotations
 
+import copy
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -65,6 +68,33 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+LAYER_STACKS = ("encoder", "transformer")    # BERT-likes: encoder.layer; DistilBERT: transformer.layer
+
+
+def layer_stack(encoder: nn.Module) -> nn.Module:
+    """The module whose ``layer`` list the encoder's forward runs."""
+    for name in LAYER_STACKS:
+        stack = getattr(encoder, name, None)
+        if isinstance(getattr(stack, "layer", None), nn.ModuleList):
+            return stack
+    raise ValueError(f"task_layers: no layer list found in {type(encoder).__name__} "
+                     f"(looked for {', '.join(n + '.layer' for n in LAYER_STACKS)})")
+
+
+def own_top_layers(encoder: nn.Module, task_layers: dict[str, int], tasks) -> nn.ModuleDict:
+    """Per task in ``task_layers`` (and in ``tasks``): copies of the encoder's top N layers,
+    which that task's rows run instead of the shared ones (the layers below stay shared)."""
+    task_layers = {t: n for t, n in task_layers.items() if t in tasks}
+    if not task_layers:
+        return nn.ModuleDict()
+    layers = layer_stack(encoder).layer
+    for task, n in task_layers.items():
+        if n > len(layers):
+            raise ValueError(f"task_layers[{task}]={n} must be at most the encoder's {len(layers)} layers")
+    return nn.ModuleDict({t: nn.ModuleList(copy.deepcopy(layer) for layer in layers[len(layers) - n:])
+                          for t, n in task_layers.items()})
+
+
 def head_kind(spec: TaskSpec, mode: str | None) -> str:
     """'classifier' for class tasks; score tasks: 'cosine' as a bi-encoder, else 'regression'."""
     return "classifier" if spec.label_type == "class" else "cosine" if mode == "bi" else "regression"
@@ -119,7 +149,8 @@ class MultiTaskModel(nn.Module):
     def __init__(self, encoder: nn.Module, tasks: list[str], pair_mode: dict[str, str],
                  pooling: str = "mean", head_dropout: float = 0.1, source: str = "default",
                  pals: dict | None = None, task_prefix: str = "none", prefix_length: int = 4,
-                 unpad: bool = True, task_pooling: dict[str, str] | None = None):
+                 unpad: bool = True, task_pooling: dict[str, str] | None = None,
+                 task_layers: dict[str, int] | None = None):
         super().__init__()
         self.encoder, self.pooling, self.source = encoder, pooling, source
         self.task_pooling = {t: how for t, how in (task_pooling or {}).items() if t in tasks and how != pooling}
@@ -128,6 +159,7 @@ class MultiTaskModel(nn.Module):
         hidden = encoder.config.hidden_size
         self.heads = nn.ModuleDict({t: Head(TASKS[t], self.modes[t], hidden, head_dropout) for t in tasks})
         self.active_task, self.active_padding = None, None      # read by the PAL hooks
+        self.task_layers = own_top_layers(encoder, task_layers or {}, tasks)   # before PALs hook the layers
         if pals and pals.get("tasks"):    # PALs only for this model's tasks (a checkpoint's others are dropped)
             kept = [t for t in tasks if t in pals["tasks"]]
             pals = {**pals, "tasks": kept} if kept else None
@@ -144,11 +176,31 @@ class MultiTaskModel(nn.Module):
     def pooling_of(self, task: str) -> str:
         return self.task_pooling.get(task, self.pooling)
 
+    def layers_of(self, task: str) -> list[nn.Module]:
+        """The encoder layers a task's rows run: the shared ones, its own at the top."""
+        shared = list(layer_stack(self.encoder).layer)
+        own = list(self.task_layers[task]) if task in self.task_layers else []
+        return shared[:len(shared) - len(own)] + own
+
+    @contextmanager
+    def _layers_in_place(self, task: str):
+        """Hugging Face's forward runs ``encoder.encoder.layer``: the task's list, for one call."""
+        if task not in self.task_layers:
+            yield
+            return
+        stack = layer_stack(self.encoder)
+        shared = stack.layer
+        stack.layer = nn.ModuleList(self.layers_of(task))
+        try:
+            yield
+        finally:
+            stack.layer = shared
+
     @classmethod
     def from_config(cls, model_cfg, tasks, seed: int = 0) -> "MultiTaskModel":
         extras = dict(pals=model_cfg.pal_settings(), task_prefix=model_cfg.task_prefix,
                       prefix_length=model_cfg.prefix_length, unpad=model_cfg.unpad,
-                      task_pooling=model_cfg.task_pooling)
+                      task_pooling=model_cfg.task_pooling, task_layers=model_cfg.task_layers)
         if model_cfg.init_from:
             model = cls.load(model_cfg.init_from, tasks=tasks, pair_mode=model_cfg.pair_mode,
                              head_dropout=model_cfg.head_dropout, **extras)
@@ -166,11 +218,13 @@ class MultiTaskModel(nn.Module):
         if self.unpad:
             pals = getattr(self, "pals", {})
             extra = pals[task].forward_packed if task in pals else None
-            packed, packing = unpadded_forward(self.encoder, layer_extra=extra, **inputs)
+            layers = self.layers_of(task) if task in self.task_layers else None
+            packed, packing = unpadded_forward(self.encoder, layer_extra=extra, layers=layers, **inputs)
             return pool(packing.unpack(packed), mask, self.pooling_of(task))  # (B, H)
         self.active_task, self.active_padding = task, mask == 0      # read by the PAL hooks
         try:
-            hidden = self.encoder(**inputs).last_hidden_state        # (B, T, H)
+            with self._layers_in_place(task):
+                hidden = self.encoder(**inputs).last_hidden_state    # (B, T, H)
         finally:
             self.active_task, self.active_padding = None, None
         return pool(hidden, mask, self.pooling_of(task))             # (B, H)
@@ -187,11 +241,13 @@ class MultiTaskModel(nn.Module):
                 "modes": self.modes,
                 "head_dropout": self.heads[next(iter(self.heads))].drop.p,
                 "pals": self.pal_settings, "task_prefix": self.task_prefix,
-                "prefix_length": self.prefix_length}
+                "prefix_length": self.prefix_length,
+                "task_layers": {t: len(layers) for t, layers in self.task_layers.items()}}
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        """Weights outside the HF encoder: heads, PALs, learned prefixes (``heads.safetensors``)."""
-        keep = ("heads.", "pals.", "prefix.")
+        """Weights outside the HF encoder: heads, PALs, learned prefixes, tasks' own layers
+        (``heads.safetensors``)."""
+        keep = ("heads.", "pals.", "prefix.", "task_layers.")
         return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k.startswith(keep)}
 
     def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None) -> None:
@@ -202,11 +258,14 @@ class MultiTaskModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, tasks: list[str] | None = None, pair_mode: dict | None = None,
-             head_dropout: float | None = None, task_pooling: dict | None = None, **overrides) -> "MultiTaskModel":
+             head_dropout: float | None = None, task_pooling: dict | None = None,
+             task_layers: dict | None = None, **overrides) -> "MultiTaskModel":
         """Load a raymtl checkpoint. With ``tasks``, heads missing from it start fresh, in
         ``pair_mode`` and ``task_pooling`` (the checkpoint's own modes and poolings win for the
         heads it has); a checkpoint without heads (``jobs/pretrain.py``) takes ``head_dropout``
-        too. ``overrides`` (pals, task_prefix, prefix_length) add adapters the checkpoint lacks."""
+        too. ``task_layers`` gives tasks without their own layers in the checkpoint fresh copies
+        of its top layers (a different count for a task that has them is an error).
+        ``overrides`` (pals, task_prefix, prefix_length) add adapters the checkpoint lacks."""
         from safetensors.torch import load_file
         from transformers import AutoModel
         d = Path(directory)
@@ -222,8 +281,12 @@ class MultiTaskModel(nn.Module):
         pooling = {**{t: p for t, p in (task_pooling or {}).items() if t not in meta["modes"]},
                    **{t: saved_pooling.get(t, meta["pooling"]) for t in meta["modes"]}}
         dropout = meta.get("head_dropout", head_dropout if head_dropout is not None else 0.1)
+        saved_layers = meta.get("task_layers", {})          # checkpoints before task_layers: none
+        for t, n in (task_layers or {}).items():
+            if saved_layers.get(t, n) != n:
+                raise ValueError(f"{d} has {saved_layers[t]} own layer(s) for {t}; task_layers asks {n}")
         model = cls(encoder, tasks, modes, meta["pooling"], dropout, source=meta["source"],
-                    task_pooling=pooling, **extras)
+                    task_pooling=pooling, task_layers={**(task_layers or {}), **saved_layers}, **extras)
         saved = load_file(str(d / "heads.safetensors"))
         own = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
         model.load_state_dict({k: saved.get(k, v) for k, v in own.items()}, strict=False)

@@ -65,17 +65,19 @@ LayerExtra = Callable[[int, torch.Tensor, Packing], torch.Tensor]
 
 def unpadded_forward(encoder, attention_mask: torch.Tensor, input_ids: torch.Tensor | None = None,
                      token_type_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                     layer_extra: LayerExtra | None = None) -> tuple[torch.Tensor, Packing]:
+                     layer_extra: LayerExtra | None = None,
+                     layers: list | None = None) -> tuple[torch.Tensor, Packing]:
     """The encoder's last hidden state at the real positions, packed: ((N, H), packing).
 
     ``layer_extra(i, h_in, packing)``, if given, returns an (N, H) term added to layer i's
-    output, where ``h_in`` is that layer's packed input (as a forward hook would see it)."""
+    output, where ``h_in`` is that layer's packed input (as a forward hook would see it).
+    ``layers`` replaces the encoder's own layer list (a task's own top layers, ``raymtl.model``)."""
     packing = Packing(attention_mask)
     h = packing.pack(encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids,
                                         inputs_embeds=inputs_embeds))
     B, T = packing.shape
     keep = attention_mask.bool()[:, None, None, :]                       # (B, 1, 1, T)
-    for i, layer in enumerate(encoder.encoder.layer):
+    for i, layer in enumerate(encoder.encoder.layer if layers is None else layers):
         att = layer.attention.self
         d = att.attention_head_size
 

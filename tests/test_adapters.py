@@ -129,3 +129,31 @@ def test_task_pooling_gives_one_task_its_own_read_out_and_survives_the_round_tri
     sst_only.save(tmp_path / "sst")
     grown = MultiTaskModel.load(tmp_path / "sst", tasks=["sst", "quora"], task_pooling={"sst": "mean", "quora": "cls"})
     assert grown.task_pooling == {"sst": "cls", "quora": "cls"}                   # a new head takes the asked one
+
+
+def test_own_top_layers_belong_to_their_task_and_survive_the_round_trip(tmp_path):
+    plain, own = tiny(pals=False), tiny(pals=False, task_layers={"sst": 1})
+    own.load_state_dict({**own.state_dict(), **plain.state_dict()})
+    b, pair = batch(), batch(pair=True)
+    assert torch.allclose(own("sst", b), plain("sst", b), atol=1e-6)     # copies of the top layer
+    with torch.no_grad():
+        for p in own.task_layers.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    assert not torch.allclose(own("sst", b), plain("sst", b), atol=1e-4)
+    assert torch.equal(own("sts", pair), plain("sts", pair))              # the others: shared layers
+    own.zero_grad()
+    own("sst", b).sum().backward()
+    reached = {n.split(".")[3] for n, p in own.named_parameters() if p.grad is not None and n.startswith("encoder.encoder.layer.")}
+    assert reached == {"0"}                             # SST trains its own top layer, not the shared one
+    assert all(p.grad is not None for p in own.task_layers["sst"].parameters())
+    own.save(tmp_path)
+    back = MultiTaskModel.load(tmp_path).eval()
+    assert back.meta()["task_layers"] == {"sst": 1}
+    assert torch.allclose(back("sst", b), own("sst", b), atol=1e-6)
+    grown = MultiTaskModel.load(tmp_path, task_layers={"sts": 1}).eval()  # a task without them gets copies
+    assert grown.meta()["task_layers"] == {"sst": 1, "sts": 1}
+    assert torch.allclose(grown("sts", pair), back("sts", pair), atol=1e-6)
+    with pytest.raises(ValueError, match="has 1 own layer\\(s\\) for sst; task_layers asks 2"):
+        MultiTaskModel.load(tmp_path, task_layers={"sst": 2})
+    with pytest.raises(ValueError, match="task_layers\\[sst\\]=3 must be at most the encoder's 2 layers"):
+        tiny(task_layers={"sst": 3})

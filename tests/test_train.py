@@ -1,6 +1,7 @@
 """Real Ray Train + DeepSpeed runs on the real data, through the smoke config (tiny random BERT)."""
 import numpy as np
 import pytest
+import torch
 
 from raymtl.analysis import load_curve
 from raymtl.cli import main as raymtl_main
@@ -56,13 +57,17 @@ def test_one_worker_loss_falls_and_checkpoint_reloads(one_worker_run):
 
 
 def test_two_workers_zero2(ray_cluster, data_dir, tmp_path):
-    cfg = smoke_cfg(tmp_path, data_dir, num_workers=2, cpus_per_worker=0.9, zero_stage=2, worker_niceness=7)
+    cfg = smoke_cfg(tmp_path, data_dir, num_workers=2, cpus_per_worker=0.9, zero_stage=2, worker_niceness=7,
+                    task_layers={"sst": 1})                  # SST's own top layer trains and is saved too
     summary = fit(cfg)
     assert summary.best_metrics["worker_niceness"] == 7
     losses = losses_of(summary.run_dir)
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     again = reloaded_scores(cfg, summary.best_checkpoint)
     assert again["overall"] == pytest.approx(summary.best_metrics["overall"], abs=1e-5)
+    model = MultiTaskModel.load(summary.best_checkpoint)
+    own, shared = model.task_layers["sst"][0].state_dict(), model.encoder.encoder.layer[-1].state_dict()
+    assert any(not torch.equal(own[k], shared[k]) for k in own)   # they started equal; SST moved its own
 
 
 def test_rerun_with_same_name_resumes_from_last_checkpoint(ray_cluster, data_dir, tmp_path):

@@ -35,12 +35,16 @@ def outputs_and_grads(model, task, batch):
     {"pals": True, "pal_tasks": (), "pal_rank": 8, "pal_heads": 2},
     {"pals": True, "pal_tasks": ("sts",), "pal_rank": 8, "pal_heads": 2, "task_prefix": "learned"},
     {"pals": False, "pair_mode": {"quora": "cross", "sts": "cross"}},
-], ids=["plain", "pals", "sts-pals+prefix", "cross"])
+    {"pals": True, "pal_tasks": ("sst",), "pal_rank": 8, "pal_heads": 2, "task_layers": {"sst": 1, "sts": 2}},
+], ids=["plain", "pals", "sts-pals+prefix", "cross", "own-layers+pals"])
 def test_unpadded_model_equals_the_padded_one(extras):
     model = MultiTaskModel.from_config(ModelConfig(encoder="tiny-random", **extras), TASKS, seed=0).eval()
     assert model.unpad
     for p in getattr(model, "pals", torch.nn.ModuleDict()).parameters():   # fresh PALs add zero
         torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():                          # fresh own layers equal the shared ones
+        for p in model.task_layers.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
     for task in TASKS:
         batch = ragged_batch(pair=task != "sst")
         model.unpad = True
