@@ -84,8 +84,8 @@ class PretrainJobConfig(MTLConfig):
     def __post_init__(self):
         super().__post_init__()
         m = self.model
-        if m.pals or m.task_prefix != "none" or m.train_only_adapters:
-            raise ValueError("pals, task_prefix and train_only_adapters belong to the multi-task stage; "
+        if m.pals or m.task_prefix != "none" or m.train_only_adapters or m.task_layers:
+            raise ValueError("pals, task_prefix, task_layers and train_only_adapters belong to the multi-task stage; "
                              "pre-training trains the whole encoder")
         for name in ("mlm_batch_size", "unsup_batch_size", "sup_batch_size"):
             if getattr(self.pretrain, name) % self.micro_divisor():

@@ -28,7 +28,8 @@ def test_config_section_names_are_unique_and_bad_values_name_the_field():
     for overrides, message in [({"simcse_temperature": 0.0}, "simcse_temperature=0.0 must be > 0"),
                                ({"mlm_mask_prob": 1.0}, r"mlm_mask_prob=1.0 must be in \(0, 1\)"),
                                ({"num_workers": 2, "sup_batch_size": 5}, "sup_batch_size=5 must be divisible"),
-                               ({"pals": True}, "pals, task_prefix and train_only_adapters belong")]:
+                               ({"pals": True}, "pals, task_prefix, task_layers and train_only_adapters belong"),
+                               ({"task_layers": {"sst": 1}}, "task_layers and train_only_adapters belong")]:
         with pytest.raises(ValueError, match=message):
             pretrain_smoke().replace(**overrides)
     import argparse
