@@ -112,7 +112,8 @@ class ModelConfig:
     pal_tasks: tuple[str, ...] = _help(
         "tasks that get PALs when they are trained, comma-separated (empty = every task)",
         default=("sts",))
-    train_only_adapters: bool = _help("freeze the encoder; train PALs, prefixes and heads only", default=False)
+    train_only_adapters: bool = _help(
+        "freeze the encoder; train PALs, prefixes, tasks' own layers and heads only", default=False)
     task_prefix: str = _help("'none', 'text' (a 'task :' prefix in the input) or 'learned' "
                              "(trainable vectors after [CLS])", default="none")
     prefix_length: int = _help("vectors per task for task_prefix='learned'", default=4)

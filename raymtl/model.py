@@ -184,7 +184,7 @@ class MultiTaskModel(nn.Module):
 
     @contextmanager
     def _layers_in_place(self, task: str):
-        """Hugging Face's forward runs ``encoder.encoder.layer``: the task's list, for one call."""
+        """Hugging Face's forward runs the encoder's own layer list: the task's, for one call."""
         if task not in self.task_layers:
             yield
             return
