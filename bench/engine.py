@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from raymtl.config import NO_PALS, SUM_LOSS, MTLConfig, smoke
+from raymtl.config import PLAIN_ENCODER, SUM_LOSS, MTLConfig, smoke
 from raymtl.data import batch_from_rows, load_splits
 from raymtl.engine import initialize, param_groups
 from raymtl.model import MultiTaskModel, tokenizer_source
@@ -40,7 +40,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6, help="steps per loop per round (the first is not timed)")
     p.add_argument("--port", type=int, default=29571, help="port of the 1-process gloo group")
     a = p.parse_args(argv)
-    cfg = (smoke() if a.smoke else MTLConfig()).replace(batch_size=32, steps=1000, **SUM_LOSS, **NO_PALS)
+    cfg = (smoke() if a.smoke else MTLConfig()).replace(batch_size=32, steps=1000, **SUM_LOSS, **PLAIN_ENCODER)
     rounds, steps = (2, 3) if a.smoke else (a.rounds, a.steps)
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(a.port)}.items():

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from raymtl.config import NO_PALS, MTLConfig, smoke
+from raymtl.config import PLAIN_ENCODER, MTLConfig, smoke
 from raymtl.data import batch_from_rows, load_splits
 from raymtl.fusion import FUSION_METHODS, fused_surrogate, make_fusion
 from raymtl.model import MultiTaskModel, tokenizer_source
@@ -28,7 +28,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     a = p.parse_args(argv)
-    cfg = (smoke() if a.smoke else MTLConfig()).replace(**NO_PALS)   # as measured: the plain encoder
+    cfg = (smoke() if a.smoke else MTLConfig()).replace(**PLAIN_ENCODER)   # as measured: the plain encoder
     rounds = 2 if a.smoke else a.rounds
     torch.set_num_threads(2)
     from transformers import AutoTokenizer

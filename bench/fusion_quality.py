@@ -12,7 +12,7 @@ be run method by method. Prints the best checkpoint's validation scores per meth
 import argparse
 from pathlib import Path
 
-from raymtl.config import NO_PALS, MTLConfig, smoke
+from raymtl.config import PLAIN_ENCODER, MTLConfig, smoke
 from raymtl.trainer import fit_once
 
 
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="runs/fusion")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
-    base = (smoke() if a.smoke else MTLConfig()).replace(output=str(Path(a.output).resolve()), **NO_PALS)
+    base = (smoke() if a.smoke else MTLConfig()).replace(output=str(Path(a.output).resolve()), **PLAIN_ENCODER)
     rows = {m: fit_once(base.replace(fusion=m, fusion_every=1, name=f"fusion-{m}")) for m in a.methods.split(",")}
     print(f"\n{'fusion':<9} {'SST acc':>8} {'Quora acc':>10} {'STS r':>7} {'overall':>8} "
           f"{'best step':>9} {'s/step':>7}")

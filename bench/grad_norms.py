@@ -15,7 +15,7 @@ import random
 
 import torch
 
-from raymtl.config import NO_PALS, MTLConfig, smoke
+from raymtl.config import PLAIN_ENCODER, MTLConfig, smoke
 from raymtl.data import load_splits
 from raymtl.evaluation import row_batches
 from raymtl.fusion import make_fusion, task_gradients
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--fusions", default="sum,pcgrad,upgrad,imtl_g")
     a = p.parse_args(argv)
-    cfg = (smoke() if a.smoke else MTLConfig()).replace(**NO_PALS)   # the shared encoder's gradients
+    cfg = (smoke() if a.smoke else MTLConfig()).replace(**PLAIN_ENCODER)   # the shared encoder's gradients
     from transformers import AutoTokenizer
     torch.manual_seed(cfg.train.seed)
     splits, _ = load_splits(cfg.data)

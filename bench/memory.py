@@ -13,7 +13,7 @@ and the saving against stage 0 measured in the same run.
 """
 import argparse
 
-from raymtl.config import NO_PALS, SUM_LOSS, MTLConfig, smoke
+from raymtl.config import PLAIN_ENCODER, SUM_LOSS, MTLConfig, smoke
 from raymtl.model import MultiTaskModel
 from raymtl.trainer import fit
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     base = (smoke() if a.smoke else MTLConfig()).replace(
         num_workers=2, cpus_per_worker=0.9, steps=a.steps, eval_every=a.steps, log_every=a.steps,
-        max_rows=600, batch_size=16, output=a.output, **SUM_LOSS, **NO_PALS)   # ZeRO-3 needs the summed loss; as measured
+        max_rows=600, batch_size=16, output=a.output, **SUM_LOSS, **PLAIN_ENCODER)   # ZeRO-3 needs the summed loss; as measured
     params = sum(q.numel() for q in MultiTaskModel.from_config(base.model, list(base.data.tasks)).parameters())
     rows = []
     for stage in (int(s) for s in a.stages.split(",")):

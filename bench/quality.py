@@ -9,12 +9,14 @@ encoder, steps and rows per task per step, so every task sees the same number of
 examples in every run:
 
 * three single-task models (``--tasks sst``, ``--tasks quora``, ``--tasks sts``; plain
-  encoders, ``--no-pals``),
+  encoders, ``--no-pals --task-layers ''``),
 * the multi-task model with ``--fusion sum``, and with each ``--best`` setup (default
-  ``imtl_g:10+pals=sts``, raymtl's default: ``--fusion imtl_g --fusion-every 10`` with PALs
-  for STS; ``METHOD:N`` fuses every N steps, plain ``METHOD`` every step; a setup has no
-  PALs unless it adds them: ``+pals`` gives every task PALs, ``+pals=sts`` (``+pals=sst/sts``)
-  those tasks only, ``+prefix`` adds a learned task prefix; several setups, comma-separated),
+  ``imtl_g:10+pals=sts+layers=sst``, raymtl's default: ``--fusion imtl_g --fusion-every 10``
+  with PALs for STS and SST's own top half of the encoder; ``METHOD:N`` fuses every N steps,
+  plain ``METHOD`` every step; a setup runs the plain encoder unless it adds to it: ``+pals``
+  gives every task PALs, ``+pals=sts`` (``+pals=sst/sts``) those tasks only, ``+layers``
+  (``+layers=sst``) own copies of the encoder's top half, ``+prefix`` a learned task prefix;
+  several setups, comma-separated),
 
 and prints each task's validation metric and the overall score as mean ± half-range over
 seeds. A run that finished before under --output is read back, not retrained.
@@ -23,19 +25,24 @@ import argparse
 import statistics
 from pathlib import Path
 
-from raymtl.config import NO_PALS, SUM_LOSS, MTLConfig, smoke
+from raymtl.config import PLAIN_ENCODER, SUM_LOSS, MTLConfig, smoke
 from raymtl.metrics import overall
 from raymtl.trainer import fit_once
 
 TASKS = ("sst", "quora", "sts")
 
 
-ADDONS = {"pals": ("PALs", {"pals": True, "pal_tasks": ()}), "prefix": ("learned task prefix", {"task_prefix": "learned"})}
+# addon -> (label, overrides, how =TASKS narrows it to some tasks)
+ADDONS = {"pals": ("PALs", {"pals": True, "pal_tasks": ()}, lambda tasks: {"pal_tasks": tasks}),
+          "layers": ("own top half", {"task_layers": {t: "half" for t in TASKS}},
+                     lambda tasks: {"task_layers": {t: "half" for t in tasks}}),
+          "prefix": ("learned task prefix", {"task_prefix": "learned"}, None)}
 
 
 def parse_setup(spec: str) -> tuple[str, str, dict]:
-    """``METHOD[:N][+ADDON...]`` -> (run-name tag, table label, config overrides); e.g.
-    ``imtl_g:10+pals`` is IMTL-G fused every 10 steps with PALs."""
+    """``METHOD[:N][+ADDON[=TASKS]...]`` -> (run-name tag, table label, config overrides); e.g.
+    ``imtl_g:10+pals`` is IMTL-G fused every 10 steps with PALs for every task,
+    ``imtl_g:10+pals=sts+layers=sst`` raymtl's default."""
     method, *addons = spec.split("+")
     fusion, _, every = method.partition(":")
     try:
@@ -46,17 +53,19 @@ def parse_setup(spec: str) -> tuple[str, str, dict]:
     if unknown:
         raise ValueError(f"--best {spec!r}: unknown addon(s) {unknown}; valid: {sorted(ADDONS)}")
     tag, label = (f"{fusion}-every{every}", f"{fusion}, fused every {every} steps") if every > 1 else (fusion, fusion)
-    over = {"fusion": fusion, "fusion_every": every, **NO_PALS}    # addons say what the setup adds
+    over = {"fusion": fusion, "fusion_every": every, **PLAIN_ENCODER}    # addons say what the setup adds
     for a in addons:
         name, _, only = a.partition("=")
-        tag, label = f"{tag}-{name}", f"{label}, {ADDONS[name][0]}"
-        over.update(ADDONS[name][1])
-        if only and name != "pals":
-            raise ValueError(f"--best {spec!r}: only +pals takes =TASKS (+pals=sts)")
+        what, adds, narrow = ADDONS[name]
+        tag, label = f"{tag}-{name}", f"{label}, {what}"
+        over.update(adds)
+        if only and narrow is None:
+            raise ValueError(f"--best {spec!r}: +{name} takes no =TASKS (only "
+                             f"{', '.join('+' + n for n, addon in ADDONS.items() if addon[2])} do)")
         if only:                                   # pals=sts: PALs for these tasks only
             tasks = tuple(only.split("/"))
             tag, label = f"{tag}-{'-'.join(tasks)}", f"{label} ({'/'.join(tasks)} only)"
-            over["pal_tasks"] = tasks
+            over.update(narrow(tasks))
     return tag, label, over
 
 
@@ -65,7 +74,7 @@ def runs_for_seed(base: MTLConfig, seed: int, setups: list[tuple[str, str, dict]
     seeded = base.replace(seed=seed, split_seed=seed)
     single = {}
     for t in TASKS:
-        m = fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}", **SUM_LOSS, **NO_PALS))  # plain: nothing to fuse
+        m = fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}", **SUM_LOSS, **PLAIN_ENCODER))  # plain: nothing to fuse
         single[t] = m[f"val_{t}"]
     out = {"single-task (3 models)": single}
     for tag, label, over in setups:
@@ -82,10 +91,11 @@ def spread(values: list[float]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="1,2,3")
-    p.add_argument("--best", default="imtl_g:10+pals=sts",
+    p.add_argument("--best", default="imtl_g:10+pals=sts+layers=sst",
                    help="fusion method(s) set next to sum, comma-separated; METHOD:N fuses every N steps; "
-                        "+pals / +prefix add PALs / a learned task prefix (e.g. imtl_g:10+pals); "
-                        "+pals=sts gives PALs to STS only (several tasks: +pals=sst/sts)")
+                        "+pals / +layers / +prefix add PALs / own top half of the encoder / a learned "
+                        "task prefix for every task (e.g. imtl_g:10+pals); +pals=sts gives PALs to STS "
+                        "only (several tasks: +pals=sst/sts), +layers=sst SST its own top half")
     p.add_argument("--steps", type=int, help="steps per run (default: the config's)")
     p.add_argument("--output", default="runs/bench-quality")
     p.add_argument("--smoke", action="store_true")

@@ -36,7 +36,7 @@ from collections import defaultdict
 
 import torch
 
-from raymtl.config import NO_PALS, SUM_LOSS, MTLConfig, smoke
+from raymtl.config import PLAIN_ENCODER, SUM_LOSS, MTLConfig, smoke
 from raymtl.engine import param_groups
 from raymtl.loop import Progress, cycle_batches
 from raymtl.model import MultiTaskModel
@@ -166,12 +166,13 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--no-pals", action="store_true",
-                   help="every loop on the plain encoder (the default gives STS PALs, in every loop alike)")
+    p.add_argument("--plain-encoder", "--no-pals", dest="plain_encoder", action="store_true",
+                   help="every loop on the plain encoder (the default gives STS PALs and SST its own top "
+                        "half of the encoder, in every loop alike)")
     a = p.parse_args(argv)
     cfg = (smoke() if a.smoke else MTLConfig()).replace(batch_size=32 if not a.smoke else 8)
-    if a.no_pals:
-        cfg = cfg.replace(**NO_PALS)
+    if a.plain_encoder:
+        cfg = cfg.replace(**PLAIN_ENCODER)
     rounds, steps = (1, 6) if a.smoke else (a.rounds, a.steps)    # smoke: the code path, not a number
 
     import ray

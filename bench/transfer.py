@@ -25,7 +25,7 @@ retrained, so an interrupted benchmark continues where it stopped.
 import argparse
 from pathlib import Path
 
-from raymtl.config import NO_PALS, MTLConfig, smoke
+from raymtl.config import PLAIN_ENCODER, MTLConfig, smoke
 from raymtl.tasks import TASKS
 from raymtl.transfer import choose, run_strategy, train_sizes
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     for t in targets + supports:
         if t not in TASKS:
             p.error(f"{t!r} is not a task; choose from {list(TASKS)}")
-    base = (smoke() if a.smoke else MTLConfig()).replace(output=str(Path(a.output).resolve()), **NO_PALS)  # as measured
+    base = (smoke() if a.smoke else MTLConfig()).replace(output=str(Path(a.output).resolve()), **PLAIN_ENCODER)  # as measured
     base = base.replace(**{k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size)) if v})
     base = base.replace(eval_every=base.train.steps)
     sizes = train_sizes(base.data)

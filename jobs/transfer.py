@@ -23,7 +23,7 @@ import argparse
 import sys
 
 from raymtl.cli import add_config_args, config_from_args
-from raymtl.config import NO_PALS, SUM_LOSS, MTLConfig
+from raymtl.config import PLAIN_ENCODER, SUM_LOSS, MTLConfig
 from raymtl.data import DataError
 from raymtl.pipeline import StageFailed
 from raymtl.tasks import TASKS
@@ -31,7 +31,7 @@ from raymtl.transfer import CHOICES, run_strategy
 
 
 def transfer_defaults() -> MTLConfig:
-    return MTLConfig().replace(output="runs/transfer", **SUM_LOSS, **NO_PALS)   # the strategies were measured so
+    return MTLConfig().replace(output="runs/transfer", **SUM_LOSS, **PLAIN_ENCODER)   # the strategies were measured so
 
 
 def main(argv=None) -> int:

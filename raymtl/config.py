@@ -80,6 +80,7 @@ class DataConfig:
 
 
 POOLINGS = ("mean", "cls")          # raymtl.model.pool
+LAYER_SHARES = {"half": 0.5}        # task_layers given as a share of the encoder's depth (raymtl.model)
 
 
 @dataclass
@@ -95,10 +96,11 @@ class ModelConfig:
         "per task: a pooling that replaces `pooling` for that task's embeddings, e.g. sst=cls "
         "(the task's head then reads a vector the other tasks' objectives do not shape directly)",
         default_factory=dict)
-    task_layers: dict[str, int] = _help(
-        "per task: run its own copy of the encoder's top N layers, e.g. sst=1 (copied from the "
-        "encoder at the start, trained by that task alone; the layers below stay shared)",
-        default_factory=dict)
+    task_layers: dict[str, int | str] = _help(
+        "per task: run its own copy of the encoder's top N layers, N a number or 'half' (half the "
+        "encoder's depth, at least 1), e.g. sst=3 (copied from the encoder at the start, trained by "
+        "that task alone; the layers below stay shared). The multi-task default: sst=half when SST "
+        "is trained; off in the other stages", default_factory=lambda: {"sst": "half"})
     head_dropout: float = _help("dropout before each task head", default=0.1)
     unpad: bool = _help(
         "run the encoder on the real tokens only, padding left out of every per-token operation "
@@ -126,12 +128,17 @@ class ModelConfig:
         for task, how in self.task_pooling.items():
             _choice("task_pooling task", task, TASKS)
             _choice(f"task_pooling[{task}]", how, POOLINGS)
+        self.task_layers = dict(self.task_layers)       # never the caller's (or a preset's) dict
         for task, n in self.task_layers.items():
             _choice("task_layers task", task, TASKS)
+            if str(n).strip() in LAYER_SHARES:
+                self.task_layers[task] = str(n).strip()
+                continue
             try:
                 self.task_layers[task] = int(str(n).strip())
             except (TypeError, ValueError):
-                raise ValueError(f"task_layers[{task}]={n!r} is not a whole number") from None
+                raise ValueError(f"task_layers[{task}]={n!r} is neither a whole number nor one of "
+                                 f"{sorted(LAYER_SHARES)}") from None
             _positive(f"task_layers[{task}]", self.task_layers[task])
         if not 0 <= self.head_dropout < 1:
             raise ValueError(f"head_dropout={self.head_dropout!r} must be in [0, 1)")
@@ -143,8 +150,8 @@ class ModelConfig:
         if self.pals:
             from raymtl.adapters import PALConfig
             PALConfig(self.pal_rank, self.pal_heads)
-        if self.train_only_adapters and not (self.pals or self.task_prefix == "learned"):
-            raise ValueError("train_only_adapters=True needs pals=True or task_prefix='learned' "
+        if self.train_only_adapters and not (self.pals or self.task_prefix == "learned" or self.task_layers):
+            raise ValueError("train_only_adapters=True needs pals=True, task_layers or task_prefix='learned' "
                              "(otherwise only the heads would train)")
 
     def pal_tasks_of(self, tasks) -> list[str]:
@@ -296,10 +303,11 @@ class DistillConfig:
 # quality"); the stages measured with the summed loss (further pre-training, teachers,
 # transfer strategies) put this in their own defaults.
 SUM_LOSS = {"fusion": "sum", "fusion_every": 1}
-# The multi-task default gives STS PALs (README, "Multi-task vs single-task quality"); the
-# stages measured without them (pre-training, teachers, transfer, relations, single-task
-# baselines) put this in their own defaults.
-NO_PALS = {"pals": False}
+# The multi-task default gives STS PALs and SST its own top half of the encoder (README,
+# "Multi-task vs single-task quality"); the stages measured without them (pre-training,
+# teachers, transfer, relations, single-task baselines) put this plain encoder in their
+# own defaults.
+PLAIN_ENCODER = {"pals": False, "task_layers": {}}
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
             "scale": ScaleConfig, "run": RunSettings, "distill": DistillConfig}
@@ -320,10 +328,11 @@ class MTLConfig:
 
     def __post_init__(self):
         m = self.model
-        if m.train_only_adapters and m.task_prefix != "learned" and not m.pal_tasks_of(self.data.tasks):
+        if (m.train_only_adapters and m.task_prefix != "learned" and not m.pal_tasks_of(self.data.tasks)
+                and not set(m.task_layers) & set(self.data.tasks)):
             raise ValueError(f"train_only_adapters=True, but none of tasks={list(self.data.tasks)} is in "
-                             f"pal_tasks={list(m.pal_tasks)}, so only the heads would train; "
-                             "name a trained task in --pal-tasks")
+                             f"pal_tasks={list(m.pal_tasks)} or task_layers={m.task_layers}, so only the heads "
+                             "would train; name a trained task in --pal-tasks or --task-layers")
         unknown = [t for t in self.distill.teacher_outputs if t not in self.data.tasks]
         if unknown:
             raise ValueError(f"teacher_outputs names task(s) {unknown} that are not in tasks={list(self.data.tasks)}")

@@ -81,10 +81,21 @@ def layer_stack(encoder: nn.Module) -> nn.Module:
                      f"(looked for {', '.join(n + '.layer' for n in LAYER_STACKS)})")
 
 
-def own_top_layers(encoder: nn.Module, task_layers: dict[str, int], tasks) -> nn.ModuleDict:
+def own_layer_counts(encoder: nn.Module, task_layers: dict[str, int | str], tasks=None) -> dict[str, int]:
+    """``task_layers`` (of the ``tasks`` given) as layer counts: a share such as 'half' is
+    that share of the encoder's depth, rounded down, at least 1."""
+    from raymtl.config import LAYER_SHARES
+    task_layers = {t: n for t, n in task_layers.items() if tasks is None or t in tasks}
+    if not task_layers:
+        return {}
+    depth = len(layer_stack(encoder).layer)
+    return {t: max(1, int(depth * LAYER_SHARES[n])) if n in LAYER_SHARES else n for t, n in task_layers.items()}
+
+
+def own_top_layers(encoder: nn.Module, task_layers: dict[str, int | str], tasks) -> nn.ModuleDict:
     """Per task in ``task_layers`` (and in ``tasks``): copies of the encoder's top N layers,
     which that task's rows run instead of the shared ones (the layers below stay shared)."""
-    task_layers = {t: n for t, n in task_layers.items() if t in tasks}
+    task_layers = own_layer_counts(encoder, task_layers, tasks)
     if not task_layers:
         return nn.ModuleDict()
     layers = layer_stack(encoder).layer
@@ -150,7 +161,7 @@ class MultiTaskModel(nn.Module):
                  pooling: str = "mean", head_dropout: float = 0.1, source: str = "default",
                  pals: dict | None = None, task_prefix: str = "none", prefix_length: int = 4,
                  unpad: bool = True, task_pooling: dict[str, str] | None = None,
-                 task_layers: dict[str, int] | None = None):
+                 task_layers: dict[str, int | str] | None = None):
         super().__init__()
         self.encoder, self.pooling, self.source = encoder, pooling, source
         self.task_pooling = {t: how for t, how in (task_pooling or {}).items() if t in tasks and how != pooling}
@@ -282,9 +293,12 @@ class MultiTaskModel(nn.Module):
                    **{t: saved_pooling.get(t, meta["pooling"]) for t in meta["modes"]}}
         dropout = meta.get("head_dropout", head_dropout if head_dropout is not None else 0.1)
         saved_layers = meta.get("task_layers", {})          # checkpoints before task_layers: none
-        for t, n in (task_layers or {}).items():
+        asked = task_layers or {}
+        for t, n in own_layer_counts(encoder, asked, tasks).items():
             if saved_layers.get(t, n) != n:
-                raise ValueError(f"{d} has {saved_layers[t]} own layer(s) for {t}; task_layers asks {n}")
+                raise ValueError(f"{d} has {saved_layers[t]} own layer(s) for {t}; task_layers asks "
+                                 f"{asked[t]!r} ({n}): pass task_layers {t}={saved_layers[t]} "
+                                 f"(--task-layers {t}={saved_layers[t]}) to go on from it")
         model = cls(encoder, tasks, modes, meta["pooling"], dropout, source=meta["source"],
                     task_pooling=pooling, task_layers={**(task_layers or {}), **saved_layers}, **extras)
         saved = load_file(str(d / "heads.safetensors"))

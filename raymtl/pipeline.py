@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from raymtl.config import NO_PALS, SUM_LOSS, DistillConfig, MTLConfig
+from raymtl.config import PLAIN_ENCODER, SUM_LOSS, DistillConfig, MTLConfig
 from raymtl.related import DEFAULT_RELATED, RELATED
 from raymtl.tasks import TASKS
 
@@ -38,7 +38,7 @@ class StageFailed(RuntimeError):
 def teacher_defaults() -> MTLConfig:
     """``jobs/teacher.py``'s defaults: a teacher (one task and its related stream) trains on
     the summed loss, as measured; ``--fusion`` still chooses otherwise."""
-    return MTLConfig().replace(**SUM_LOSS, **NO_PALS)
+    return MTLConfig().replace(**SUM_LOSS, **PLAIN_ENCODER)
 
 
 def teacher_config(base: MTLConfig, task: str, related: tuple[str, ...] | None = None, **overrides) -> MTLConfig:
@@ -189,7 +189,7 @@ class PipelinePlan:
 
         for task in self.teacher_tasks:
             t_cfg = teacher_config(s, task, steps=self.teacher_steps, output=f"{out}/teacher-{task}",
-                                   init_from="" if pre_cfg else s.model.init_from, **SUM_LOSS, **NO_PALS)
+                                   init_from="" if pre_cfg else s.model.init_from, **SUM_LOSS, **PLAIN_ENCODER)
             files = task_files + [p for n in t_cfg.data.related_sets for p in RELATED[n].paths]
 
             def run_t(run_dir, cfg=t_cfg, task=task):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raymtl.config import NO_PALS, SECTIONS, SUM_LOSS, ModelConfig, MTLConfig, _help, _positive, smoke
+from raymtl.config import PLAIN_ENCODER, SECTIONS, SUM_LOSS, ModelConfig, MTLConfig, _help, _positive, smoke
 from raymtl.data import _pad
 from raymtl.loop import cycle_batches
 from raymtl.metrics import pearson
@@ -79,7 +79,7 @@ class PretrainConfig:
 class PretrainJobConfig(MTLConfig):
     SECTIONS: ClassVar[dict[str, type]] = {**SECTIONS, "pretrain": PretrainConfig}
     pretrain: PretrainConfig = _help("the further pre-training section", default_factory=PretrainConfig)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(**NO_PALS))   # the whole encoder trains
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(**PLAIN_ENCODER))   # the whole encoder trains
 
     def __post_init__(self):
         super().__post_init__()

@@ -40,7 +40,7 @@ from typing import ClassVar
 
 import torch
 
-from raymtl.config import NO_PALS, SECTIONS, MTLConfig, _help, _positive, smoke
+from raymtl.config import PLAIN_ENCODER, SECTIONS, MTLConfig, _help, _positive, smoke
 
 
 @dataclass
@@ -76,7 +76,7 @@ class RelationsJobConfig(MTLConfig):
 
 def relations_defaults() -> RelationsJobConfig:
     """``raymtl relations``: the default encoder, 20 joint steps, 5 lookahead steps per task."""
-    return RelationsJobConfig().replace(name="relations", **NO_PALS)   # measured without PALs
+    return RelationsJobConfig().replace(name="relations", **PLAIN_ENCODER)   # measured without PALs
 
 
 def relations_smoke(cfg: RelationsJobConfig | None = None) -> RelationsJobConfig:

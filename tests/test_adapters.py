@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from raymtl.adapters import pal_state_dict
-from raymtl.config import ModelConfig, MTLConfig
+from transformers import BertConfig, BertModel
+
+from raymtl.config import PLAIN_ENCODER, ModelConfig, MTLConfig
 from raymtl.model import MultiTaskModel
 
 TASKS = ["sst", "quora", "sts"]
@@ -39,7 +41,7 @@ def test_pal_keys_and_fresh_pals_leave_outputs_unchanged():
 def test_only_adapters_train_and_the_round_trip_restores_them(tmp_path):
     m = tiny(pals=True, pal_tasks=(), pal_rank=8, pal_heads=2, train_only_adapters=True)
     trainable = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable == {"heads", "pals"}
+    assert trainable == {"heads", "pals", "task_layers"}             # the default: SST's own top layer
     with torch.no_grad():
         for p in m.pals.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -90,11 +92,13 @@ def test_bad_adapter_settings_are_refused():
     with pytest.raises(ValueError, match="pal_rank=10 must be a positive multiple of pal_heads=4"):
         ModelConfig(pals=True, pal_rank=10, pal_heads=4)
     with pytest.raises(ValueError, match="train_only_adapters=True needs pals=True"):
-        ModelConfig(pals=False, train_only_adapters=True)
+        ModelConfig(pals=False, task_layers={}, train_only_adapters=True)
     with pytest.raises(ValueError, match="pal_tasks='nli' is not valid"):
         ModelConfig(pals=True, pal_tasks=("nli",))
-    with pytest.raises(ValueError, match=r"none of tasks=\['sst'\] is in pal_tasks=\['sts'\]"):
-        MTLConfig().replace(tasks=("sst",), train_only_adapters=True)
+    with pytest.raises(ValueError, match=r"none of tasks=\['quora'\] is in pal_tasks=\['sts'\] "
+                                         r"or task_layers=\{'sst': 'half'\}"):
+        MTLConfig().replace(tasks=("quora",), train_only_adapters=True)
+    MTLConfig().replace(tasks=("sst",), train_only_adapters=True)          # SST's own layers train
 
 
 def test_pal_tasks_apply_to_the_trained_tasks():
@@ -132,7 +136,7 @@ def test_task_pooling_gives_one_task_its_own_read_out_and_survives_the_round_tri
 
 
 def test_own_top_layers_belong_to_their_task_and_survive_the_round_trip(tmp_path):
-    plain, own = tiny(pals=False), tiny(pals=False, task_layers={"sst": 1})
+    plain, own = tiny(pals=False, task_layers={}), tiny(pals=False, task_layers={"sst": 1})
     own.load_state_dict({**own.state_dict(), **plain.state_dict()})
     b, pair = batch(), batch(pair=True)
     assert torch.allclose(own("sst", b), plain("sst", b), atol=1e-6)     # copies of the top layer
@@ -153,7 +157,22 @@ def test_own_top_layers_belong_to_their_task_and_survive_the_round_trip(tmp_path
     grown = MultiTaskModel.load(tmp_path, task_layers={"sts": 1}).eval()  # a task without them gets copies
     assert grown.meta()["task_layers"] == {"sst": 1, "sts": 1}
     assert torch.allclose(grown("sts", pair), back("sts", pair), atol=1e-6)
-    with pytest.raises(ValueError, match="has 1 own layer\\(s\\) for sst; task_layers asks 2"):
+    with pytest.raises(ValueError, match="has 1 own layer\\(s\\) for sst; task_layers asks 2 \\(2\\): "
+                                         "pass task_layers sst=1"):
         MultiTaskModel.load(tmp_path, task_layers={"sst": 2})
+    assert MultiTaskModel.load(tmp_path, task_layers={"sst": "half"}).meta()["task_layers"] == {"sst": 1}
     with pytest.raises(ValueError, match="task_layers\\[sst\\]=3 must be at most the encoder's 2 layers"):
         tiny(task_layers={"sst": 3})
+
+
+def test_the_default_gives_sst_its_own_top_half_when_sst_is_trained():
+    assert tiny().meta()["task_layers"] == {"sst": 1}                   # half of tiny-random's 2 layers
+    assert tiny(task_layers={"sst": "half", "sts": 2}).meta()["task_layers"] == {"sst": 1, "sts": 2}
+    six = BertConfig(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=37)
+    model = MultiTaskModel(BertModel(six, add_pooling_layer=False), list(TASKS), {"quora": "bi", "sts": "bi"},
+                           task_layers={"sst": "half"})
+    assert len(model.task_layers["sst"]) == 3                            # MiniLM-L6's depth: 3 of 6
+    no_sst = MultiTaskModel.from_config(ModelConfig(encoder="tiny-random"), ["quora", "sts"], seed=0)
+    assert no_sst.meta()["task_layers"] == {}                            # only for a trained task
+    assert ModelConfig().task_layers == {"sst": "half"}
+    assert ModelConfig(**PLAIN_ENCODER).task_layers == {} and PLAIN_ENCODER["task_layers"] == {}

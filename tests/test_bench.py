@@ -95,28 +95,35 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     setups = [row.split("|")[1].strip() for row in table[1:]]   # after the header row
     assert setups == ["single-task (3 models)", "multi-task, sum",
-                      "multi-task, imtl_g, fused every 10 steps, PALs (sts only)"]
+                      "multi-task, imtl_g, fused every 10 steps, PALs (sts only), own top half (sst only)"]
 
-    def pals_of(run):
+    def meta_of(run):
         best = json.loads((tmp_path / run / "best_metrics.json").read_text())["best_checkpoint"]
-        return json.loads((Path(best) / "raymtl.json").read_text())["pals"]
-    assert pals_of("mtl-imtl_g-every10-pals-sts-s1")["tasks"] == ["sts"]       # the addon reached the model
-    assert pals_of("mtl-sum-s1") is None
+        return json.loads((Path(best) / "raymtl.json").read_text())
+    best = meta_of("mtl-imtl_g-every10-pals-sts-layers-sst-s1")                 # the addons reached the model
+    assert best["pals"]["tasks"] == ["sts"] and best["task_layers"] == {"sst": 1}
+    assert meta_of("mtl-sum-s1")["pals"] is None and meta_of("mtl-sum-s1")["task_layers"] == {}
     for t in ("sst", "quora", "sts"):                     # one plain single-task run per task, same budget
-        assert pals_of(f"single-{t}-s1") is None
+        assert meta_of(f"single-{t}-s1")["pals"] is None and meta_of(f"single-{t}-s1")["task_layers"] == {}
 
 
 def test_quality_setups_parse_and_bad_ones_fail_before_training(capsys):
     quality = bench("quality")
-    assert quality.parse_setup("sum") == ("sum", "sum", {"fusion": "sum", "fusion_every": 1, "pals": False})
+    assert quality.parse_setup("sum") == ("sum", "sum", {"fusion": "sum", "fusion_every": 1, "pals": False,
+                                                         "task_layers": {}})
     assert quality.parse_setup("imtl_g:10+pals+prefix") == (
         "imtl_g-every10-pals-prefix", "imtl_g, fused every 10 steps, PALs, learned task prefix",
-        {"fusion": "imtl_g", "fusion_every": 10, "pals": True, "pal_tasks": (), "task_prefix": "learned"})
-    assert quality.parse_setup("imtl_g:10+pals=sst/sts") == (
-        "imtl_g-every10-pals-sst-sts", "imtl_g, fused every 10 steps, PALs (sst/sts only)",
-        {"fusion": "imtl_g", "fusion_every": 10, "pals": True, "pal_tasks": ("sst", "sts")})
+        {"fusion": "imtl_g", "fusion_every": 10, "pals": True, "pal_tasks": (), "task_layers": {},
+         "task_prefix": "learned"})
+    assert quality.parse_setup("imtl_g:10+pals=sst/sts+layers=sst") == (
+        "imtl_g-every10-pals-sst-sts-layers-sst",
+        "imtl_g, fused every 10 steps, PALs (sst/sts only), own top half (sst only)",
+        {"fusion": "imtl_g", "fusion_every": 10, "pals": True, "pal_tasks": ("sst", "sts"),
+         "task_layers": {"sst": "half"}})
+    assert quality.parse_setup("sum+layers")[2]["task_layers"] == {"sst": "half", "quora": "half", "sts": "half"}
     for bad, says in (("imtl_g:x", "must be an integer"), ("imtl_g+lora", "unknown addon(s) ['lora']"),
-                      ("imtl_g+prefix=sts", "only +pals takes =TASKS"),
+                      ("imtl_g+prefix=sts", "+prefix takes no =TASKS (only +pals, +layers do)"),
+                      ("imtl_g+layers=nli", "task_layers task='nli' is not valid"),
                       ("imtl_g+pals=stss", "pal_tasks='stss' is not valid"),
                       ("nosuch:10", "fusion='nosuch' is not valid")):
         with pytest.raises(SystemExit):     # argparse's error exit, no Ray started, nothing trained

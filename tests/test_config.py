@@ -19,7 +19,7 @@ from raymtl.sampling import SAMPLERS
     ("task_pooling", {"sst": "max"}, r"task_pooling\[sst\]='max' is not valid"),
     ("task_pooling", {"mnli": "cls"}, r"task_pooling task='mnli' is not valid"),
     ("task_layers", {"sst": 0}, r"task_layers\[sst\]=0 must be > 0"),
-    ("task_layers", {"sst": "1.5"}, r"task_layers\[sst\]='1.5' is not a whole number"),
+    ("task_layers", {"sst": "1.5"}, r"task_layers\[sst\]='1.5' is neither a whole number nor one of \['half'\]"),
     ("task_layers", {"nli": 1}, r"task_layers task='nli' is not valid"),
     ("task_norm", "rms", r"task_norm='rms' is not valid; choose one of \['adam', 'none'\]"),
     ("task_norm", "adam", r"task_norm='adam' rescales every step's per-task gradients and needs fusion_every=1"),

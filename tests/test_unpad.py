@@ -31,7 +31,7 @@ def outputs_and_grads(model, task, batch):
 
 
 @pytest.mark.parametrize("extras", [
-    {"pals": False},
+    {"pals": False, "task_layers": {}},
     {"pals": True, "pal_tasks": (), "pal_rank": 8, "pal_heads": 2},
     {"pals": True, "pal_tasks": ("sts",), "pal_rank": 8, "pal_heads": 2, "task_prefix": "learned"},
     {"pals": False, "pair_mode": {"quora": "cross", "sts": "cross"}},
