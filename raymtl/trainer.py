@@ -124,16 +124,39 @@ def fit(cfg: MTLConfig, verbose: bool = True, callbacks=None) -> FitSummary:
 def fit_once(cfg: MTLConfig, verbose: bool = False) -> dict:
     """The best checkpoint's metrics of the run ``cfg.run.output/cfg.run.name``, training it
     only if that run has not finished before (benchmarks and sweeps re-run step by step).
-    The record, ``best_metrics.json`` in the run directory, names the best checkpoint."""
+    The record, ``best_metrics.json`` in the run directory, names the best checkpoint and
+    keeps the run's config: a finished run is read back only for the same config (the run
+    settings ``output`` and ``name`` aside), else the call fails naming the fields that differ."""
     import json
     record = Path(storage_path(cfg.run.output)) / cfg.run.name / "best_metrics.json"
+    asked = json.loads(json.dumps(cfg.to_dict()))               # tuples as lists, as saved
     if "://" not in cfg.run.output and record.is_file():
-        return json.loads(record.read_text())
+        metrics = json.loads(record.read_text())
+        differ = config_differences(metrics.pop("config", {}), asked)
+        if differ:
+            raise ValueError(f"{record.parent} finished with another config ({'; '.join(differ[:6])}"
+                             f"{'; ...' if len(differ) > 6 else ''}): remove that run or choose another "
+                             "output or name")
+        return metrics
     summary = fit(cfg, verbose=verbose)
     metrics = {**summary.best_metrics, "best_checkpoint": summary.best_checkpoint}
     if "://" not in cfg.run.output:
-        record.write_text(json.dumps(metrics, indent=2))
+        record.write_text(json.dumps({**metrics, "config": asked}, indent=2))
     return metrics
+
+
+IDENTITY_FIELDS = ("output", "name")     # where a run lives, not what it trains
+
+
+def config_differences(saved: dict, asked: dict) -> list[str]:
+    """'field: saved X, asked Y' for every field (besides where the run lives) that differs
+    between two ``to_dict()`` configs; a record without a config cannot be matched."""
+    if not saved:
+        return ["the record keeps no config (written before raymtl kept one)"]
+    old, new = ({k: v for part in d.values() for k, v in part.items() if k not in IDENTITY_FIELDS}
+                for d in (saved, asked))
+    return [f"{k}: saved {old.get(k, '(absent)')!r}, asked {new.get(k, '(absent)')!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def summarize(result, score: str) -> FitSummary:

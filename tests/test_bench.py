@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from raymtl.config import PLAIN_ENCODER, smoke
+from raymtl.trainer import fit_once
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)
 
@@ -88,6 +91,13 @@ def test_fusion_quality_smoke_reuses_finished_runs(ray_cluster, tmp_path, capsys
     assert "pcgrad" in first and (tmp_path / "fusion-pcgrad" / "best_metrics.json").is_file()
     fq.main(["--smoke", "--methods", "sum,pcgrad", "--output", str(tmp_path)])   # read back, no training
     assert capsys.readouterr().out.splitlines()[-2:] == first.splitlines()[-2:]
+    cfg = smoke().replace(output=str(tmp_path), name="fusion-pcgrad", fusion="pcgrad", fusion_every=1,
+                          **PLAIN_ENCODER)
+    assert fit_once(cfg)["val_sst"] == json.loads((tmp_path / "fusion-pcgrad" / "best_metrics.json")
+                                                  .read_text())["val_sst"]
+    with pytest.raises(ValueError, match=r"fusion-pcgrad finished with another config \(lr: saved 0\.001, "
+                                         r"asked 0\.002\): remove that run"):
+        fit_once(cfg.replace(lr=2e-3))                  # a changed config is never read back as this run
 
 
 def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
