@@ -38,6 +38,7 @@ which ZeRO-3 partitions across workers: the config refuses that combination.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -273,23 +274,38 @@ class PeriodicFusion:
     On a refresh step the per-task backwards (over the shared parameters and ``others``, the
     heads and PALs) already hold every gradient the step needs, so the step's loss hands
     DeepSpeed ``sum_t w_t g_t`` without another backward through the encoder; with the
-    Gramian-only weights (module docstring) a refresh step costs about what a plain one does. The shared parameters get exactly the fused gradient on a refresh step and the
-    same weighting of fresh gradients in between; unlike ``fused_surrogate``, a task's own
-    parameters see its gradient scaled by ``w_t`` too, on every step alike (AdamW's
-    per-parameter normalisation makes that a near no-op). Weights are kept per set of tasks
-    in the step (samplers that pick a subset), so each set is refreshed on its own schedule.
+    Gramian-only weights (module docstring) a refresh step costs about what a plain one does.
+    The shared parameters get exactly the fused gradient on a refresh step and the same
+    weighting of fresh gradients in between. A task's own parameters (``owners``: its head,
+    PALs, own layers) get its plain gradient (times its preference) on every step, as with
+    ``fused_surrogate``: a hook on each divides out the ``w_t`` the weighted loss (or the
+    refresh step's weighted sum) put on it; parameters of several tasks (a learned prefix's
+    table) keep the weighted sum. (Scaled by ``w_t`` instead, as before, a task whose weight falls during the run
+    trains its own parameters at a falling rate: AdamW's second moment remembers the larger
+    early gradients.) ``weigh_owners=True`` keeps the old scaling. Weights are kept per set of
+    tasks in the step (samplers that pick a subset), so each set is refreshed on its own schedule.
     """
 
-    def __init__(self, fuse: Fusion, every: int):
+    def __init__(self, fuse: Fusion, every: int, owners: dict[str, list[torch.nn.Parameter]] | None = None,
+                 weigh_owners: bool = False):
         self.fuse, self.every = fuse, every
         self.weights: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
+        self.unweigh: dict[str, float] = {}         # per task, this backward: 1 / w_t on its own grads
+        self.weigh_owners = weigh_owners
+        for task, params in ({} if weigh_owners else owners or {}).items():
+            for p in params:
+                p.register_hook(functools.partial(self._own_gradient, task))
+
+    def _own_gradient(self, task: str, grad: torch.Tensor) -> torch.Tensor:
+        scale = self.unweigh.get(task, 1.0)
+        return grad if scale == 1.0 else grad * scale
 
     def loss(self, losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter], step: int,
              diagnostics: dict | None = None, prefs: dict[str, float] | None = None,
              others: list[torch.nn.Parameter] = ()) -> torch.Tensor:
         """The step's loss; ``prefs`` scale the method's held weights (``preferred``);
         ``others`` are the trainable parameters outside ``shared`` (they train on every step)."""
-        key = tuple(losses)
+        key, self.unweigh = tuple(losses), {}
         if len(key) == 1:
             loss, pref = next(iter(losses.values())), (prefs or {}).get(key[0], 1.0)
             return loss if pref == 1.0 else pref * loss
@@ -297,11 +313,18 @@ class PeriodicFusion:
         if held is None or step - held[1] >= self.every:
             def weigh(R):
                 self.weights[key] = (task_weights(self.fuse, R), step)
+                self._unweigh_owners(key)
                 w = preferred(self.weights[key][0], key, prefs)
                 return w, w
             return _fused_step(losses, shared, others, weigh, diagnostics)
+        self._unweigh_owners(key)
         w = preferred(held[0], key, prefs)
         return sum(wt * loss for wt, loss in zip(w.tolist(), losses.values()))
+
+    def _unweigh_owners(self, key: tuple[str, ...]) -> None:
+        """This backward's owned gradients arrive times the held ``w_t``: divide it out."""
+        if not self.weigh_owners:
+            self.unweigh = {t: 1.0 / wt for t, wt in zip(key, self.weights[key][0].tolist()) if wt != 0}
 
     def state_dict(self) -> dict:
         """The held weights, checkpointed so a resumed run continues the same schedule."""

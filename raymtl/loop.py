@@ -183,7 +183,9 @@ def train_loop_per_worker(config: dict) -> None:
     shared = [p for n, p in model.named_parameters() if n.startswith("encoder.") and p.requires_grad]
     others = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
     fuse = make_fusion(cfg.train.fusion, len(names)) if cfg.train.per_task_gradients() else None
-    periodic = PeriodicFusion(fuse, cfg.train.fusion_every) if fuse and cfg.train.fusion_every > 1 else None
+    periodic = (PeriodicFusion(fuse, cfg.train.fusion_every, getattr(model, "own_parameters", dict)(),
+                               weigh_owners=cfg.train.weigh_own_params)
+                if fuse and cfg.train.fusion_every > 1 else None)
     normalise = make_task_norm(cfg.train.task_norm)          # None, or every step (fusion_every 1)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.init_from or cfg.model.encoder))
     engine = eng.initialize(model, cfg)

@@ -184,6 +184,18 @@ class MultiTaskModel(nn.Module):
     def text_prefix(self, task: str) -> str:
         return text_prefix(task) if self.task_prefix == "text" else ""
 
+    OWN_PARTS = ("heads", "pals", "task_layers")       # per-task modules: one task's loss reaches them
+
+    def own_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Per task, its trainable parameters that no other task's loss reaches: its head,
+        PALs and own top layers (``raymtl.fusion.PeriodicFusion`` hands them its plain gradient)."""
+        own: dict[str, list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            part, task = (name.split(".") + [""])[:2]
+            if part in self.OWN_PARTS and task in self.heads and p.requires_grad:
+                own.setdefault(task, []).append(p)
+        return own
+
     def pooling_of(self, task: str) -> str:
         return self.task_pooling.get(task, self.pooling)
 

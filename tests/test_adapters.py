@@ -176,3 +176,12 @@ def test_the_default_gives_sst_its_own_top_half_when_sst_is_trained():
     assert no_sst.meta()["task_layers"] == {}                            # only for a trained task
     assert ModelConfig().task_layers == {"sst": "half"}
     assert ModelConfig(**PLAIN_ENCODER).task_layers == {} and PLAIN_ENCODER["task_layers"] == {}
+
+
+def test_own_parameters_are_each_task_s_head_pals_and_own_layers():
+    model = tiny(pal_rank=8, pal_heads=2, task_prefix="learned")      # default: SST's own layer, STS PALs
+    names = {id(p): n for n, p in model.named_parameters()}
+    own = {t: {names[id(p)].split(".")[0] for p in ps} for t, ps in model.own_parameters().items()}
+    assert own == {"sst": {"heads", "task_layers"}, "quora": {"heads"}, "sts": {"pals"}}   # cosine: no head weights
+    counted = sum(len(ps) for ps in model.own_parameters().values())
+    assert counted == sum(1 for n, _ in model.named_parameters() if n.split(".")[0] in ("heads", "pals", "task_layers"))

@@ -174,6 +174,34 @@ def test_a_refresh_step_hands_over_the_weighted_gradient_of_every_parameter():
         assert got is None or torch.allclose(got, want, atol=1e-6)
 
 
+def test_own_parameters_get_their_task_s_plain_gradient_on_every_step():
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    for weigh_owners in (False, True):                    # hooks stay on a model's parameters: fresh ones
+        torch.manual_seed(0)
+        enc, head_a, head_b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+        shared, owned = list(enc.parameters()), {"a": list(head_a.parameters()), "b": list(head_b.parameters())}
+
+        def losses():
+            h = torch.tanh(enc(x))
+            return {"a": head_a(h).pow(2).mean(), "b": (head_b(h) - 1).abs().mean() * 5}
+
+        plain = {t: torch.autograd.grad(losses()[t], owned[t]) for t in owned}   # each head alone
+        per_task = {t: torch.autograd.grad(losses()[t], shared) for t in owned}
+        periodic = PeriodicFusion(make_fusion("imtl_g", 2), every=10, owners=owned, weigh_owners=weigh_owners)
+        for step in (0, 1):                                   # a refresh step, then one in between
+            for p in shared + owned["a"] + owned["b"]:
+                p.grad = None
+            periodic.loss(losses(), shared, step=step, prefs={"b": 1.5}, others=owned["a"] + owned["b"]).backward()
+            w = periodic.weights[("a", "b")][0]
+            assert abs(w[0] - w[1]) > 0.05                                       # unequal weights
+            for p, ga, gb in zip(shared, per_task["a"], per_task["b"]):         # shared: fused either way
+                assert torch.allclose(p.grad, w[0] * ga + 1.5 * w[1] * gb, atol=1e-5)
+            scale = {"a": w[0] if weigh_owners else 1.0, "b": 1.5 * (w[1] if weigh_owners else 1.0)}
+            for t, params in owned.items():                   # own: the plain gradient x preference
+                for p, want in zip(params, plain[t]):
+                    assert torch.allclose(p.grad, scale[t] * want, atol=1e-5), (weigh_owners, step, t)
+
+
 def test_fusion_every_must_be_positive():
     with pytest.raises(ValueError, match=r"fusion_every=0 must be > 0"):
         MTLConfig().replace(fusion="imtl_g", fusion_every=0)
