@@ -191,8 +191,8 @@ class TrainConfig:
         default=10)
     weigh_own_params: bool = _help(
         "with fusion_every > 1, scale the gradient of each task's own parameters (head, PALs, own "
-        "layers) by its fusion weight too, as raymtl did before commit 'own parameters: plain "
-        "gradient' (default: each gets its task's plain gradient, as with fusion_every 1)", default=False)
+        "layers) by its fusion weight too, as raymtl did before this option (default: each gets "
+        "its task's plain gradient, as with fusion_every 1)", default=False)
     task_norm: str = _help(
         "normalise each task's shared gradient by its own running second moment before fusing "
         "(raymtl.tasknorm: 'adam'), so every task moves every coordinate; needs fusion_every=1",
