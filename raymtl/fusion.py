@@ -280,10 +280,11 @@ class PeriodicFusion:
     PALs, own layers) get its plain gradient (times its preference) on every step, as with
     ``fused_surrogate``: a hook on each divides out the ``w_t`` the weighted loss (or the
     refresh step's weighted sum) put on it; parameters of several tasks (a learned prefix's
-    table) keep the weighted sum. (Scaled by ``w_t`` instead, as before, a task whose weight falls during the run
-    trains its own parameters at a falling rate: AdamW's second moment remembers the larger
-    early gradients.) ``weigh_owners=True`` keeps the old scaling. Weights are kept per set of
-    tasks in the step (samplers that pick a subset), so each set is refreshed on its own schedule.
+    table) keep the weighted sum. (Scaled by ``w_t`` instead, as before, a task whose weight
+    falls during the run trains its own parameters at a falling rate: AdamW's second moment
+    remembers the larger early gradients.) ``weigh_owners=True`` keeps the old scaling.
+    Weights are kept per set of tasks in the step (samplers that pick a subset), so each set
+    is refreshed on its own schedule.
     """
 
     def __init__(self, fuse: Fusion, every: int, owners: dict[str, list[torch.nn.Parameter]] | None = None,
