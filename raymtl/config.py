@@ -81,6 +81,7 @@ class DataConfig:
 
 POOLINGS = ("mean", "cls")          # raymtl.model.pool
 LAYER_SHARES = {"half": 0.5}        # task_layers given as a share of the encoder's depth (raymtl.model)
+CLIP_SCOPES = ("global", "task")     # what grad_clip bounds (raymtl.engine.GroupClip for 'task')
 
 
 @dataclass
@@ -180,7 +181,13 @@ class TrainConfig:
     head_lr: float = _help("peak learning rate of the task heads", default=1e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
     warmup_ratio: float = _help("fraction of steps with linear warm-up", default=0.06)
-    grad_clip: float = _help("clip the global gradient norm (0 = off)", default=1.0)
+    grad_clip: float = _help("clip the gradient norm to this (0 = off); clip_scope says which norm",
+                             default=1.0)
+    clip_scope: str = _help(
+        "what grad_clip bounds: 'global' (DeepSpeed clips the whole gradient's norm) or 'task' "
+        "(raymtl clips the shared gradient and each task's own parameters (head, PALs, own layers) "
+        "each on its own, so one task's large gradient never shrinks another task's own step; "
+        "zero_stage 0, fp32)", default="global")
     eval_every: int = _help("validate and checkpoint every N steps (and at the end)", default=100)
     sampling: str = _help("task sampling strategy (see raymtl.sampling.SAMPLERS)", default="round_robin")
     fusion: str = _help("gradient fusion of per-task gradients (see raymtl.fusion.FUSION_METHODS); "
@@ -213,6 +220,7 @@ class TrainConfig:
             _positive(name, getattr(self, name))
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _positive("grad_clip", self.grad_clip, allow_zero=True)
+        _choice("clip_scope", self.clip_scope, CLIP_SCOPES)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         _choice("sampling", self.sampling, SAMPLERS)
@@ -345,6 +353,12 @@ class MTLConfig:
                 f"fusion={self.train.fusion!r} (diagnostics={self.train.diagnostics}) needs each task's full "
                 "gradient of every shared parameter, which ZeRO-3 partitions across workers; use "
                 "zero_stage 0-2 with gradient fusion, or fusion='sum' (--fusion sum) with ZeRO-3")
+        if self.train.clip_scope == "task" and (self.scale.zero_stage, self.scale.precision) != (0, "fp32"):
+            raise ValueError(
+                f"clip_scope='task' clips each parameter group's full fp32 gradient before the step, "
+                f"which zero_stage={self.scale.zero_stage} / precision={self.scale.precision!r} keep "
+                "partitioned or scaled inside DeepSpeed; use zero_stage 0 with fp32, or "
+                "clip_scope='global' (--clip-scope global)")
         if self.train.batch_size % self.micro_divisor():
             raise ValueError(
                 f"batch_size={self.train.batch_size} must be divisible by num_workers x grad_accum "

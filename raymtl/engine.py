@@ -33,13 +33,37 @@ def param_groups(model: torch.nn.Module, cfg) -> tuple[list[dict], list[float]]:
     return [g for g, _ in groups], [lr for _, lr in groups]
 
 
+class GroupClip:
+    """``clip_scope='task'``: clip each task's own parameters (``model.own_parameters()``: head,
+    PALs, own layers) and the rest (the shared encoder and anything several tasks reach) to
+    ``max_norm`` each, instead of one global norm. Under a global clip the task with the largest
+    gradient (STS's regression loss here) sets the shrink factor of every other task's own step
+    too, a factor that changes from step to step with that task's batches. Runs on the full
+    fp32 ``p.grad`` after the (all-reduced) backward and before ``engine.step()``: ZeRO 0 only
+    (``MTLConfig`` refuses other stages and precisions), DeepSpeed's own clip off."""
+
+    def __init__(self, model: torch.nn.Module, max_norm: float):
+        self.max_norm = max_norm
+        own = getattr(model, "own_parameters", dict)()
+        owned = {id(p) for params in own.values() for p in params}
+        self.groups = {"shared": [p for p in model.parameters() if p.requires_grad and id(p) not in owned],
+                       **own}
+
+    def __call__(self, diagnostics: dict | None = None) -> None:
+        """Clip every group in place; ``diagnostics`` gets ``grad_norm_<group>`` before clipping."""
+        for name, params in self.groups.items():
+            norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_norm)
+            if diagnostics is not None:
+                diagnostics[f"grad_norm_{name}"] = float(norm)
+
+
 def deepspeed_config(cfg, peak_lrs: list[float] | None = None) -> dict:
     """The DeepSpeed JSON config for one run; precision and ZeRO stage come from ``cfg.scale``."""
     t, s = cfg.train, cfg.scale
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size(),
         "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": t.grad_clip if t.clip_scope == "global" else 0.0,   # 'task': GroupClip
         "zero_optimization": {"stage": s.zero_stage,
                               "stage3_gather_16bit_weights_on_model_save": s.zero_stage == 3},
         "bf16": {"enabled": s.precision == "bf16"},

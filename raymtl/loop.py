@@ -190,6 +190,8 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.init_from or cfg.model.encoder))
     engine = eng.initialize(model, cfg)
     device = engine.device
+    task_clip = cfg.train.clip_scope == "task" and cfg.train.grad_clip
+    clip = eng.GroupClip(model, cfg.train.grad_clip) if task_clip else None
     # With per-stream gradients the loop calls torch.autograd.grad itself, which DeepSpeed's
     # output hooks (engine.__call__) refuse; the plain module forward is equivalent for
     # ZeRO 0-2 (the only stages fusion allows), and engine.backward still does the rest.
@@ -242,6 +244,8 @@ def train_loop_per_worker(config: dict) -> None:
                     engine.backward(periodic.loss(fused_in, shared, step, diag, prefs, others=others))
                 else:
                     engine.backward(fused_surrogate(fused_in, shared, others, fuse, diag, prefs, normalise))
+            if clip is not None and engine.is_gradient_accumulation_boundary():
+                clip(diag)
             for k, v in diag.items():                    # (sum, count): periodic fusion measures
                 diag_sum[k] = (diag_sum.get(k, (0.0, 0))[0] + v, diag_sum.get(k, (0.0, 0))[1] + 1)
             engine.step()

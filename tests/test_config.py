@@ -55,6 +55,17 @@ def test_derived_batch_numbers_and_deepspeed_config():
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == 2 and ds["optimizer"]["params"]["torch_adam"]
     assert ds["scheduler"]["params"]["warmup_max_lr"] == [5e-5, 5e-5, 1e-3]
+    assert ds["gradient_clipping"] == 1.0
+    assert deepspeed_config(MTLConfig().replace(clip_scope="task"))["gradient_clipping"] == 0.0  # raymtl clips
+
+
+def test_task_clip_scope_needs_full_fp32_gradients():
+    with pytest.raises(ValueError, match=r"clip_scope='layer' is not valid; choose one of \['global', 'task'\]"):
+        MTLConfig().replace(clip_scope="layer")
+    with pytest.raises(ValueError, match=r"clip_scope='task'.*zero_stage=2 / precision='fp32'.*--clip-scope global"):
+        MTLConfig().replace(clip_scope="task", zero_stage=2)
+    with pytest.raises(ValueError, match=r"precision='bf16'"):
+        MTLConfig().replace(clip_scope="task", precision="bf16")
 
 
 def test_job_flags_map_onto_config_fields():

@@ -202,6 +202,38 @@ def test_own_parameters_get_their_task_s_plain_gradient_on_every_step():
                     assert torch.allclose(p.grad, scale[t] * want, atol=1e-5), (weigh_owners, step, t)
 
 
+def test_task_clip_bounds_each_task_s_own_step_by_its_own_norm_alone():
+    from raymtl.engine import GroupClip
+    from raymtl.model import MultiTaskModel
+    from raymtl.config import ModelConfig
+    from raymtl.tasks import TASKS
+    ids = torch.tensor([[101, 2023, 2003, 102, 0], [101, 2307, 102, 0, 0]])
+    one = {"input_ids": ids, "attention_mask": (ids > 0).long(), "token_type_ids": torch.zeros_like(ids)}
+    pair = {**one, "input_ids_b": ids.flip(0), "attention_mask_b": (ids.flip(0) > 0).long()}
+    model = MultiTaskModel.from_config(ModelConfig(encoder="tiny-random"), TASKS, seed=0).eval()  # no dropout
+
+    def clipped(sts_scale: float, scope: str) -> dict[str, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model("sst", one), torch.tensor([1, 3]))
+        (loss + sts_scale * (model("sts", pair) - 4).pow(2).mean()).backward()
+        if scope == "task":
+            GroupClip(model, max_norm=0.01)()
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+        return {g: [p.grad.clone() for p in ps if p.grad is not None]
+                for g, ps in GroupClip(model, 0.01).groups.items()}
+
+    small, large = clipped(1.0, "task"), clipped(1000.0, "task")
+    for group, grads in large.items():
+        if grads:
+            assert float(torch.cat([g.flatten() for g in grads]).norm()) <= 0.01 + 1e-6, group
+    for a, b in zip(small["sst"], large["sst"]):       # STS's loss x1000: SST's own step unchanged
+        assert torch.allclose(a, b, atol=1e-7)
+    g_small, g_large = clipped(1.0, "global"), clipped(1000.0, "global")
+    norm = lambda gs: float(torch.cat([g.flatten() for g in gs]).norm())
+    assert norm(g_large["sst"]) < 0.1 * norm(g_small["sst"])   # a global clip lets STS shrink it
+
+
 def test_fusion_every_must_be_positive():
     with pytest.raises(ValueError, match=r"fusion_every=0 must be > 0"):
         MTLConfig().replace(fusion="imtl_g", fusion_every=0)

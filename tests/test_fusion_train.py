@@ -62,11 +62,14 @@ def test_periodic_fusion_trains_and_reports_the_task_weights(ray_cluster, data_d
     from raymtl.config import smoke
     from raymtl.trainer import fit
     cfg = smoke().replace(data_dir=data_dir, output=str(tmp_path), steps=3, eval_every=3, max_rows=120,
-                          fusion="imtl_g", fusion_every=2, cpus_per_worker=1.0)
+                          fusion="imtl_g", fusion_every=2, cpus_per_worker=1.0, clip_scope="task")
     m = fit(cfg, verbose=False).metrics                  # fuses at steps 0 and 2, reuses at 1
     assert m["step"] == 3 and torch.isfinite(torch.tensor(m["train_loss"]))
     weights = [m[f"fusion_weight_{t}"] for t in ("sst", "quora", "sts")]
     assert all(w > 0 for w in weights) and sum(weights) == pytest.approx(1.0, abs=1e-4)   # IMTL-G's
+    norms = {k: v for k, v in m.items() if k.startswith("grad_norm_")}      # clipped group by group
+    assert set(norms) == {"grad_norm_shared", "grad_norm_sst", "grad_norm_quora", "grad_norm_sts"}
+    assert all(v > 0 for v in norms.values())
 
 
 def test_task_norm_state_follows_the_run_into_its_checkpoint_and_back(ray_cluster, data_dir, tmp_path):
