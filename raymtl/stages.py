@@ -25,7 +25,8 @@ def validate(module, tasks, rank: int, world: int, shard_eval: bool) -> dict[str
     import ray.train
     scores = {}
     for t in tasks:
-        batches = ray.train.get_dataset_shard(f"val_{t}").iter_torch_batches(batch_size=64, collate_fn=collate)
+        shard = ray.train.get_dataset_shard(f"val_{t}")    # numpy batches, collated as in training
+        batches = (collate(b) for b in shard.iter_batches(batch_size=64, batch_format="numpy"))
         mine = (b for i, b in enumerate(batches) if not shard_eval or i % world == rank)
         preds, labels, _ = predict_batches(module, t, mine)
         if shard_eval and world > 1:
