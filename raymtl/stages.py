@@ -25,9 +25,8 @@ def validate(module, tasks, rank: int, world: int, shard_eval: bool) -> dict[str
     import ray.train
     scores = {}
     for t in tasks:
-        shard = ray.train.get_dataset_shard(f"val_{t}")    # numpy batches, collated as in training
-        batches = (collate(b) for b in shard.iter_batches(batch_size=64, batch_format="numpy"))
-        mine = (b for i, b in enumerate(batches) if not shard_eval or i % world == rank)
+        batches = ray.train.get_dataset_shard(f"val_{t}").iter_batches(batch_size=64, batch_format="numpy")
+        mine = (collate(b) for i, b in enumerate(batches) if not shard_eval or i % world == rank)   # as in training
         preds, labels, _ = predict_batches(module, t, mine)
         if shard_eval and world > 1:
             parts = [None] * world
