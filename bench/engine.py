@@ -10,7 +10,7 @@ rows, fp32, dropout on) through four steps, interleaved round after round:
 * plain:          forward, ``backward(sum(losses))``, ``clip_grad_norm_``, torch AdamW
                   (its default multi-tensor kernel, as in bench/speed.py's plain loops);
 * plain-fused:    the same with ``AdamW(fused=True)``, the optimizer raymtl configures on CPU;
-* engine:         raymtl's DeepSpeed engine (``raymtl.engine.initialize``, the config every
+* engine:         raymtl's DeepSpeed engine (``raymtl.train.engine.initialize``, the config every
                   run gets): ``engine(...)``, ``engine.backward``, ``engine.step`` (clipping,
                   AdamW, LR schedule);
 * engine-module:  the same engine, forward through ``engine.module`` (the fusion path).
@@ -25,12 +25,13 @@ import statistics
 import time
 
 import torch
+from raymtl.objectives.multitask import task_loss
 
 from raymtl.config import PLAIN_ENCODER, SUM_LOSS, MTLConfig, smoke
-from raymtl.data import batch_from_rows, load_splits
-from raymtl.engine import initialize, param_groups
-from raymtl.model import MultiTaskModel, tokenizer_source
-from raymtl.objectives import task_loss
+from raymtl.data.multitask import batch_from_rows, load_splits
+from raymtl.models.encoder import tokenizer_source
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.train.engine import initialize, param_groups
 
 
 def main(argv=None):

@@ -14,12 +14,13 @@ import statistics
 import time
 
 import torch
+from raymtl.objectives.multitask import LOSSES
 
 from raymtl.config import PLAIN_ENCODER, MTLConfig, smoke
-from raymtl.data import batch_from_rows, load_splits
-from raymtl.fusion import FUSION_METHODS, fused_surrogate, make_fusion
-from raymtl.model import MultiTaskModel, tokenizer_source
-from raymtl.objectives import LOSSES
+from raymtl.data.multitask import batch_from_rows, load_splits
+from raymtl.methods.fusion import FUSION_METHODS, fused_surrogate, make_fusion
+from raymtl.models.encoder import tokenizer_source
+from raymtl.models.multitask import MultiTaskModel
 
 
 def main(argv=None):

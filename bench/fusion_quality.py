@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from raymtl.config import PLAIN_ENCODER, MTLConfig, smoke
-from raymtl.trainer import fit_once
+from raymtl.train.trainer import fit_once
 
 
 def main(argv=None) -> int:

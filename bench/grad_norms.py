@@ -14,13 +14,14 @@ import argparse
 import random
 
 import torch
+from raymtl.analysis.evaluation import row_batches
+from raymtl.objectives.multitask import task_loss
 
 from raymtl.config import PLAIN_ENCODER, MTLConfig, smoke
-from raymtl.data import load_splits
-from raymtl.evaluation import row_batches
-from raymtl.fusion import make_fusion, task_gradients
-from raymtl.model import MultiTaskModel, tokenizer_source
-from raymtl.objectives import task_loss
+from raymtl.data.multitask import load_splits
+from raymtl.methods.fusion import make_fusion, task_gradients
+from raymtl.models.encoder import tokenizer_source
+from raymtl.models.multitask import MultiTaskModel
 
 
 def main(argv=None) -> int:

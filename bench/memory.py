@@ -14,8 +14,8 @@ and the saving against stage 0 measured in the same run.
 import argparse
 
 from raymtl.config import PLAIN_ENCODER, SUM_LOSS, MTLConfig, smoke
-from raymtl.model import MultiTaskModel
-from raymtl.trainer import fit
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.train.trainer import fit
 
 
 def state_bytes_per_worker(params: int, stage: int, workers: int) -> float:

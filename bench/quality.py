@@ -25,9 +25,10 @@ import argparse
 import statistics
 from pathlib import Path
 
+from raymtl.analysis.metrics import overall
+
 from raymtl.config import PLAIN_ENCODER, SUM_LOSS, MTLConfig, smoke
-from raymtl.metrics import overall
-from raymtl.trainer import fit_once
+from raymtl.train.trainer import fit_once
 
 TASKS = ("sst", "quora", "sts")
 

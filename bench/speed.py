@@ -12,7 +12,7 @@ rows per step, fp32) and data (the same Ray datasets) in all of them; only the m
                   TorchTrainer worker + DeepSpeed engine (fused AdamW on CPU, no gradient
                   all-reduce with a single ZeRO-0 worker), on the summed loss (``--fusion
                   sum``), the plain loops' arithmetic: what the machinery alone costs;
-* raymtl:         the same with raymtl's default padding-free encoder forward (``raymtl.unpad``);
+* raymtl:         the same with raymtl's default padding-free encoder forward (``raymtl.models.unpad``);
 * raymtl-default: the default loop: that, with the default fusion (IMTL-G weights refreshed
                   every 10 steps: three per-task backwards on those steps).
 
@@ -35,12 +35,13 @@ import time
 from collections import defaultdict
 
 import torch
+from raymtl.objectives.multitask import LOSSES
 
 from raymtl.config import PLAIN_ENCODER, SUM_LOSS, MTLConfig, smoke
-from raymtl.engine import param_groups
-from raymtl.loop import Progress, cycle_batches
-from raymtl.model import MultiTaskModel
-from raymtl.objectives import LOSSES
+from raymtl.data.streams import cycle_batches
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.train.engine import param_groups
+from raymtl.train.loop import Progress
 
 
 def process_name(cmdline: list[str], comm: str = "?") -> str:
@@ -149,7 +150,7 @@ def plain_loop(cfg: MTLConfig, datasets: dict, steps: int, bucket: int) -> dict:
 
 
 def raymtl_loop(cfg: MTLConfig, steps: int, **overrides) -> dict:
-    from raymtl.trainer import fit
+    from raymtl.train.trainer import fit
     total = steps + Progress.warmup          # raymtl's reported throughput leaves these out
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -177,7 +178,8 @@ def main(argv=None):
 
     import ray
 
-    from raymtl.trainer import configure_ray_data, prepare_data
+    from raymtl.data.streams import configure_ray_data
+    from raymtl.train.trainer import prepare_data
     configure_ray_data()
     t0 = time.perf_counter()
     fresh = not ray.is_initialized()        # the --smoke test runs inside an existing cluster

@@ -26,8 +26,8 @@ import argparse
 from pathlib import Path
 
 from raymtl.config import PLAIN_ENCODER, MTLConfig, smoke
+from raymtl.stages.transfer import choose, run_strategy, train_sizes
 from raymtl.tasks import TASKS
-from raymtl.transfer import choose, run_strategy, train_sizes
 
 
 def compare(base: MTLConfig, target: str, support: str, sizes: dict[str, int]) -> dict:

@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from raymtl.cli import add_config_args, config_from_args
-from raymtl.data import DataError
-from raymtl.trainer import fit
+from raymtl.data.readers import DataError
+from raymtl.train.trainer import fit
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from raymtl.cli import add_config_args, config_from_args
-from raymtl.pipeline import PipelinePlan, StageFailed, results_table
+from raymtl.stages.pipeline import PipelinePlan, StageFailed, results_table
 
 
 def main(argv=None) -> int:

@@ -19,8 +19,8 @@ import argparse
 import sys
 
 from raymtl.cli import add_config_args, config_from_args
-from raymtl.data import DataError
-from raymtl.pretrain import PretrainJobConfig, fit, pretrain_defaults, pretrain_smoke
+from raymtl.data.readers import DataError
+from raymtl.stages.pretrain import PretrainJobConfig, fit, pretrain_defaults, pretrain_smoke
 
 
 def main(argv=None) -> int:

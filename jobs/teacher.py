@@ -16,9 +16,9 @@ import argparse
 import sys
 
 from raymtl.cli import add_config_args, config_from_args
-from raymtl.data import DataError
-from raymtl.pipeline import run_teacher, teacher_config, teacher_defaults
-from raymtl.related import DEFAULT_RELATED
+from raymtl.data.readers import DataError
+from raymtl.data.related import DEFAULT_RELATED
+from raymtl.stages.pipeline import run_teacher, teacher_config, teacher_defaults
 from raymtl.tasks import TASKS
 
 

@@ -24,10 +24,10 @@ import sys
 
 from raymtl.cli import add_config_args, config_from_args
 from raymtl.config import PLAIN_ENCODER, SUM_LOSS, MTLConfig
-from raymtl.data import DataError
-from raymtl.pipeline import StageFailed
+from raymtl.data.readers import DataError
+from raymtl.stages.pipeline import StageFailed
+from raymtl.stages.transfer import CHOICES, run_strategy
 from raymtl.tasks import TASKS
-from raymtl.transfer import CHOICES, run_strategy
 
 
 def transfer_defaults() -> MTLConfig:

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from raymtl.cli import add_config_args, config_from_args
-from raymtl.search import build_tuner, load_space, restore_tuner, validate_space
-from raymtl.trainer import ensure_ray, storage_path
+from raymtl.train.trainer import ensure_ray, storage_path
+from raymtl.tune import build_tuner, load_space, restore_tuner, validate_space
 
 
 def main(argv=None) -> int:

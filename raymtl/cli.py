@@ -10,11 +10,18 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
 
-from raymtl.config import SECTIONS, MTLConfig, smoke
+from raymtl.analysis.evaluation import evaluate_rows, format_table, predict_batches, row_batches
+from raymtl.analysis.reports import analyze, curves, format_trials
+from raymtl.config import SECTIONS, DataConfig, MTLConfig, smoke
+from raymtl.data.readers import DataError, read_task_file, split_rows
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.stages.relations import RelationsJobConfig, format_matrices, relations_defaults, relations_smoke, run
+from raymtl.tasks import TASKS
 
 
 # ---------------------------------------------------------------- config flags for jobs
@@ -60,10 +67,8 @@ def config_from_args(args: argparse.Namespace, defaults=MTLConfig, shrink=smoke)
 
 # ---------------------------------------------------------------- raymtl evaluate / predict
 def _load(checkpoint: str):
-    from transformers import AutoTokenizer
 
-    from raymtl.model import MultiTaskModel
-    import json
+    from transformers import AutoTokenizer
     model = MultiTaskModel.load(checkpoint)
     tok = AutoTokenizer.from_pretrained(Path(checkpoint) / "encoder")
     max_length = json.loads((Path(checkpoint) / "raymtl.json").read_text()).get("max_length", 128)
@@ -71,12 +76,7 @@ def _load(checkpoint: str):
 
 
 def cmd_evaluate(a) -> int:
-    import json
 
-    from raymtl.config import DataConfig
-    from raymtl.data import read_task_file, split_rows
-    from raymtl.evaluation import evaluate_rows, format_table
-    from raymtl.tasks import TASKS
     model, tok, max_length = _load(a.checkpoint)
     files = {t: getattr(a, t) for t in TASKS if getattr(a, t)}
     rows_by_task = {}
@@ -104,9 +104,6 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    from raymtl.data import read_task_file
-    from raymtl.evaluation import predict_batches, row_batches
-    from raymtl.tasks import TASKS
     model, tok, max_length = _load(a.checkpoint)
     if a.task not in model.heads:
         print(f"error: checkpoint {a.checkpoint} has no head for task {a.task!r}; it has {list(model.heads)}",
@@ -126,7 +123,6 @@ def cmd_predict(a) -> int:
 
 
 def cmd_analyze(a) -> int:
-    from raymtl.analysis import analyze, format_trials
     res = analyze(a.experiment, a.out)
     print(format_trials(res["table"]))
     for p in res["plots"]:
@@ -138,7 +134,6 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_curves(a) -> int:
-    from raymtl.analysis import curves, format_trials
     res = curves(a.runs, a.out, [m for m in (a.metrics or "").split(",") if m])
     print(format_trials(res["table"]))
     print(f"[raymtl] plot: {res['plot']}")
@@ -147,7 +142,6 @@ def cmd_curves(a) -> int:
 
 
 def cmd_relations(a) -> int:
-    from raymtl.relations import format_matrices, relations_defaults, relations_smoke, run
     res, paths = run(config_from_args(a, defaults=relations_defaults, shrink=relations_smoke))
     print(format_matrices(res))
     for kind, path in paths.items():
@@ -156,8 +150,6 @@ def cmd_relations(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raymtl.data import DataError
-    from raymtl.tasks import TASKS
     p = argparse.ArgumentParser(prog="raymtl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -183,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     cu.add_argument("--metrics", help="comma-separated metric names (default: val_* and overall)")
     cu.add_argument("--out", default="runs/curves", help="where to write curves.png and curves.csv")
     cu.set_defaults(fn=cmd_curves)
-    from raymtl.relations import RelationsJobConfig
     rel = sub.add_parser("relations", help="task-relationship map: inter-task affinity and gradient cosines "
                          "(in-process, no Ray); writes OUTPUT/NAME/relations.{csv,json,png}")
     add_config_args(rel, RelationsJobConfig.SECTIONS)

@@ -15,6 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from raymtl.data.related import RELATED, get_related
+from raymtl.methods.fusion import FACTORIES
+from raymtl.methods.sampling import SAMPLERS
+from raymtl.methods.tasknorm import TASK_NORMS
+from raymtl.methods.weighting import WEIGHTINGS
+from raymtl.models.pals import PALConfig
+from raymtl.objectives.multitask import DISTILL_SCHEDULES
 from raymtl.tasks import TASKS
 
 DEFAULT_DATA_DIR = str(Path(__file__).resolve().parents[1].parent / "shared" / "data")
@@ -51,7 +58,7 @@ class DataConfig:
         "fail when more than this fraction of a file's rows is malformed", default=0.01)
     related_sets: tuple[str, ...] = _help(
         "related data sets trained as an extra stream of their target task's head (see "
-        "raymtl.related.RELATED: sst2, cfimdb, mr -> sst; mrpc -> quora; sick -> sts)", default=())
+        "raymtl.data.related.RELATED: sst2, cfimdb, mr -> sst; mrpc -> quora; sick -> sts)", default=())
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)
@@ -66,7 +73,6 @@ class DataConfig:
         _positive("bucket_batches", self.bucket_batches)
         if not 0 <= self.max_bad_fraction < 1:
             raise ValueError(f"max_bad_fraction={self.max_bad_fraction!r} must be in [0, 1)")
-        from raymtl.related import get_related
         self.related_sets = tuple(self.related_sets)
         for name in self.related_sets:
             target = get_related(name).target
@@ -75,13 +81,12 @@ class DataConfig:
                                  f"tasks={list(self.tasks)}")
 
     def related_of(self, task: str) -> tuple[str, ...]:
-        from raymtl.related import RELATED
         return tuple(n for n in self.related_sets if RELATED[n].target == task)
 
 
 POOLINGS = ("mean", "cls")          # raymtl.model.pool
 LAYER_SHARES = {"half": 0.5}        # task_layers given as a share of the encoder's depth (raymtl.model)
-CLIP_SCOPES = ("global", "task")     # what grad_clip bounds (raymtl.engine.GroupClip for 'task')
+CLIP_SCOPES = ("global", "task")     # what grad_clip bounds (raymtl.train.engine.GroupClip for 'task')
 
 
 @dataclass
@@ -105,7 +110,7 @@ class ModelConfig:
     head_dropout: float = _help("dropout before each task head", default=0.1)
     unpad: bool = _help(
         "run the encoder on the real tokens only, padding left out of every per-token operation "
-        "(raymtl.unpad; same result, less arithmetic); BERT/RoBERTa-shaped encoders, else ignored", default=True)
+        "(raymtl.models.unpad; same result, less arithmetic); BERT/RoBERTa-shaped encoders, else ignored", default=True)
     init_from: str = _help("start from this raymtl checkpoint (encoder and heads) instead", default="")
     pals: bool = _help(
         "add PALs (per-task low-rank attention in parallel to every layer) for the trained tasks "
@@ -149,7 +154,6 @@ class ModelConfig:
         for t in self.pal_tasks:
             _choice("pal_tasks", t, TASKS)
         if self.pals:
-            from raymtl.adapters import PALConfig
             PALConfig(self.pal_rank, self.pal_heads)
         if self.train_only_adapters and not (self.pals or self.task_prefix == "learned" or self.task_layers):
             raise ValueError("train_only_adapters=True needs pals=True, task_layers or task_prefix='learned' "
@@ -189,8 +193,8 @@ class TrainConfig:
         "each on its own, so one task's large gradient never shrinks another task's own step; "
         "zero_stage 0, fp32)", default="global")
     eval_every: int = _help("validate and checkpoint every N steps (and at the end)", default=100)
-    sampling: str = _help("task sampling strategy (see raymtl.sampling.SAMPLERS)", default="round_robin")
-    fusion: str = _help("gradient fusion of per-task gradients (see raymtl.fusion.FUSION_METHODS); "
+    sampling: str = _help("task sampling strategy (see raymtl.methods.sampling.SAMPLERS)", default="round_robin")
+    fusion: str = _help("gradient fusion of per-task gradients (see raymtl.methods.fusion.FUSION_METHODS); "
                         "'sum' is the plain summed loss", default="imtl_g")
     fusion_every: int = _help(
         "fuse every N steps; in between, one plain backward of the losses weighted by the last "
@@ -202,9 +206,9 @@ class TrainConfig:
         "its task's plain gradient, as with fusion_every 1)", default=False)
     task_norm: str = _help(
         "normalise each task's shared gradient by its own running second moment before fusing "
-        "(raymtl.tasknorm: 'adam'), so every task moves every coordinate; needs fusion_every=1",
+        "(raymtl.methods.tasknorm: 'adam'), so every task moves every coordinate; needs fusion_every=1",
         default="none")
-    weighting: str = _help("loss weighting: fixed, uncertainty, dwa, softmax (raymtl.weighting)",
+    weighting: str = _help("loss weighting: fixed, uncertainty, dwa, softmax (raymtl.methods.weighting)",
                            default="fixed")
     task_weights: dict[str, float] = _help("fixed loss weight per task (others weigh 1)",
                                            default_factory=dict)
@@ -214,7 +218,6 @@ class TrainConfig:
     log_every: int = _help("print progress every N steps", default=10)
 
     def __post_init__(self):
-        from raymtl.sampling import SAMPLERS
         for name in ("steps", "batch_size", "grad_accum", "lr", "head_lr", "eval_every", "log_every",
                      "fusion_every"):
             _positive(name, getattr(self, name))
@@ -224,11 +227,8 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         _choice("sampling", self.sampling, SAMPLERS)
-        from raymtl.fusion import FACTORIES
-        from raymtl.weighting import WEIGHTINGS
         _choice("fusion", self.fusion, FACTORIES)
         _choice("weighting", self.weighting, WEIGHTINGS)
-        from raymtl.tasknorm import TASK_NORMS
         _choice("task_norm", self.task_norm, TASK_NORMS)
         if self.task_norm != "none" and self.fusion_every != 1:
             raise ValueError(f"task_norm={self.task_norm!r} rescales every step's per-task gradients and "
@@ -301,7 +301,6 @@ class DistillConfig:
         "alpha at step 0 falling linearly towards 0 at the end of the run)", default="constant")
 
     def __post_init__(self):
-        from raymtl.objectives import DISTILL_SCHEDULES
         _choice("distill_schedule", self.distill_schedule, DISTILL_SCHEDULES)
         for task in self.teacher_outputs:
             _choice("teacher_outputs task", task, TASKS)
@@ -328,7 +327,7 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
 @dataclass
 class MTLConfig:
     """The multi-task stage's config. A stage with more concerns subclasses it, adding a
-    section field and listing it in ``SECTIONS`` (see ``raymtl.pretrain.PretrainJobConfig``)."""
+    section field and listing it in ``SECTIONS`` (see ``raymtl.stages.pretrain.PretrainJobConfig``)."""
     SECTIONS: ClassVar[dict[str, type]] = SECTIONS
 
     data: DataConfig = field(default_factory=DataConfig)

@@ -18,7 +18,7 @@ class TaskSpec:
     label_type: str              # "class" (int in [0, num_labels)) or "score" (float in label_range)
     num_labels: int = 1          # classes for "class" tasks
     label_range: tuple[float, float] = (0.0, 0.0)  # inclusive range for "score" tasks
-    metric: str = "accuracy"     # "accuracy" or "pearson" (see raymtl.metrics)
+    metric: str = "accuracy"     # "accuracy" or "pearson" (see raymtl.analysis.metrics)
     default_pair_mode: str = "cross"  # "cross" ([CLS] a [SEP] b) or "bi" (SBERT features)
     id_col: str = "id"           # column of row ids ("" = none: the line number is the id)
 

@@ -2,7 +2,7 @@
 
     python scripts/gpu_check.py            # on a machine with a CUDA GPU; ~1 min
 
-raymtl's DeepSpeed engine (``raymtl.engine.initialize``: the same config builder as every
+raymtl's DeepSpeed engine (``raymtl.train.engine.initialize``: the same config builder as every
 run) over the multi-task model (tiny random BERT), on one GPU with the NCCL backend, in
 ``--precision bf16`` and fp16, for ZeRO stages 0-3, with plain summed losses and with PCGrad
 fusion (ZeRO 0-2), and distillation batches carrying teacher logits. Asserts finite losses
@@ -33,12 +33,12 @@ def batch(task: str, B: int, T: int, device, kind: str, n_classes: int) -> dict:
 
 def main() -> int:
     import deepspeed
+    from raymtl.objectives.multitask import task_loss
 
-    from raymtl import engine as eng
+    import raymtl.train.engine as eng
     from raymtl.config import smoke
-    from raymtl.fusion import fused_surrogate, make_fusion
-    from raymtl.model import MultiTaskModel
-    from raymtl.objectives import task_loss
+    from raymtl.methods.fusion import fused_surrogate, make_fusion
+    from raymtl.models.multitask import MultiTaskModel
     assert torch.cuda.is_available(), "no CUDA GPU here"
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
     deepspeed.init_distributed(dist_backend="nccl")

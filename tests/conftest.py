@@ -20,7 +20,7 @@ def ray_cluster():
     """One real local Ray instance for the whole session (never two on one machine)."""
     import ray
 
-    from raymtl.trainer import configure_ray_data
+    from raymtl.data.streams import configure_ray_data
     configure_ray_data()
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
     yield ray

@@ -1,12 +1,11 @@
 """PALs and task prefixes: exact key sets, identity at init, freezing, checkpoint round trip."""
 import pytest
 import torch
-
-from raymtl.adapters import pal_state_dict
 from transformers import BertConfig, BertModel
 
 from raymtl.config import PLAIN_ENCODER, ModelConfig, MTLConfig
-from raymtl.model import MultiTaskModel
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.models.pals import pal_state_dict
 
 TASKS = ["sst", "quora", "sts"]
 

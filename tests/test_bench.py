@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from raymtl.config import PLAIN_ENCODER, smoke
-from raymtl.trainer import fit_once
+from raymtl.train.trainer import fit_once
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)

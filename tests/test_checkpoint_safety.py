@@ -12,9 +12,9 @@ SCRIPT = textwrap.dedent("""
     import os, pickle, sys, torch
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from pathlib import Path
-    from raymtl import engine as eng
+    import raymtl.train.engine as eng
     from raymtl.config import smoke
-    from raymtl.model import MultiTaskModel
+    from raymtl.models.multitask import MultiTaskModel
     out = Path(sys.argv[1])
     for stage in (0, 1, 2):
         cfg = smoke().replace(zero_stage=stage, num_workers=1)

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from raymtl.config import MTLConfig, smoke
-from raymtl.engine import deepspeed_config
-from raymtl.sampling import SAMPLERS
+from raymtl.methods.sampling import SAMPLERS
+from raymtl.train.engine import deepspeed_config
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -85,7 +85,7 @@ def test_a_config_file_sets_its_own_fields_over_a_stage_default(tmp_path):
     import argparse
 
     from raymtl.cli import add_config_args, config_from_args
-    from raymtl.pipeline import teacher_defaults
+    from raymtl.stages.pipeline import teacher_defaults
     p = argparse.ArgumentParser()
     add_config_args(p)
     (tmp_path / "flat.json").write_text(json.dumps({"fusion": "imtl_g", "lr": 1e-4}))

@@ -1,7 +1,8 @@
 """Readers on the real files and on hand-made bad rows."""
 import pytest
 
-from raymtl.data import DataError, batch_from_rows, read_task_file, split_rows
+from raymtl.data.multitask import batch_from_rows
+from raymtl.data.readers import DataError, read_task_file, split_rows
 from raymtl.tasks import TASKS
 
 HEADER = "\tid\tsentence\tsentiment\n"
@@ -75,7 +76,7 @@ def test_split_is_seeded_and_disjoint():
 def test_batches_pad_to_their_longest_row():
     from transformers import AutoTokenizer
 
-    from raymtl.model import default_encoder_path
+    from raymtl.models.encoder import default_encoder_path
     tok = AutoTokenizer.from_pretrained(default_encoder_path())
     rows = [{"text_a": "a short one", "text_b": "x", "label": 1.0, "line": 2},
             {"text_a": "a much longer sentence than the first one is", "text_b": "y", "label": 0.0, "line": 3}]
@@ -94,10 +95,11 @@ def test_uri_paths_read_through_pyarrow(data_dir):
 
 def test_tokenized_rows_keep_the_split_order_so_a_seed_gives_the_same_batches(ray_cluster, data_dir):
     """Ray Data hands blocks on in the order its tasks finish unless told to keep the order
-    (raymtl.trainer.configure_ray_data); then a seed trained on reshuffled rows from run to run."""
+    (raymtl.train.trainer.configure_ray_data); then a seed trained on reshuffled rows from run to run."""
     from raymtl.config import smoke
-    from raymtl.data import load_splits
-    from raymtl.trainer import ingest_options, prepare_data
+    from raymtl.data.multitask import load_splits
+    from raymtl.data.streams import ingest_options
+    from raymtl.train.trainer import prepare_data
     cfg = smoke().replace(data_dir=data_dir, tasks=("sst", "sts"), max_rows=0)   # every row: many blocks
     datasets, _ = prepare_data(cfg, verbose=False)
     splits, _ = load_splits(cfg.data)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from raymtl.objectives.multitask import kd_kl_loss, kd_mse_loss, set_cross_entropy, task_loss
 
 from raymtl.config import MTLConfig, smoke
-from raymtl.data import DataError
-from raymtl.objectives import kd_kl_loss, kd_mse_loss, set_cross_entropy, task_loss
-from raymtl.related import drop_overlap, map_row, read_related, related_rows
+from raymtl.data.readers import DataError
+from raymtl.data.related import drop_overlap, map_row, read_related, related_rows
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -56,7 +56,7 @@ def test_task_loss_mixes_hard_and_soft_by_alpha():
 
 
 def test_teacher_annealing_moves_the_stage_loss_from_teacher_to_gold_labels():
-    from raymtl.stages import MTLStage
+    from raymtl.stages.multitask import MTLStage
     cfg = smoke().replace(tasks=("sst",), steps=10, distill_alpha=0.8, distill_schedule="anneal")
     stage = MTLStage({"cfg": cfg.to_dict(), "train_sizes": {"sst": 10}})
     stage.build_model()
@@ -75,7 +75,7 @@ def test_teacher_annealing_moves_the_stage_loss_from_teacher_to_gold_labels():
 
 
 def test_a_teachers_config_does_not_depend_on_the_students_distillation_settings():
-    from raymtl.pipeline import teacher_config
+    from raymtl.stages.pipeline import teacher_config
     student = MTLConfig()
     distilling = student.replace(teacher_outputs={"sst": "somewhere"}, distill_alpha=1.0,
                                  distill_temperature=4.0, distill_schedule="anneal")
@@ -94,7 +94,7 @@ def test_related_sets_map_into_the_target_label_space(data_dir):
     assert all(r["text_a"] and r["text_b"] for r in mrpc)
     sick, _ = read_related("sick", data_dir, max_rows=200)
     assert min(r["label"] for r in sick) >= 0 and max(r["label"] for r in sick) <= 5
-    from raymtl.related import RELATED
+    from raymtl.data.related import RELATED
     assert map_row(RELATED["sick"], {"label": 1.0})["label"] == 0.0
     assert map_row(RELATED["sick"], {"label": 5.0})["label"] == 5.0
     assert map_row(RELATED["sick"], {"label": 4.5})["label"] == pytest.approx(4.375)
@@ -125,7 +125,7 @@ def test_related_config_is_checked(data_dir):
 # ------------------------------------------------------------------ the pipeline, end to end
 @pytest.fixture(scope="module")
 def pipeline_run(ray_cluster, data_dir, tmp_path_factory):
-    from raymtl.pipeline import PipelinePlan
+    from raymtl.stages.pipeline import PipelinePlan
     out = tmp_path_factory.mktemp("pipeline")
     student = smoke().replace(data_dir=data_dir, max_rows=240, steps=8, eval_every=8, log_every=4,
                               num_workers=1, cpus_per_worker=1.0)
@@ -151,7 +151,7 @@ def test_pipeline_runs_every_stage_and_feeds_checkpoints(pipeline_run):
 
 
 def test_teacher_outputs_cover_the_train_file_and_are_checked(pipeline_run, data_dir):
-    from raymtl.distill import load_teacher_outputs
+    from raymtl.stages.distill import load_teacher_outputs
     plan, results, _ = pipeline_run
     out = results["teacher-sst"]["outputs"]
     meta = json.loads(open(f"{out}/meta.json").read())
@@ -193,7 +193,7 @@ def test_force_redoes_a_stage_and_the_stages_after_it(pipeline_run):
 
 
 def test_failed_stage_is_named_and_keeps_finished_ones(pipeline_run, tmp_path):
-    from raymtl.pipeline import PipelinePlan, StageFailed
+    from raymtl.stages.pipeline import PipelinePlan, StageFailed
     plan, results, out = pipeline_run
     bad = PipelinePlan(plan.student.replace(data_dir=str(tmp_path)), output=str(out), pretrain_steps=0,
                        teacher_steps=6, teacher_tasks=("sst",), smoke=True)

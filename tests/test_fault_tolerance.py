@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from raymtl.config import smoke
-from raymtl.trainer import fit
+from raymtl.train.trainer import fit
 
 pytestmark = pytest.mark.timeout(900)
 
 
 def train_worker_pids():
-    from ray.util.state import list_actors
     import ray
+    from ray.util.state import list_actors
     return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
                                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
 

@@ -4,9 +4,16 @@ import pytest
 import torch
 
 from raymtl.config import MTLConfig
-from raymtl.fusion import (FUSION_METHODS, PeriodicFusion, fused_surrogate, gramian, gramian_factor, make_fusion,
-                           task_weights)
-from raymtl.weighting import WEIGHTINGS, make_weighting
+from raymtl.methods.fusion import (
+    FUSION_METHODS,
+    PeriodicFusion,
+    fused_surrogate,
+    gramian,
+    gramian_factor,
+    make_fusion,
+    task_weights,
+)
+from raymtl.methods.weighting import WEIGHTINGS, make_weighting
 
 
 def test_pcgrad_on_two_conflicting_2d_gradients():
@@ -203,10 +210,10 @@ def test_own_parameters_get_their_task_s_plain_gradient_on_every_step():
 
 
 def test_task_clip_bounds_each_task_s_own_step_by_its_own_norm_alone():
-    from raymtl.engine import GroupClip
-    from raymtl.model import MultiTaskModel
     from raymtl.config import ModelConfig
+    from raymtl.models.multitask import MultiTaskModel
     from raymtl.tasks import TASKS
+    from raymtl.train.engine import GroupClip
     ids = torch.tensor([[101, 2023, 2003, 102, 0], [101, 2307, 102, 0, 0]])
     one = {"input_ids": ids, "attention_mask": (ids > 0).long(), "token_type_ids": torch.zeros_like(ids)}
     pair = {**one, "input_ids_b": ids.flip(0), "attention_mask_b": (ids.flip(0) > 0).long()}

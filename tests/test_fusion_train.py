@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from raymtl.fusion import FUSION_METHODS
+from raymtl.methods.fusion import FUSION_METHODS
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -11,7 +11,7 @@ def fuse_on_worker(config):
     """Each rank holds different per-task gradients; returns what the rank fuses."""
     import ray.train
 
-    from raymtl.fusion import fused_surrogate, global_task_gradients, make_fusion
+    from raymtl.methods.fusion import fused_surrogate, global_task_gradients, make_fusion
     rank = ray.train.get_context().get_world_rank()
     G = torch.tensor(config["local"][rank])
     shared = torch.nn.Parameter(torch.zeros(2))             # the training step's path: losses whose
@@ -48,7 +48,7 @@ def test_two_workers_fuse_the_globally_averaged_task_gradients(ray_cluster, tmp_
 @pytest.mark.parametrize("method", ["sum", "gradvac", "cagrad", "nash_mtl"])
 def test_one_real_training_step_per_kind_of_method(ray_cluster, data_dir, tmp_path, method):
     from raymtl.config import smoke
-    from raymtl.trainer import fit
+    from raymtl.train.trainer import fit
     cfg = smoke().replace(data_dir=data_dir, output=str(tmp_path), steps=2, eval_every=2, max_rows=120,
                           fusion=method, diagnostics=True, cpus_per_worker=1.0)
     summary = fit(cfg, verbose=False)
@@ -60,7 +60,7 @@ def test_one_real_training_step_per_kind_of_method(ray_cluster, data_dir, tmp_pa
 
 def test_periodic_fusion_trains_and_reports_the_task_weights(ray_cluster, data_dir, tmp_path):
     from raymtl.config import smoke
-    from raymtl.trainer import fit
+    from raymtl.train.trainer import fit
     cfg = smoke().replace(data_dir=data_dir, output=str(tmp_path), steps=3, eval_every=3, max_rows=120,
                           fusion="imtl_g", fusion_every=2, cpus_per_worker=1.0, clip_scope="task")
     m = fit(cfg, verbose=False).metrics                  # fuses at steps 0 and 2, reuses at 1
@@ -77,8 +77,8 @@ def test_task_norm_state_follows_the_run_into_its_checkpoint_and_back(ray_cluste
     from pathlib import Path
 
     from raymtl.config import smoke
-    from raymtl.model import MultiTaskModel
-    from raymtl.trainer import fit
+    from raymtl.models.multitask import MultiTaskModel
+    from raymtl.train.trainer import fit
 
     def client_state(run_dir, step):
         """The loop's task_norm state in the run's checkpoint of ``step``."""

@@ -8,19 +8,20 @@ in-process Ray: conftest orders it before every test that starts that one.
 import pytest
 
 from raymtl.config import smoke
-from raymtl.trainer import fit
+from raymtl.train.trainer import fit
 
 pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
 def cluster():
+    # a head that runs nothing, and two 2-CPU nodes
+    import socket
+
     import ray
     from ray.cluster_utils import Cluster
 
-    from raymtl.trainer import configure_ray_data
-    # a head that runs nothing, and two 2-CPU nodes
-    import socket
+    from raymtl.data.streams import configure_ray_data
     with socket.socket() as sock:          # 8265 may be held by another Ray on this machine
         sock.bind(("127.0.0.1", 0))
         dashboard_port = sock.getsockname()[1]

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 import torch
-
-from raymtl.metrics import overall, pearson
-from raymtl.objectives import classifier_loss, cosent_loss
+from raymtl.analysis.metrics import overall, pearson
+from raymtl.objectives.multitask import classifier_loss, cosent_loss
 
 
 def test_cosent_rewards_the_right_order():

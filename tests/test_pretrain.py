@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from raymtl.objectives.pretrain import IGNORE, info_nce, mask_tokens, simcse_sup_loss, simcse_unsup_loss
 
 from raymtl.config import field_owners
-from raymtl.data import DataError
-from raymtl.pretrain import PretrainJobConfig, PretrainStage, pretrain_smoke
-from raymtl.pretrain_data import check_bad_fraction, clean_wiki, read_nli, read_wiki, split_sentences
-from raymtl.pretrain_objectives import IGNORE, info_nce, mask_tokens, simcse_sup_loss, simcse_unsup_loss
+from raymtl.data.corpus import check_bad_fraction, clean_wiki, read_nli, read_wiki, split_sentences
+from raymtl.data.readers import DataError
+from raymtl.stages.pretrain import PretrainJobConfig, PretrainStage, pretrain_smoke
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def test_config_section_names_are_unique_and_bad_values_name_the_field():
     import argparse
 
     from raymtl.cli import add_config_args, config_from_args
-    from raymtl.pretrain import pretrain_defaults
+    from raymtl.stages.pretrain import pretrain_defaults
     p = argparse.ArgumentParser()
     add_config_args(p, PretrainJobConfig.SECTIONS)
     cfg = config_from_args(p.parse_args(["--smoke", "--mlm-weight", "0.5", "--nli-files", "a.jsonl"]),
@@ -105,8 +105,7 @@ def gather_on_worker(config):
     """Each of 2 ranks holds its own (B, H) views; returns what rank 0 gathers of everything."""
     import ray.train
     import torch.distributed as dist
-
-    from raymtl.pretrain_objectives import gather_with_grad, simcse_unsup_loss
+    from raymtl.objectives.pretrain import gather_with_grad, simcse_unsup_loss
     rank = ray.train.get_context().get_world_rank()
     z1 = torch.tensor(config["z1"][rank], requires_grad=True)
     z2 = torch.tensor(config["z2"][rank], requires_grad=True)
@@ -179,8 +178,8 @@ def test_wiki_and_nli_lines_are_cleaned_and_every_unused_line_is_reported(tmp_pa
 
 # ------------------------------------------------------------------------------- shards
 def test_second_prepare_reuses_the_cache(ray_cluster, data_dir, tmp_path):
-    from raymtl.model import tokenizer_source
-    from raymtl.pretrain_data import cache_key, cache_settings, prepare_shards
+    from raymtl.data.corpus import cache_key, cache_settings, prepare_shards
+    from raymtl.models.encoder import tokenizer_source
     bad = tmp_path / "nli.jsonl"
     good = Path(data_dir, "nli/snli.jsonl").read_text().splitlines()[:60]
     bad.write_text("\n".join(good[:30] + ["{oops"] + good[30:]) + "\n")
@@ -203,12 +202,12 @@ def test_second_prepare_reuses_the_cache(ray_cluster, data_dir, tmp_path):
 
 # ------------------------------------------------------------------------------- end to end
 def test_smoke_stage_runs_and_its_checkpoint_starts_the_multitask_stage(ray_cluster, data_dir, tmp_path):
+    from raymtl.analysis.evaluation import evaluate_rows
     from transformers import AutoTokenizer
 
-    from raymtl.data import load_splits
-    from raymtl.evaluation import evaluate_rows
-    from raymtl.model import MultiTaskModel
-    from raymtl.pretrain import fit
+    from raymtl.data.multitask import load_splits
+    from raymtl.models.multitask import MultiTaskModel
+    from raymtl.stages.pretrain import fit
     cfg = pretrain_smoke().replace(data_dir=data_dir, output=str(tmp_path / "runs"), cpus_per_worker=1.0,
                                    shard_cache=str(tmp_path / "cache"))
     summary = fit(cfg, verbose=False)
@@ -245,7 +244,7 @@ def test_validation_masks_do_not_depend_on_batch_order_or_padding():
     stage.build_model()
     rows = [np.arange(1000, 1000 + n) for n in (30, 12, 45, 20)]
     rows = [np.concatenate([[101], r, [102]]) for r in rows]
-    from raymtl.pretrain import collate_pretrain
+    from raymtl.stages.pretrain import collate_pretrain
     one = stage.fixed_masks(collate_pretrain({"ids_a": np.array(rows, dtype=object)}))
     other = stage.fixed_masks(collate_pretrain({"ids_a": np.array(rows[::-1][:2], dtype=object)}))
     for i, j in ((3, 0), (2, 1)):                                           # same rows, other batch

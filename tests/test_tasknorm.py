@@ -1,4 +1,4 @@
-"""Per-task second-moment normalisation (raymtl.tasknorm): hand-computed, against torch's
+"""Per-task second-moment normalisation (raymtl.methods.tasknorm): hand-computed, against torch's
 Adam, through the fusion hand-over, and across a checkpoint."""
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from raymtl.config import MTLConfig
-from raymtl.fusion import FUSION_METHODS, fused_surrogate
-from raymtl.tasknorm import SecondMoment, make_task_norm
+from raymtl.methods.fusion import FUSION_METHODS, fused_surrogate
+from raymtl.methods.tasknorm import SecondMoment, make_task_norm
 
 
 def linear_losses(shared, ga, gb):

@@ -2,14 +2,14 @@
 import numpy as np
 import pytest
 import torch
+from raymtl.analysis.evaluation import evaluate_rows
+from raymtl.analysis.reports import load_curve
 
-from raymtl.analysis import load_curve
 from raymtl.cli import main as raymtl_main
 from raymtl.config import smoke
-from raymtl.data import load_splits
-from raymtl.evaluation import evaluate_rows
-from raymtl.model import MultiTaskModel
-from raymtl.trainer import fit
+from raymtl.data.multitask import load_splits
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.train.trainer import fit
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -128,7 +128,7 @@ def test_reported_throughput_leaves_out_startup_steps():
     s/step and tokens/s leave them out unless nothing else was measured."""
     import torch
 
-    from raymtl.loop import Progress
+    from raymtl.train.loop import Progress
     batch = {"input_ids": torch.ones(4, 10, dtype=torch.long), "attention_mask": torch.ones(4, 10)}
     p = Progress(total=10, start=0, world=1)
     for _ in range(Progress.warmup):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from raymtl.config import MTLConfig, smoke
-from raymtl.transfer import CHOICES, choose, plan, resolve, run_strategy
+from raymtl.stages.transfer import CHOICES, choose, plan, resolve, run_strategy
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -71,7 +71,7 @@ def test_plans_narrow_the_config_and_share_runs():
 # ------------------------------------------------------------------ the chain, with a stand-in trainer
 def stand_in_fit(calls: list):
     """A trainer that records each config and 'writes' one checkpoint into its run directory."""
-    from raymtl.trainer import FitSummary
+    from raymtl.train.trainer import FitSummary
 
     def fit(cfg, verbose=True):
         calls.append(cfg)
@@ -125,7 +125,7 @@ def test_smoke_stilts_chain_starts_from_the_first_checkpoint(ray_cluster, data_d
 # ------------------------------------------------------------------ the relationship map (no Ray)
 def test_relations_on_the_tiny_model_give_a_full_matrix(data_dir, tmp_path, capsys):
     from raymtl.cli import main as raymtl_main
-    from raymtl.relations import measure, relations_smoke
+    from raymtl.stages.relations import measure, relations_smoke
     assert raymtl_main(["relations", "--smoke", "--data-dir", data_dir, "--output", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "inter-task affinity" in printed and "gradient cosine" in printed
@@ -151,7 +151,7 @@ def test_relations_on_the_tiny_model_give_a_full_matrix(data_dir, tmp_path, caps
 
 
 def test_relations_config_is_checked():
-    from raymtl.relations import relations_smoke
+    from raymtl.stages.relations import relations_smoke
     with pytest.raises(ValueError, match="at least two tasks"):
         relations_smoke().replace(tasks=("sst",))
     with pytest.raises(ValueError, match=r"probe_rows=4 must be >= batch_size=8"):

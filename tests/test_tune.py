@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from raymtl.config import MTLConfig, smoke
-from raymtl.search import load_space, validate_space
+from raymtl.tune import load_space, validate_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.json"))
@@ -30,9 +30,10 @@ def test_bad_search_space_is_rejected(tmp_path):
 
 
 def test_smoke_search_is_analysed_and_its_best_config_trains(ray_cluster, data_dir, tmp_path):
-    from raymtl.analysis import analyze
-    from raymtl.search import build_tuner
-    from raymtl.trainer import fit
+    from raymtl.analysis.reports import analyze
+
+    from raymtl.train.trainer import fit
+    from raymtl.tune import build_tuner
     base = smoke().replace(data_dir=data_dir, steps=6, eval_every=2, max_rows=120, cpus_per_worker=1.0)
     space = {"lr": {"loguniform": [1e-4, 3e-3]}, "fusion": {"choice": ["sum", "pcgrad"]}}
     tuner, _ = build_tuner(base, space, num_samples=2, searcher="optuna", asha=True,
@@ -55,7 +56,7 @@ def test_trial_workers_fit_beside_the_trial_driver():
     """2 CPUs, a 0.25-CPU trial driver: a 2-CPU worker would never start (the trial hung in
     'worker group startup timed out'); it is shrunk to 1.75 CPUs, which still runs 2 threads."""
     from raymtl.config import MTLConfig
-    from raymtl.search import fit_workers_beside_trial
+    from raymtl.tune import fit_workers_beside_trial
     said = []
     cfg = fit_workers_beside_trial(MTLConfig(), cluster_cpus=2, trial_cpus=0.25, say=said.append)
     assert cfg.scale.cpus_per_worker == 1.75 and "cpus_per_worker=1.75" in said[0]

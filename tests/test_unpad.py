@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from raymtl.config import ModelConfig
-from raymtl.model import MultiTaskModel
-from raymtl.unpad import Packing, supports_unpadding, unpadded_forward
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.models.unpad import Packing, supports_unpadding, unpadded_forward
 
 TASKS = ["sst", "quora", "sts"]
 
@@ -109,7 +109,7 @@ def test_no_unpad_flag_selects_hugging_faces_forward():
 
 
 def test_pretraining_model_unpadded_equals_padded():
-    from raymtl.model import PretrainModel
+    from raymtl.models.pretrain import PretrainModel
     model = PretrainModel("tiny-random", seed=0).eval()
     assert model.unpad
     b = ragged_batch()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from raymtl.config import MTLConfig, field_owners
+from raymtl.train.trainer import build_trainer, prepare_data, storage_path
 
 DOMAINS = {"choice", "uniform", "loguniform", "randint", "grid"}
 
@@ -77,7 +78,6 @@ def run_trial(params: dict, base: dict, datasets: dict, sizes: dict, experiment_
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raymtl.trainer import build_trainer
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(MTLConfig.from_dict(base), params, f"{experiment_dir}/train_runs", f"trial_{trial_id}")
     build_trainer(cfg, datasets, sizes, callbacks=[TuneReportCallback()]).fit()
@@ -109,7 +109,6 @@ def build_tuner(base: MTLConfig, space: dict, *, num_samples: int, searcher: str
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from raymtl.trainer import prepare_data, storage_path
     base = fit_workers_beside_trial(base, ray.cluster_resources().get("CPU", 0), trial_cpus)
     datasets, sizes = prepare_data(base, verbose=True)
     storage = storage_path(storage)
@@ -137,7 +136,6 @@ def restore_tuner(path: str, base: MTLConfig):
     import ray
     from ray import tune
 
-    from raymtl.trainer import prepare_data
     base = fit_workers_beside_trial(base, ray.cluster_resources().get("CPU", 0), TRIAL_CPUS)
     datasets, sizes = prepare_data(base, verbose=True)
     trainable = tune.with_resources(

@@ -14,7 +14,7 @@ and one supporting task:
               they also found mtl_all worse than the pairwise methods in almost every case.
 
 Every run is an ordinary run of the one training loop, and each strategy is a list of
-``Run``\\ s chained by ``raymtl.pipeline.run_stages``: a run whose config, data and upstream runs
+``Run``\\ s chained by ``raymtl.stages.pipeline.run_stages``: a run whose config, data and upstream runs
 are unchanged is read back, not retrained (so a benchmark that was interrupted continues), and
 a stilts run's second stage starts from its first stage's best checkpoint (``init_from``).
 Runs that are the same training are shared by name: one ``mtl_all`` run serves every target,
@@ -34,12 +34,18 @@ validates only at the end (``eval_every = steps``) so that no strategy gets to p
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from raymtl.config import DataConfig, MTLConfig
+from raymtl.data.multitask import load_splits
+from raymtl.data.related import RELATED
+from raymtl.stages.pipeline import Stage, data_fingerprint, run_stages, stage_result
 from raymtl.tasks import TASKS
+from raymtl.train.trainer import fit as fit_run
+from raymtl.train.trainer import storage_path
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,6 @@ class Run:
 
 def narrowed(base: MTLConfig, tasks: tuple[str, ...], name: str) -> MTLConfig:
     """``base`` on ``tasks`` only; related sets and teacher outputs of other tasks dropped."""
-    from raymtl.related import RELATED
     return base.replace(
         tasks=tasks, name=name,
         related_sets=tuple(r for r in base.data.related_sets if RELATED[r].target in tasks),
@@ -125,9 +130,7 @@ def choose(target: str, support: str, sizes: dict[str, int]) -> tuple[str, str]:
 def train_sizes(data: DataConfig) -> dict[str, int]:
     """Training rows per task after the validation split, as training carves them (the task's
     own rows: related sets are not counted)."""
-    import dataclasses
 
-    from raymtl.data import load_splits
     splits, _ = load_splits(dataclasses.replace(data, related_sets=()))
     return {t: len(parts[0]) for t, parts in splits.items()}
 
@@ -161,15 +164,12 @@ class Outcome:
 
 
 def stages(runs: list[Run], output: str, results: dict[str, dict], fit=None, verbose: bool = True):
-    """``raymtl.pipeline.Stage``\\ s for ``runs``: each trains its config into the stage's run
+    """``raymtl.stages.pipeline.Stage``\\ s for ``runs``: each trains its config into the stage's run
     directory; a run with ``after`` starts from that run's best checkpoint (read from
     ``results``, which ``run_stages`` fills, also for a skipped run)."""
-    from raymtl.pipeline import Stage, data_fingerprint, stage_result
-    from raymtl.related import RELATED
 
     def trainer(run: Run) -> Callable[[str], dict]:
         def train(run_dir: str) -> dict:
-            from raymtl.trainer import fit as fit_run
             cfg = run.cfg.replace(output=run_dir)
             if run.after:
                 cfg = cfg.replace(init_from=results[run.after]["checkpoint"])
@@ -189,9 +189,7 @@ def run_strategy(base: MTLConfig, strategy: str, target: str, support: str | Non
                  sizes: dict[str, int] | None = None, fit=None, verbose: bool = True, say=print) -> Outcome:
     """Train ``target`` with ``strategy`` under ``base.run.output`` and return its score.
 
-    ``fit(cfg, verbose) -> FitSummary`` defaults to ``raymtl.trainer.fit`` (Ray Train)."""
-    from raymtl.pipeline import run_stages
-    from raymtl.trainer import storage_path
+    ``fit(cfg, verbose) -> FitSummary`` defaults to ``raymtl.train.trainer.fit`` (Ray Train)."""
     if "://" in base.run.output:
         raise ValueError(f"output={base.run.output!r}: transfer runs keep their records (stage.json) on a "
                          "local or mounted path; use one (an NFS mount on a cluster)")

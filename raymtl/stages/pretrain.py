@@ -1,5 +1,5 @@
 """Further pre-training stage: MLM + SimCSE (unsupervised on Wiki sentences, supervised on
-NLI triplets) on the shared loop (``raymtl.loop``), before multi-task fine-tuning.
+NLI triplets) on the shared loop (``raymtl.train.loop``), before multi-task fine-tuning.
 
 Its config adds one section, ``pretrain`` (``PretrainConfig``), to the multi-task sections;
 field names stay unique across all of them. Its checkpoint is a raymtl checkpoint without
@@ -17,13 +17,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from raymtl.analysis.metrics import pearson
 from raymtl.config import PLAIN_ENCODER, SECTIONS, SUM_LOSS, ModelConfig, MTLConfig, _help, _positive, smoke
-from raymtl.data import _pad
-from raymtl.loop import cycle_batches
-from raymtl.metrics import pearson
-from raymtl.model import PretrainModel
-from raymtl.pretrain_objectives import IGNORE, mask_tokens, mlm_loss, simcse_sup_loss, simcse_unsup_loss
-from raymtl.weighting import make_weighting
+from raymtl.data.corpus import prepare_shards
+from raymtl.data.multitask import _pad
+from raymtl.data.readers import DataError
+from raymtl.data.streams import cycle_batches
+from raymtl.methods.weighting import make_weighting
+from raymtl.models.encoder import tokenizer_source
+from raymtl.models.pretrain import PretrainModel
+from raymtl.objectives.pretrain import IGNORE, mask_tokens, mlm_loss, simcse_sup_loss, simcse_unsup_loss
+from raymtl.train.loop import say
+from raymtl.train.trainer import build_trainer, ensure_ray, summarize
 
 OBJECTIVES = ("mlm", "simcse_unsup", "simcse_sup")     # stream name == shard kind
 
@@ -138,14 +143,12 @@ class PretrainStage:
     def __init__(self, config: dict):
         from transformers import AutoTokenizer
 
-        from raymtl.model import tokenizer_source
         self.cfg = PretrainJobConfig.from_dict(config["cfg"])
         self.sizes: dict[str, int] = config["train_sizes"]
         self.tok = AutoTokenizer.from_pretrained(tokenizer_source(self.cfg.model.init_from or self.cfg.model.encoder))
         self.special = torch.tensor(sorted(self.tok.all_special_ids))
 
     def build_model(self) -> PretrainModel:
-        from raymtl.loop import say
         cfg = self.cfg
         model = PretrainModel(cfg.model.init_from or cfg.model.encoder, cfg.model.pooling, seed=cfg.train.seed,
                               unpad=cfg.model.unpad)
@@ -226,15 +229,12 @@ class PretrainStage:
 
 def prepare(cfg: PretrainJobConfig, verbose: bool = True):
     """Tokenized shards (cached) -> Ray datasets for the trainer and rows per training stream."""
-    from raymtl.model import tokenizer_source
-    from raymtl.pretrain_data import prepare_shards
     shards = prepare_shards(cfg, tokenizer_source(cfg.model.init_from or cfg.model.encoder))
     if verbose:
         print("[raymtl] data " + shards.summary(), flush=True)
     names = [n for n, w in cfg.pretrain.weights().items() if w > 0]
     empty = [k for k in (*names, "mlm_val", "sts_val") if not shards.counts.get(k)]
     if empty:
-        from raymtl.data import DataError
         raise DataError(f"no rows of kind {empty} in {shards.path}; see the data report above")
     datasets = {f"train_{n}": shards.dataset(n) for n in names}
     datasets.update(val_mlm=shards.dataset("mlm_val"), val_sts=shards.dataset("sts_val"))
@@ -243,7 +243,6 @@ def prepare(cfg: PretrainJobConfig, verbose: bool = True):
 
 def fit(cfg: PretrainJobConfig, verbose: bool = True):
     """Prepare (or reuse) the shards, run the stage, print before/after scores."""
-    from raymtl.trainer import build_trainer, ensure_ray, summarize
     ensure_ray()
     datasets, sizes, _ = prepare(cfg, verbose)
     result = build_trainer(cfg, datasets, sizes, stage=PretrainStage).fit()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from raymtl.config import MTLConfig
+from raymtl.train.loop import HISTORY
 
 
 def _flat_params(config: dict) -> dict:
@@ -145,7 +146,6 @@ def _has_tabulate() -> bool:
 def load_curve(run: str | Path) -> pd.DataFrame:
     """One run's validation history (a row per report), from the newest checkpoint of a run
     directory, or from a checkpoint directory itself."""
-    from raymtl.loop import HISTORY
     d = Path(run)
     if not d.is_dir():
         raise FileNotFoundError(f"run directory {d} does not exist")

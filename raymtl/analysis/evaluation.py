@@ -6,7 +6,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from raymtl.metrics import overall, task_metric
+from raymtl.analysis.metrics import overall, task_metric
+from raymtl.data.multitask import batch_from_rows
 
 
 @torch.no_grad()
@@ -28,7 +29,6 @@ def predict_batches(model, task: str, batches: Iterable[dict]) -> tuple[np.ndarr
 
 def row_batches(model, tokenizer, task: str, rows: list[dict], max_length: int, batch_size: int = 64):
     """Collated batches of rows, encoded the way ``model`` was trained for ``task``."""
-    from raymtl.data import batch_from_rows
     for i in range(0, len(rows), batch_size):
         yield batch_from_rows(tokenizer, rows[i:i + batch_size], model.modes[task], max_length,
                               model.text_prefix(task))

@@ -55,7 +55,7 @@ class TaskPALs(nn.Module):
         return self.dec(self.layers[i](self.enc(h), pad))           # (B, T, H)
 
     def forward_packed(self, i: int, h: torch.Tensor, packing) -> torch.Tensor:
-        """The same on packed real tokens (``raymtl.unpad``): (N, H) -> (N, H)."""
+        """The same on packed real tokens (``raymtl.models.unpad``): (N, H) -> (N, H)."""
         z = self.layers[i](packing.unpack(self.enc(h)), packing.padding)
         return self.dec(packing.pack(z))
 

@@ -6,16 +6,23 @@ of ``line`` (the row's line in the train file) and ``teacher`` (its logits, or i
 plus ``meta.json`` saying which checkpoint, head kind, data file and split produced them.
 The multi-task stage (``distill`` config section) joins them onto its training rows by line;
 it refuses outputs from another split (the teacher would have trained on the student's
-validation rows) or that miss any of its rows. The loss is ``raymtl.objectives.task_loss``.
+validation rows) or that miss any of its rows. The loss is ``raymtl.objectives.multitask.task_loss``.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
+import torch
 
-from raymtl.data import DataError
+from raymtl.data.multitask import batch_from_rows
+from raymtl.data.readers import DataError, read_task_file
+from raymtl.models.heads import head_kind
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.tasks import TASKS
 
 META = "meta.json"
 
@@ -24,10 +31,8 @@ class TeacherInference:
     """Ray Data ``map_batches`` callable: loads the teacher once per actor."""
 
     def __init__(self, checkpoint: str, task: str, max_length: int, use_gpu: bool = False, threads: int = 1):
-        import torch
         from transformers import AutoTokenizer
 
-        from raymtl.model import MultiTaskModel
         torch.set_num_threads(threads)             # Ray sets OMP_NUM_THREADS=1 in actors
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = MultiTaskModel.load(checkpoint).eval().to(self.device)
@@ -35,9 +40,7 @@ class TeacherInference:
         self.task, self.max_length = task, max_length
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
 
-        from raymtl.data import batch_from_rows
         rows = [{"text_a": a, "text_b": b, "label": 0.0, "line": int(n)}
                 for a, b, n in zip(batch["text_a"], batch["text_b"], batch["line"])]
         enc = batch_from_rows(self.tok, rows, self.model.modes[self.task], self.max_length,
@@ -61,9 +64,6 @@ def write_teacher_outputs(checkpoint: str, task: str, data_cfg, out_dir: str, ma
     the actor takes ``cpus`` CPUs (and threads), or one GPU."""
     import ray
 
-    from raymtl.data import read_task_file
-    from raymtl.model import head_kind
-    from raymtl.tasks import TASKS
     spec = TASKS[task]
     path = f"{data_cfg.data_dir.rstrip('/')}/{spec.path}"
     rows, _ = read_task_file(spec, path, max_rows=data_cfg.max_rows, max_bad_fraction=data_cfg.max_bad_fraction)
@@ -73,7 +73,6 @@ def write_teacher_outputs(checkpoint: str, task: str, data_cfg, out_dir: str, ma
     kind = head_kind(spec, modes[task])
     out = Path(out_dir)
     if out.exists():
-        import shutil
         shutil.rmtree(out)
     rows = sorted(rows, key=lambda r: len(r["text_a"]) + len(r["text_b"]))
     ds = ray.data.from_items([{"line": r["line"], "text_a": r["text_a"], "text_b": r["text_b"]} for r in rows])
@@ -91,7 +90,6 @@ def write_teacher_outputs(checkpoint: str, task: str, data_cfg, out_dir: str, ma
 
 def load_teacher_outputs(out_dir: str, task: str, data_cfg, head_kind: str) -> dict[int, np.ndarray]:
     """``{line: output}`` of a teacher-output directory, after checking it fits this run."""
-    import pyarrow.parquet as pq
     d = Path(out_dir)
     if not (d / META).is_file():
         raise DataError(f"teacher outputs for {task!r}: {d / META} not found (write them with "
@@ -114,8 +112,6 @@ def load_teacher_outputs(out_dir: str, task: str, data_cfg, head_kind: str) -> d
 
 def attach_teacher_outputs(datasets: dict, cfg) -> dict:
     """Add the ``teacher`` column to ``train_<task>`` of every task with teacher outputs."""
-    from raymtl.model import head_kind
-    from raymtl.tasks import TASKS
     for task, out_dir in cfg.distill.teacher_outputs.items():
         kind = head_kind(TASKS[task], cfg.model.mode_of(task) if TASKS[task].is_pair else None)
         lookup = load_teacher_outputs(out_dir, task, cfg.data, kind)

@@ -1,6 +1,7 @@
 """DeepSpeed: the engine config built from raymtl's typed config, and checkpoint I/O."""
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -92,7 +93,6 @@ SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
 def weights_only_loading(checkpoint_engine) -> None:
     """Make DeepSpeed's checkpoint engine load with ``weights_only=True`` (its own default is
     full pickle, which would run code from a tampered checkpoint)."""
-    import importlib
 
     def allowed():
         out = []

@@ -1,35 +1,21 @@
 """Driver side: read and tokenize the data, build the ``TorchTrainer``, fit, summarise."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from raymtl.analysis.evaluation import format_table
 from raymtl.config import MTLConfig
-from raymtl.data import load_splits, tokenized_datasets
-from raymtl.evaluation import format_table
-from raymtl.model import tokenizer_source
+from raymtl.data.multitask import load_splits, tokenized_datasets
+from raymtl.data.streams import configure_ray_data, ingest_options
+from raymtl.models.encoder import tokenizer_source
+from raymtl.models.prefixes import text_prefix
+from raymtl.stages.distill import attach_teacher_outputs
+from raymtl.stages.multitask import MTLStage
 from raymtl.tasks import TASKS
-
-
-def configure_ray_data() -> None:
-    """Ray Data's per-dataset progress bars drown raymtl's own progress lines. And by default
-    Ray Data hands blocks on in the order its tasks finish, so the same seeds trained on the
-    rows in another order from run to run (tokenizing, filtering, reading a shard): keep the
-    order, so a run is reproducible and two setups on one seed see the same batches."""
-    import ray.data
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.execution_options.preserve_order = True
-
-
-def ingest_options():
-    """Ray Train's options for the workers' dataset shards, in order (``configure_ray_data``)."""
-    import ray.train
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+from raymtl.train.loop import train_loop_per_worker
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -65,8 +51,6 @@ def build_trainer(cfg: MTLConfig, datasets: dict, train_sizes: dict[str, int], l
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raymtl.loop import train_loop_per_worker
-    from raymtl.stages import MTLStage
     stage = stage or MTLStage
     s = cfg.scale
     scaling = ray.train.ScalingConfig(
@@ -99,14 +83,12 @@ def prepare_data(cfg: MTLConfig, verbose: bool = True):
         for r in reports:
             print("[raymtl] data " + r.summary(), flush=True)
     modes = {t: (cfg.model.mode_of(t) if TASKS[t].is_pair else None) for t in splits}
-    from raymtl.prefixes import text_prefix
     prefixes = {t: text_prefix(t) for t in splits} if cfg.model.task_prefix == "text" else {}
     datasets = tokenized_datasets(splits, tokenizer_source(cfg.model.init_from or cfg.model.encoder),
                                   modes, cfg.data.max_length, prefixes)
     sizes = {t: len(parts[0]) for t, parts in splits.items()}
     sizes.update({f"{t}_related": len(parts[2]) for t, parts in splits.items() if len(parts) > 2})
     if cfg.distill.teacher_outputs:
-        from raymtl.distill import attach_teacher_outputs
         datasets = attach_teacher_outputs(datasets, cfg)
     return datasets, sizes
 
@@ -127,7 +109,6 @@ def fit_once(cfg: MTLConfig, verbose: bool = False) -> dict:
     The record, ``best_metrics.json`` in the run directory, names the best checkpoint and
     keeps the run's config: a finished run is read back only for the same config (the run
     settings ``output`` and ``name`` aside), else the call fails naming the fields that differ."""
-    import json
     record = Path(storage_path(cfg.run.output)) / cfg.run.name / "best_metrics.json"
     asked = json.loads(json.dumps(cfg.to_dict()))               # tuples as lists, as saved
     if "://" not in cfg.run.output and record.is_file():

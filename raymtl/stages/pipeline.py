@@ -26,8 +26,12 @@ from pathlib import Path
 from typing import Callable
 
 from raymtl.config import PLAIN_ENCODER, SUM_LOSS, DistillConfig, MTLConfig
-from raymtl.related import DEFAULT_RELATED, RELATED
+from raymtl.data.related import DEFAULT_RELATED, RELATED
+from raymtl.stages.distill import write_teacher_outputs
+from raymtl.stages.pretrain import fit as pretrain_fit
+from raymtl.stages.pretrain import pretrain_defaults, pretrain_smoke
 from raymtl.tasks import TASKS
+from raymtl.train.trainer import fit, storage_path
 
 
 class StageFailed(RuntimeError):
@@ -61,8 +65,6 @@ def stage_result(summary, what: str, **extra) -> dict:
 def run_teacher(cfg: MTLConfig, verbose: bool = True) -> dict:
     """Train a teacher (``cfg.data.tasks`` is its one task), then write its outputs on every
     row of the task's train file to ``<run dir>/outputs``. Returns checkpoint, outputs, metrics."""
-    from raymtl.distill import write_teacher_outputs
-    from raymtl.trainer import fit, storage_path
     (task,) = cfg.data.tasks
     summary = fit(cfg, verbose=verbose)
     result = stage_result(summary, f"teacher {task}")
@@ -160,7 +162,6 @@ class PipelinePlan:
 
     def stages(self, done: dict[str, dict], verbose: bool = True) -> list[Stage]:
         """The stages; ``done`` is the results dict ``run_stages`` fills as they finish."""
-        from raymtl.trainer import fit
         out, s = str(Path(self.output).expanduser().resolve()), self.student
         data_dir = s.data.data_dir
         stages: list[Stage] = []
@@ -168,8 +169,6 @@ class PipelinePlan:
 
         pre_cfg = None
         if self.pretrain_steps:
-            from raymtl.pretrain import pretrain_defaults, pretrain_smoke
-            from raymtl.pretrain import fit as pretrain_fit
             base = pretrain_smoke() if self.smoke else pretrain_defaults()
             pre_cfg = base.replace(
                 steps=self.pretrain_steps, eval_every=self.pretrain_steps, output=f"{out}/pretrain",

@@ -25,12 +25,13 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from raymtl.data import DataError, load_splits, read_bytes
+from raymtl.data.multitask import load_splits
+from raymtl.data.readers import DataError, read_bytes
 
 KINDS = ("mlm", "mlm_val", "simcse_unsup", "simcse_sup", "sts_val")
 COLUMNS = {"mlm": ["ids_a"], "mlm_val": ["ids_a"], "simcse_unsup": ["ids_a"],
@@ -211,7 +212,6 @@ def collect_rows(cfg) -> tuple[list[dict], list[LineReport]]:
 
 def sts_rows(cfg) -> tuple[list[dict], LineReport]:
     """The STS validation split, carved exactly as the multi-task stage carves it."""
-    from dataclasses import replace
     splits, (read,) = load_splits(replace(cfg.data, tasks=("sts",), related_sets=()))
     train, val = splits["sts"]
     report = LineReport(read.path, lines=read.rows + len(read.bad), rows=len(val))

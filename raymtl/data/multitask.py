@@ -7,114 +7,14 @@ allows, or lacks a required column.
 """
 from __future__ import annotations
 
-import logging
-import random
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from raymtl.tasks import TaskSpec
-
-log = logging.getLogger("raymtl.data")
-
-
-class DataError(ValueError):
-    """A data file cannot be used; the message names the file and line or column."""
-
-
-@dataclass
-class ReadReport:
-    path: str
-    rows: int = 0
-    bad: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
-
-    def summary(self) -> str:
-        s = f"{self.path}: {self.rows} rows read, {len(self.bad)} skipped"
-        for line, reason in self.bad[:5]:
-            s += f"\n  {self.path}:{line}: {reason}"
-        if len(self.bad) > 5:
-            s += f"\n  ... and {len(self.bad) - 5} more"
-        return s
-
-
-def read_bytes(path: str) -> bytes:
-    """Read a local path or any URI pyarrow understands (s3://, gs://, hdfs://)."""
-    import pyarrow.fs as pafs
-    try:
-        fs, p = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-        with fs.open_input_stream(p) as f:
-            return f.read()
-    except (FileNotFoundError, OSError) as e:
-        raise DataError(f"cannot read data file {path}: {e}") from None
-
-
-def read_task_file(spec: TaskSpec, path: str, *, with_labels: bool = True, max_rows: int = 0,
-                   max_bad_fraction: float = 0.01, allow_empty_text: bool = False
-                   ) -> tuple[list[dict[str, Any]], ReadReport]:
-    """Read a TAB-separated task file (minBERT ``.csv`` or GLUE ``.tsv``) by header names.
-
-    Returns rows ``{"id", "line", "text_a", "text_b", "label"}`` and a report of skipped rows.
-    """
-    raw_lines = read_bytes(path).split(b"\n")
-    if raw_lines and raw_lines[-1] == b"":
-        raw_lines.pop()
-    if not raw_lines:
-        raise DataError(f"{path}: file is empty")
-    header = raw_lines[0].decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r").split("\t")
-    required = ([spec.id_col] if spec.id_col else []) + [*spec.text_cols] + ([spec.label_col] if with_labels else [])
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise DataError(f"{path}:1: missing required column(s) {missing} for task {spec.name!r}; "
-                        f"header has {header}")
-    col = {c: header.index(c) for c in required}
-    report = ReadReport(path)
-    rows: list[dict[str, Any]] = []
-    for lineno, raw in enumerate(raw_lines[1:], start=2):
-        if max_rows and report.rows + len(report.bad) >= max_rows:
-            break
-        try:
-            text = raw.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError as e:
-            report.bad.append((lineno, f"not valid UTF-8 (byte {e.start})"))
-            continue
-        fields = text.split("\t")
-        if len(fields) != len(header):
-            report.bad.append((lineno, f"expected {len(header)} TAB-separated fields, got {len(fields)}"))
-            continue
-        texts = [fields[col[c]].strip() for c in spec.text_cols]
-        empty = [c for c, t in zip(spec.text_cols, texts) if not t]
-        if empty and not allow_empty_text:
-            report.bad.append((lineno, f"empty text in column(s) {empty}"))
-            continue
-        row = {"id": fields[col[spec.id_col]].strip() if spec.id_col else str(lineno), "line": lineno, "text_a": texts[0],
-               "text_b": texts[1] if spec.is_pair else "", "label": 0.0}
-        if with_labels:
-            try:
-                row["label"] = float(spec.parse_label(fields[col[spec.label_col]]))
-            except ValueError as e:
-                report.bad.append((lineno, str(e)))
-                continue
-        rows.append(row)
-        report.rows += 1
-    total = report.rows + len(report.bad)
-    for line, reason in report.bad[:20]:
-        log.warning("%s:%d: skipped row: %s", path, line, reason)
-    if total and len(report.bad) / total > max_bad_fraction:
-        raise DataError(f"{path}: {len(report.bad)} of {total} rows are malformed, more than "
-                        f"max_bad_fraction={max_bad_fraction}\n" + report.summary())
-    if not rows:
-        raise DataError(f"{path}: no usable rows\n" + report.summary())
-    return rows, report
-
-
-def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded shuffle, then carve ``val_fraction`` of the rows (at least one) for validation."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, int(round(len(rows) * val_fraction)))
-    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+from raymtl.data.readers import ReadReport, read_task_file, split_rows
+from raymtl.data.related import related_rows
+from raymtl.tasks import TASKS, TaskSpec
 
 
 # ---------------------------------------------------------------------------- tokenization
@@ -181,9 +81,9 @@ def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     out = {"input_ids": ids_a, "attention_mask": mask_a, "token_type_ids": tt_a,
            "label": torch.tensor(np.asarray(batch["label"], dtype=np.float32)),
            "line": torch.tensor(np.asarray(batch["line"], dtype=np.int64))}
-    if "label_set" in batch:      # classifier rows: bitmask of allowed classes (raymtl.related)
+    if "label_set" in batch:      # classifier rows: bitmask of allowed classes (raymtl.data.related)
         out["label_set"] = torch.tensor(np.asarray(batch["label_set"], dtype=np.int64))
-    if "teacher" in batch:        # teacher logits / scores (raymtl.distill), (B, C)
+    if "teacher" in batch:        # teacher logits / scores (raymtl.stages.distill), (B, C)
         out["teacher"] = torch.tensor(np.stack([np.asarray(x, dtype=np.float32) for x in batch["teacher"]]))
     if len(batch["ids_b"]) and len(batch["ids_b"][0]):
         out["input_ids_b"], out["attention_mask_b"] = _pad(batch["ids_b"])
@@ -201,9 +101,7 @@ def batch_from_rows(tokenizer, rows: list[dict], mode: str | None, max_length: i
 def load_splits(data_cfg, verbose: bool = False) -> tuple[dict[str, tuple[list[dict], list[dict]]], list[ReadReport]]:
     """Read every task's train file and carve its seeded validation split. Tasks with
     ``related_sets`` get a third list: the related rows mapped into their label space
-    (``raymtl.related``), minus any overlap with the validation split."""
-    from raymtl.related import related_rows
-    from raymtl.tasks import TASKS
+    (``raymtl.data.related``), minus any overlap with the validation split."""
     splits, reports = {}, []
     for name in data_cfg.tasks:
         spec = TASKS[name]
@@ -240,7 +138,6 @@ def tokenized_datasets(splits, tokenizer_source: str, modes: dict[str, str | Non
     """
     import ray
 
-    from raymtl.tasks import TASKS
     names = ("train", "val", "related")
     items = [{"task": t, "split": s, "line": r["line"], "text_a": r["text_a"], "text_b": r["text_b"],
               "label": r["label"], "label_set": label_set_of(TASKS[t], r)}

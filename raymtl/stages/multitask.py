@@ -1,4 +1,4 @@
-"""The multi-task fine-tuning stage: what the shared loop (``raymtl.loop``) needs from it.
+"""The multi-task fine-tuning stage: what the shared loop (``raymtl.train.loop``) needs from it.
 
 One stream of padded batches per task (``train_<task>`` Ray Data shards), the task table's
 loss per head kind, the validation splits scored per task plus ``overall``.
@@ -8,14 +8,14 @@ from __future__ import annotations
 import numpy as np
 import torch.distributed as dist
 
+from raymtl.analysis.evaluation import predict_batches
+from raymtl.analysis.metrics import overall, task_metric
 from raymtl.config import MTLConfig
-from raymtl.data import collate
-from raymtl.evaluation import predict_batches
-from raymtl.loop import cycle_batches
-from raymtl.metrics import overall, task_metric
-from raymtl.model import MultiTaskModel
-from raymtl.objectives import DISTILL_SCHEDULES, task_loss
-from raymtl.weighting import make_weighting
+from raymtl.data.multitask import collate
+from raymtl.data.streams import cycle_batches
+from raymtl.methods.weighting import make_weighting
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.objectives.multitask import DISTILL_SCHEDULES, task_loss
 
 
 def validate(module, tasks, rank: int, world: int, shard_eval: bool) -> dict[str, float]:

@@ -7,7 +7,7 @@ maps onto the target's labels. The mapping is explicit:
 * a class is mapped to a *set* of target classes. Binary sentiment says "negative" or
   "positive", not which of SST's five classes, so a negative review maps to {very negative,
   negative}; the classifier is trained to put its probability mass on the set
-  (``raymtl.objectives.classifier_loss`` with a ``label_set``), nothing is guessed;
+  (``raymtl.objectives.multitask.classifier_loss`` with a ``label_set``), nothing is guessed;
 * a score is rescaled linearly from the source range to the target range (SICK 1-5 -> 0-5).
 
 Teachers (``jobs/teacher.py``) train on their target plus these rows; which sets is config
@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raymtl.data import DataError, ReadReport, read_bytes, read_task_file
+from raymtl.data.readers import DataError, ReadReport, read_bytes, read_task_file
 from raymtl.tasks import TASKS, TaskSpec
 
 

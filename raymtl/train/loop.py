@@ -17,7 +17,7 @@ carries the run's validation history, ``metrics_history.json``, read by ``raymtl
         def validate(self, module, rank, world) -> dict[str, float]  # collective on every rank
 
 ``.sizes`` maps each stream name to its training rows (read by the task sampler). Stages:
-``raymtl.stages.MTLStage`` (multi-task fine-tuning) and ``raymtl.pretrain.PretrainStage``
+``raymtl.stages.multitask.MTLStage`` (multi-task fine-tuning) and ``raymtl.stages.pretrain.PretrainStage``
 (MLM + SimCSE further pre-training).
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -33,13 +34,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from raymtl.data import collate
-from raymtl.fusion import PeriodicFusion, fused_surrogate, make_fusion
-from raymtl.model import tokenizer_source
-from raymtl.sampling import get_sampler
-from raymtl.tasknorm import make_task_norm
-from raymtl.weighting import Fixed
+import raymtl.train.engine as eng
+from raymtl.data.streams import configure_ray_data
+from raymtl.methods.fusion import PeriodicFusion, fused_surrogate, make_fusion
+from raymtl.methods.sampling import get_sampler
+from raymtl.methods.tasknorm import make_task_norm
+from raymtl.methods.weighting import Fixed
+from raymtl.models.encoder import tokenizer_source
 
 
 def say(msg: str) -> None:
@@ -48,32 +51,6 @@ def say(msg: str) -> None:
     print(msg, file=sys.__stdout__, flush=True)
 
 
-def cycle_batches(shard, batch_size: int, seed: int, bucket: int, collate_fn=collate):
-    """Endless stream of padded batches from a Ray Data shard, reshuffled every epoch.
-
-    Length bucketing: a window of ``bucket`` batches is sorted by row length (the summed
-    length of its ``ids_*`` columns) and cut into batches, which are then yielded in random
-    order, so a batch pads to a similar length.
-    """
-    rng = np.random.default_rng(seed)
-    epoch = 0
-    while True:
-        yielded = False
-        for window in shard.iter_batches(batch_size=batch_size * bucket, batch_format="numpy",
-                                         local_shuffle_buffer_size=4 * batch_size * bucket,
-                                         local_shuffle_seed=seed + epoch):
-            id_cols = [k for k in window if k.startswith("ids_")]
-            n = len(window[id_cols[0]]) // batch_size * batch_size   # drop the ragged tail
-            lengths = np.array([sum(len(window[c][i]) for c in id_cols) for i in range(n)])
-            order = np.argsort(lengths + rng.random(n), kind="stable") if bucket > 1 else np.arange(n)
-            chunks = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-            for j in rng.permutation(len(chunks)):
-                yielded = True
-                yield collate_fn({k: v[chunks[j]] for k, v in window.items()})
-        if not yielded:
-            raise ValueError(f"a training shard has fewer rows than one batch ({batch_size}); "
-                             "lower batch_size or num_workers")
-        epoch += 1
 
 
 class Progress:
@@ -132,9 +109,7 @@ class Progress:
 def peak_rss_mb(device) -> float:
     """Peak resident (host) memory of the largest worker so far, in MiB (collective: every
     rank; the tensor lives on the engine's device so NCCL can reduce it)."""
-    import resource
 
-    import torch.distributed as dist
     peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], device=device)  # KiB->MiB
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -164,8 +139,6 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
     from transformers import AutoTokenizer
 
-    from raymtl import engine as eng
-    from raymtl.trainer import configure_ray_data
     configure_ray_data()
 
     # 1. stage, config, seeds, threads ---------------------------------------------------

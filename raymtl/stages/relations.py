@@ -9,7 +9,7 @@ For every ordered pair (A, B) of the config's tasks, two measurements on one mod
   here it is k steps (``lookahead_steps``) from one point, the end of the joint phase below.
 * gradient cosine: the mean, over the joint phase's steps, of cos(g_A, g_B) between the two
   tasks' gradients of the shared encoder parameters (the loop's diagnostics:
-  ``raymtl.fusion.fused_surrogate``). Symmetric; the diagonal is 1.
+  ``raymtl.methods.fusion.fused_surrogate``). Symmetric; the diagonal is 1.
 
 Procedure, in-process on the driver (no Ray: an analysis of a few hundred rows):
 
@@ -32,15 +32,25 @@ settings) and ``relations.png`` (two heat maps) to ``OUTPUT/NAME`` (default ``ru
 from __future__ import annotations
 
 import copy
+import csv
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 
+from raymtl.analysis.evaluation import row_batches
 from raymtl.config import PLAIN_ENCODER, SECTIONS, MTLConfig, _help, _positive, smoke
+from raymtl.data.multitask import load_splits
+from raymtl.methods.fusion import fused_surrogate, make_fusion
+from raymtl.models.encoder import tokenizer_source
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.objectives.multitask import task_loss
+from raymtl.train.engine import param_groups
 
 
 @dataclass
@@ -88,10 +98,7 @@ def relations_smoke(cfg: RelationsJobConfig | None = None) -> RelationsJobConfig
 # ---------------------------------------------------------------- data and losses
 def probe_batches(model, tokenizer, cfg: RelationsJobConfig) -> tuple[dict[str, list], dict[str, list]]:
     """Fixed (train, validation) batches per task; train batches have exactly batch_size rows."""
-    import dataclasses
 
-    from raymtl.data import load_splits
-    from raymtl.evaluation import row_batches
     r, bs, max_len = cfg.relations, cfg.train.batch_size, cfg.data.max_length
     splits, _ = load_splits(dataclasses.replace(cfg.data, related_sets=()))
     train, val = {}, {}
@@ -105,7 +112,6 @@ def probe_batches(model, tokenizer, cfg: RelationsJobConfig) -> tuple[dict[str, 
 
 
 def task_losses(model, batches: dict[str, dict]) -> dict[str, torch.Tensor]:
-    from raymtl.objectives import task_loss
     return {t: task_loss(model.heads[t].kind, model(t, b), b) for t, b in batches.items()}
 
 
@@ -123,8 +129,7 @@ def validation_losses(model, val: dict[str, list]) -> dict[str, float]:
 
 
 def optimizer(model, cfg: MTLConfig) -> torch.optim.Optimizer:
-    """The training optimizer's settings (``raymtl.engine.param_groups``), at peak learning rates."""
-    from raymtl.engine import param_groups
+    """The training optimizer's settings (``raymtl.train.engine.param_groups``), at peak learning rates."""
     groups, lrs = param_groups(model, cfg)
     return torch.optim.AdamW([{**g, "lr": lr} for g, lr in zip(groups, lrs)], lr=cfg.train.lr)
 
@@ -133,7 +138,6 @@ def step(model, opt, losses: dict[str, torch.Tensor], shared, heads, grad_clip: 
          diagnostics: dict | None = None) -> None:
     """One optimizer step on the summed losses; with ``diagnostics``, also the cosines between
     the tasks' gradients of ``shared`` (``fused_surrogate`` with plain sum: the same update)."""
-    from raymtl.fusion import fused_surrogate, make_fusion
     if diagnostics is None:
         sum(losses.values()).backward()
     else:
@@ -149,7 +153,6 @@ def measure(cfg: RelationsJobConfig, say=print) -> dict:
     """Affinity and gradient-cosine matrices (``{A: {B: value}}``) and what they were measured on."""
     from transformers import AutoTokenizer
 
-    from raymtl.model import MultiTaskModel, tokenizer_source
     tasks, r, seed = list(cfg.data.tasks), cfg.relations, cfg.train.seed
     torch.manual_seed(seed)
     model = MultiTaskModel.from_config(cfg.model, tasks, seed=seed)
@@ -216,7 +219,6 @@ def heat_map(res: dict, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     tasks, s = res["tasks"], res["settings"]
     fig, axes = plt.subplots(1, 2, figsize=(4.2 * 2 + 1, 4))
     panels = (("affinity", f"affinity: 1 - L_B after {s['lookahead_steps']} steps on A / before"),
@@ -243,7 +245,6 @@ def heat_map(res: dict, path: Path) -> Path:
 
 def write(res: dict, out: Path) -> dict[str, Path]:
     """relations.csv, relations.json and relations.png in ``out``."""
-    import csv
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "relations.csv", "json": out / "relations.json", "png": out / "relations.png"}
     with open(paths["csv"], "w", newline="") as f:

@@ -223,7 +223,7 @@ def _fused_step(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter
                 others: list[torch.nn.Parameter], weigh: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                 diagnostics: dict | None, normalise: Callable | None = None) -> torch.Tensor:
     """One backward per task over ``shared + others`` -> the step's loss.
-    ``normalise`` (``raymtl.tasknorm``) rescales the shared gradients, averaged over workers,
+    ``normalise`` (``raymtl.methods.tasknorm``) rescales the shared gradients, averaged over workers,
     before they are weighed.
     ``weigh(R)``, with ``R`` a ``[T, T]`` factor of the shared gradients' Gramian
     (``gramian_factor``), gives the weights of the shared gradients and of the other parameters'.

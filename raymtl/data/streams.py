@@ -1,0 +1,54 @@
+"""Streams of training batches from Ray Data."""
+from __future__ import annotations
+
+import numpy as np
+
+from raymtl.data.multitask import collate
+
+
+def cycle_batches(shard, batch_size: int, seed: int, bucket: int, collate_fn=collate):
+    """Endless stream of padded batches from a Ray Data shard, reshuffled every epoch.
+
+    Length bucketing: a window of ``bucket`` batches is sorted by row length (the summed
+    length of its ``ids_*`` columns) and cut into batches, which are then yielded in random
+    order, so a batch pads to a similar length.
+    """
+    rng = np.random.default_rng(seed)
+    epoch = 0
+    while True:
+        yielded = False
+        for window in shard.iter_batches(batch_size=batch_size * bucket, batch_format="numpy",
+                                         local_shuffle_buffer_size=4 * batch_size * bucket,
+                                         local_shuffle_seed=seed + epoch):
+            id_cols = [k for k in window if k.startswith("ids_")]
+            n = len(window[id_cols[0]]) // batch_size * batch_size   # drop the ragged tail
+            lengths = np.array([sum(len(window[c][i]) for c in id_cols) for i in range(n)])
+            order = np.argsort(lengths + rng.random(n), kind="stable") if bucket > 1 else np.arange(n)
+            chunks = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+            for j in rng.permutation(len(chunks)):
+                yielded = True
+                yield collate_fn({k: v[chunks[j]] for k, v in window.items()})
+        if not yielded:
+            raise ValueError(f"a training shard has fewer rows than one batch ({batch_size}); "
+                             "lower batch_size or num_workers")
+        epoch += 1
+
+
+def configure_ray_data() -> None:
+    """Ray Data's per-dataset progress bars drown raymtl's own progress lines. And by default
+    Ray Data hands blocks on in the order its tasks finish, so the same seeds trained on the
+    rows in another order from run to run (tokenizing, filtering, reading a shard): keep the
+    order, so a run is reproducible and two setups on one seed see the same batches."""
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = True
+
+
+def ingest_options():
+    """Ray Train's options for the workers' dataset shards, in order (``configure_ray_data``)."""
+    import ray.train
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options

@@ -1,0 +1,186 @@
+"""Shared encoder + one head per task, with save/load as a Hugging Face directory.
+
+Checkpoint layout (everything loads without pickle)::
+
+    encoder/            AutoModel.save_pretrained (safetensors) + tokenizer
+    heads.safetensors   task heads ("heads.<task>.*"), PALs ("pals.*"), learned prefixes,
+                        tasks' own top layers ("task_layers.<task>.*")
+    raymtl.json         model config (encoder source, pair modes, pooling and own layers per task)
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from raymtl.models.encoder import build_encoder, layer_stack, own_layer_counts, own_top_layers, pool, save_encoder
+from raymtl.models.heads import Head
+from raymtl.models.pals import PALConfig, add_pals, mark_only_pals_as_trainable
+from raymtl.models.prefixes import TaskPrefix, text_prefix
+from raymtl.models.unpad import supports_unpadding, unpadded_forward
+from raymtl.tasks import TASKS
+
+
+class MultiTaskModel(nn.Module):
+    def __init__(self, encoder: nn.Module, tasks: list[str], pair_mode: dict[str, str],
+                 pooling: str = "mean", head_dropout: float = 0.1, source: str = "default",
+                 pals: dict | None = None, task_prefix: str = "none", prefix_length: int = 4,
+                 unpad: bool = True, task_pooling: dict[str, str] | None = None,
+                 task_layers: dict[str, int | str] | None = None):
+        super().__init__()
+        self.encoder, self.pooling, self.source = encoder, pooling, source
+        self.task_pooling = {t: how for t, how in (task_pooling or {}).items() if t in tasks and how != pooling}
+        self.modes = {t: (pair_mode.get(t, TASKS[t].default_pair_mode) if TASKS[t].is_pair else None)
+                      for t in tasks}
+        hidden = encoder.config.hidden_size
+        self.heads = nn.ModuleDict({t: Head(TASKS[t], self.modes[t], hidden, head_dropout) for t in tasks})
+        self.active_task, self.active_padding = None, None      # read by the PAL hooks
+        self.task_layers = own_top_layers(encoder, task_layers or {}, tasks)   # before PALs hook the layers
+        if pals and pals.get("tasks"):    # PALs only for this model's tasks (a checkpoint's others are dropped)
+            kept = [t for t in tasks if t in pals["tasks"]]
+            pals = {**pals, "tasks": kept} if kept else None
+        self.pal_settings, self.task_prefix, self.prefix_length = pals, task_prefix, prefix_length
+        if pals:
+            add_pals(self, list(tasks), PALConfig(**pals))
+        self.prefix = TaskPrefix(list(tasks), hidden, prefix_length) if task_prefix == "learned" else None
+        # compute only on real tokens (raymtl.models.unpad) where the encoder allows; else Hugging Face's forward
+        self.unpad = unpad and supports_unpadding(encoder)
+
+    def text_prefix(self, task: str) -> str:
+        return text_prefix(task) if self.task_prefix == "text" else ""
+
+    OWN_PARTS = ("heads", "pals", "task_layers")       # per-task modules: one task's loss reaches them
+
+    def own_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Per task, its trainable parameters that no other task's loss reaches: its head,
+        PALs and own top layers (``raymtl.methods.fusion.PeriodicFusion`` hands them its plain gradient)."""
+        own: dict[str, list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            part, task = (name.split(".") + [""])[:2]
+            if part in self.OWN_PARTS and task in self.heads and p.requires_grad:
+                own.setdefault(task, []).append(p)
+        return own
+
+    def pooling_of(self, task: str) -> str:
+        return self.task_pooling.get(task, self.pooling)
+
+    def layers_of(self, task: str) -> list[nn.Module]:
+        """The encoder layers a task's rows run: the shared ones, its own at the top."""
+        shared = list(layer_stack(self.encoder).layer)
+        own = list(self.task_layers[task]) if task in self.task_layers else []
+        return shared[:len(shared) - len(own)] + own
+
+    @contextmanager
+    def _layers_in_place(self, task: str):
+        """Hugging Face's forward runs the encoder's own layer list: the task's, for one call."""
+        if task not in self.task_layers:
+            yield
+            return
+        stack = layer_stack(self.encoder)
+        shared = stack.layer
+        stack.layer = nn.ModuleList(self.layers_of(task))
+        try:
+            yield
+        finally:
+            stack.layer = shared
+
+    @classmethod
+    def from_config(cls, model_cfg, tasks, seed: int = 0) -> "MultiTaskModel":
+        extras = dict(pals=model_cfg.pal_settings(), task_prefix=model_cfg.task_prefix,
+                      prefix_length=model_cfg.prefix_length, unpad=model_cfg.unpad,
+                      task_pooling=model_cfg.task_pooling, task_layers=model_cfg.task_layers)
+        if model_cfg.init_from:
+            model = cls.load(model_cfg.init_from, tasks=tasks, pair_mode=model_cfg.pair_mode,
+                             head_dropout=model_cfg.head_dropout, **extras)
+        else:
+            model = cls(build_encoder(model_cfg.encoder, seed), list(tasks), model_cfg.pair_mode,
+                        model_cfg.pooling, model_cfg.head_dropout, source=model_cfg.encoder, **extras)
+        if model_cfg.train_only_adapters:
+            mark_only_pals_as_trainable(model)
+        return model
+
+    def embed(self, task: str, ids: torch.Tensor, mask: torch.Tensor, tt: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = (self.prefix(task, self.encoder, ids, mask, tt) if self.prefix is not None else
+                  {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt})
+        mask = inputs["attention_mask"]
+        if self.unpad:
+            pals = getattr(self, "pals", {})
+            extra = pals[task].forward_packed if task in pals else None
+            layers = self.layers_of(task) if task in self.task_layers else None
+            packed, packing = unpadded_forward(self.encoder, layer_extra=extra, layers=layers, **inputs)
+            return pool(packing.unpack(packed), mask, self.pooling_of(task))  # (B, H)
+        self.active_task, self.active_padding = task, mask == 0      # read by the PAL hooks
+        try:
+            with self._layers_in_place(task):
+                hidden = self.encoder(**inputs).last_hidden_state    # (B, T, H)
+        finally:
+            self.active_task, self.active_padding = None, None
+        return pool(hidden, mask, self.pooling_of(task))             # (B, H)
+
+    def forward(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        u = self.embed(task, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        v = (self.embed(task, batch["input_ids_b"], batch["attention_mask_b"])
+             if self.modes[task] == "bi" else None)
+        return self.heads[task](u, v)
+
+    # ------------------------------------------------------------------ checkpoints
+    def meta(self) -> dict:
+        return {"source": self.source, "pooling": self.pooling, "task_pooling": self.task_pooling,
+                "modes": self.modes,
+                "head_dropout": self.heads[next(iter(self.heads))].drop.p,
+                "pals": self.pal_settings, "task_prefix": self.task_prefix,
+                "prefix_length": self.prefix_length,
+                "task_layers": {t: len(layers) for t, layers in self.task_layers.items()}}
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Weights outside the HF encoder: heads, PALs, learned prefixes, tasks' own layers
+        (``heads.safetensors``)."""
+        keep = ("heads.", "pals.", "prefix.", "task_layers.")
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k.startswith(keep)}
+
+    def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None) -> None:
+        d = save_encoder(self.encoder, directory, tokenizer)
+        save_file(self.extra_state(), str(d / "heads.safetensors"))
+        (d / "raymtl.json").write_text(json.dumps({**self.meta(), **(extra or {})}, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, tasks: list[str] | None = None, pair_mode: dict | None = None,
+             head_dropout: float | None = None, task_pooling: dict | None = None,
+             task_layers: dict | None = None, **overrides) -> "MultiTaskModel":
+        """Load a raymtl checkpoint. With ``tasks``, heads missing from it start fresh, in
+        ``pair_mode`` and ``task_pooling`` (the checkpoint's own modes and poolings win for the
+        heads it has); a checkpoint without heads (``jobs/pretrain.py``) takes ``head_dropout``
+        too. ``task_layers`` gives tasks without their own layers in the checkpoint fresh copies
+        of its top layers (a different count for a task that has them is an error).
+        ``overrides`` (pals, task_prefix, prefix_length) add adapters the checkpoint lacks."""
+        from transformers import AutoModel
+        d = Path(directory)
+        if not (d / "raymtl.json").is_file():
+            raise FileNotFoundError(f"{d} is not a raymtl checkpoint (no raymtl.json)")
+        meta = json.loads((d / "raymtl.json").read_text())
+        tasks = list(tasks or meta["modes"])
+        encoder = AutoModel.from_pretrained(d / "encoder", add_pooling_layer=False)
+        extras = {k: meta.get(k) for k in ("pals", "task_prefix", "prefix_length") if meta.get(k) is not None}
+        extras.update({k: v for k, v in overrides.items() if v not in (None, "none")})
+        modes = {**(pair_mode or {}), **{t: m for t, m in meta["modes"].items() if m}}
+        saved_pooling = meta.get("task_pooling", {})        # checkpoints before task_pooling: none
+        pooling = {**{t: p for t, p in (task_pooling or {}).items() if t not in meta["modes"]},
+                   **{t: saved_pooling.get(t, meta["pooling"]) for t in meta["modes"]}}
+        dropout = meta.get("head_dropout", head_dropout if head_dropout is not None else 0.1)
+        saved_layers = meta.get("task_layers", {})          # checkpoints before task_layers: none
+        asked = task_layers or {}
+        for t, n in own_layer_counts(encoder, asked, tasks).items():
+            if saved_layers.get(t, n) != n:
+                raise ValueError(f"{d} has {saved_layers[t]} own layer(s) for {t}; task_layers asks "
+                                 f"{asked[t]!r} ({n}): pass task_layers {t}={saved_layers[t]} "
+                                 f"(--task-layers {t}={saved_layers[t]}) to go on from it")
+        model = cls(encoder, tasks, modes, meta["pooling"], dropout, source=meta["source"],
+                    task_pooling=pooling, task_layers={**(task_layers or {}), **saved_layers}, **extras)
+        saved = load_file(str(d / "heads.safetensors"))
+        own = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+        model.load_state_dict({k: saved.get(k, v) for k, v in own.items()}, strict=False)
+        return model
