@@ -25,12 +25,13 @@ import statistics
 import time
 
 import torch
-from raymtl.objectives.multitask import task_loss
 
-from raymtl.config import PLAIN_ENCODER, SUM_LOSS, MTLConfig, smoke
+from raymtl.config import MTLConfig, smoke
 from raymtl.data.multitask import batch_from_rows, load_splits
 from raymtl.models.encoder import tokenizer_source
 from raymtl.models.multitask import MultiTaskModel
+from raymtl.objectives.multitask import task_loss
+from raymtl.recipes import PLAIN_ENCODER, SUM_LOSS
 from raymtl.train.engine import initialize, param_groups
 
 

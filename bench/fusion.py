@@ -14,13 +14,14 @@ import statistics
 import time
 
 import torch
-from raymtl.objectives.multitask import LOSSES
 
-from raymtl.config import PLAIN_ENCODER, MTLConfig, smoke
+from raymtl.config import MTLConfig, smoke
 from raymtl.data.multitask import batch_from_rows, load_splits
 from raymtl.methods.fusion import FUSION_METHODS, fused_surrogate, make_fusion
 from raymtl.models.encoder import tokenizer_source
 from raymtl.models.multitask import MultiTaskModel
+from raymtl.objectives.multitask import LOSSES
+from raymtl.recipes import PLAIN_ENCODER
 
 
 def main(argv=None):

@@ -12,7 +12,8 @@ be run method by method. Prints the best checkpoint's validation scores per meth
 import argparse
 from pathlib import Path
 
-from raymtl.config import PLAIN_ENCODER, MTLConfig, smoke
+from raymtl.config import MTLConfig, smoke
+from raymtl.recipes import PLAIN_ENCODER
 from raymtl.train.trainer import fit_once
 
 

@@ -14,14 +14,15 @@ import argparse
 import random
 
 import torch
-from raymtl.analysis.evaluation import row_batches
-from raymtl.objectives.multitask import task_loss
 
-from raymtl.config import PLAIN_ENCODER, MTLConfig, smoke
+from raymtl.analysis.evaluation import row_batches
+from raymtl.config import MTLConfig, smoke
 from raymtl.data.multitask import load_splits
 from raymtl.methods.fusion import make_fusion, task_gradients
 from raymtl.models.encoder import tokenizer_source
 from raymtl.models.multitask import MultiTaskModel
+from raymtl.objectives.multitask import task_loss
+from raymtl.recipes import PLAIN_ENCODER
 
 
 def main(argv=None) -> int:

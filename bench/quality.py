@@ -26,8 +26,8 @@ import statistics
 from pathlib import Path
 
 from raymtl.analysis.metrics import overall
-
-from raymtl.config import PLAIN_ENCODER, SUM_LOSS, MTLConfig, smoke
+from raymtl.config import MTLConfig, smoke
+from raymtl.recipes import PLAIN_ENCODER, SUM_LOSS
 from raymtl.train.trainer import fit_once
 
 TASKS = ("sst", "quora", "sts")

@@ -25,7 +25,8 @@ retrained, so an interrupted benchmark continues where it stopped.
 import argparse
 from pathlib import Path
 
-from raymtl.config import PLAIN_ENCODER, MTLConfig, smoke
+from raymtl.config import MTLConfig, smoke
+from raymtl.recipes import PLAIN_ENCODER
 from raymtl.stages.transfer import choose, run_strategy, train_sizes
 from raymtl.tasks import TASKS
 

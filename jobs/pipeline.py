@@ -5,25 +5,33 @@
     python jobs/pipeline.py --baseline               # also the student without distillation
     python jobs/pipeline.py --smoke                  # same code path, tiny model, a few minutes
     python jobs/pipeline.py --force teacher-sst      # redo one stage (and so everything after it)
+    python jobs/pipeline.py --output runs/distill    # every stage's runs under this directory
 
 Stages, each also runnable alone: pretrain (jobs/pretrain.py), teacher-<task> per task
 (jobs/teacher.py), mtl (jobs/mtl.py --init-from PRETRAINED --teacher-outputs ...). Each
-stage's checkpoint feeds the next. A stage already done for the same inputs and config
-(OUTPUT/<stage>/stage.json) is skipped; re-running after a failure resumes. Flags not
-listed below configure the student (as in jobs/mtl.py); teachers share its encoder, data
-and scale settings. Prints every stage's validation scores side by side at the end.
+stage's checkpoint feeds the next. Every stage's runs go under --output (default
+runs/pipeline); a stage already done for the same inputs and config (OUTPUT/<stage>/stage.json)
+is skipped; re-running after a failure resumes. Flags not listed below configure the student
+(as in jobs/mtl.py); teachers share its encoder, data and scale settings. Prints every
+stage's validation scores side by side at the end.
 """
 import argparse
 import sys
 
 from raymtl.cli import add_config_args, config_from_args
+from raymtl.config import MTLConfig
 from raymtl.stages.pipeline import PipelinePlan, StageFailed, results_table
+
+
+def pipeline_defaults() -> MTLConfig:
+    """The student's defaults, with ``--output`` the directory of every stage's runs."""
+    return MTLConfig().replace(output=PipelinePlan.output)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument_group("pipeline")
-    p.add_argument("--pipeline-output", default="runs/pipeline", help="directory of every stage's runs")
+    p.add_argument("--pipeline-output", dest="output", default=None, help="the older name of --output")
     p.add_argument("--pretrain-steps", type=int, default=None, help="steps of further pre-training (0 = skip "
                    "the stage); default 40 (smoke: 6)")
     p.add_argument("--teacher-steps", type=int, default=None, help="steps per teacher; default 300 (smoke: 12)")
@@ -36,9 +44,9 @@ def main(argv=None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
-        student = config_from_args(args)
+        student = config_from_args(args, defaults=pipeline_defaults)
         plan = PipelinePlan(
-            student, output=args.pipeline_output,
+            student, output=student.run.output,
             pretrain_steps=args.pretrain_steps if args.pretrain_steps is not None else (6 if args.smoke else 40),
             teacher_steps=args.teacher_steps or (student.train.steps if args.smoke else 300),
             teacher_tasks=(tuple(args.teacher_tasks.split(",")) if args.teacher_tasks else

@@ -18,9 +18,11 @@ it) before and after the stage, and the checkpoint path. Objectives and their we
 import argparse
 import sys
 
+from raymtl import recipes
 from raymtl.cli import add_config_args, config_from_args
 from raymtl.data.readers import DataError
-from raymtl.stages.pretrain import PretrainJobConfig, fit, pretrain_defaults, pretrain_smoke
+from raymtl.stages.pretrain import PretrainJobConfig, pretrain_smoke
+from raymtl.train.trainer import fit
 
 
 def main(argv=None) -> int:
@@ -28,7 +30,7 @@ def main(argv=None) -> int:
     add_config_args(parser, PretrainJobConfig.SECTIONS)
     args = parser.parse_args(argv)
     try:
-        cfg = config_from_args(args, defaults=pretrain_defaults, shrink=pretrain_smoke)
+        cfg = config_from_args(args, defaults=recipes.pretrain, shrink=pretrain_smoke)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     print(f"[raymtl] config: {cfg.flat()}", flush=True)

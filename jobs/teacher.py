@@ -15,10 +15,11 @@ Prints the teacher's validation score, its checkpoint and its outputs directory.
 import argparse
 import sys
 
+from raymtl import recipes
 from raymtl.cli import add_config_args, config_from_args
 from raymtl.data.readers import DataError
 from raymtl.data.related import DEFAULT_RELATED
-from raymtl.stages.pipeline import run_teacher, teacher_config, teacher_defaults
+from raymtl.stages.pipeline import run_teacher, teacher_config
 from raymtl.tasks import TASKS
 
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     related = args.related_sets
     args.related_sets = None
     try:
-        cfg = teacher_config(config_from_args(args, defaults=teacher_defaults), args.task,
+        cfg = teacher_config(config_from_args(args, defaults=recipes.teacher), args.task,
                              DEFAULT_RELATED.get(args.task, ()) if related is None else related)
         if args.name:
             cfg = cfg.replace(name=args.name)

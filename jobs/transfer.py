@@ -22,16 +22,12 @@ or Pearson for STS) of the last run's best checkpoint, and every run's checkpoin
 import argparse
 import sys
 
+from raymtl import recipes
 from raymtl.cli import add_config_args, config_from_args
-from raymtl.config import PLAIN_ENCODER, SUM_LOSS, MTLConfig
 from raymtl.data.readers import DataError
 from raymtl.stages.pipeline import StageFailed
 from raymtl.stages.transfer import CHOICES, run_strategy
 from raymtl.tasks import TASKS
-
-
-def transfer_defaults() -> MTLConfig:
-    return MTLConfig().replace(output="runs/transfer", **SUM_LOSS, **PLAIN_ENCODER)   # the strategies were measured so
 
 
 def main(argv=None) -> int:
@@ -43,7 +39,7 @@ def main(argv=None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = config_from_args(args, defaults=transfer_defaults)
+        cfg = config_from_args(args, defaults=recipes.transfer)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     print(f"[raymtl] config: {cfg.flat()}", flush=True)

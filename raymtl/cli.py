@@ -15,12 +15,24 @@ import sys
 import typing
 from pathlib import Path
 
-from raymtl.analysis.evaluation import evaluate_rows, format_table, predict_batches, row_batches
+from raymtl import recipes
+from raymtl.analysis.evaluation import (
+    evaluate_rows,
+    format_table,
+    predict_batches,
+    row_batches,
+)
 from raymtl.analysis.reports import analyze, curves, format_trials
 from raymtl.config import SECTIONS, DataConfig, MTLConfig, smoke
 from raymtl.data.readers import DataError, read_task_file, split_rows
+from raymtl.models.device import resolve_device
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.stages.relations import RelationsJobConfig, format_matrices, relations_defaults, relations_smoke, run
+from raymtl.stages.relations import (
+    RelationsJobConfig,
+    format_matrices,
+    relations_smoke,
+    run,
+)
 from raymtl.tasks import TASKS
 
 
@@ -66,18 +78,18 @@ def config_from_args(args: argparse.Namespace, defaults=MTLConfig, shrink=smoke)
 
 
 # ---------------------------------------------------------------- raymtl evaluate / predict
-def _load(checkpoint: str):
-
+def _load(checkpoint: str, device: str = "auto"):
+    """The checkpoint's model on ``device`` (auto: a GPU if there is one), its tokenizer and
+    the ``max_length`` it was trained with."""
     from transformers import AutoTokenizer
     model = MultiTaskModel.load(checkpoint)
     tok = AutoTokenizer.from_pretrained(Path(checkpoint) / "encoder")
     max_length = json.loads((Path(checkpoint) / "raymtl.json").read_text()).get("max_length", 128)
-    return model.eval(), tok, max_length
+    return model.eval().to(resolve_device(device)), tok, max_length
 
 
 def cmd_evaluate(a) -> int:
-
-    model, tok, max_length = _load(a.checkpoint)
+    model, tok, max_length = _load(a.checkpoint, a.device)
     files = {t: getattr(a, t) for t in TASKS if getattr(a, t)}
     rows_by_task = {}
     if files:
@@ -104,7 +116,7 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    model, tok, max_length = _load(a.checkpoint)
+    model, tok, max_length = _load(a.checkpoint, a.device)
     if a.task not in model.heads:
         print(f"error: checkpoint {a.checkpoint} has no head for task {a.task!r}; it has {list(model.heads)}",
               file=sys.stderr)
@@ -142,11 +154,14 @@ def cmd_curves(a) -> int:
 
 
 def cmd_relations(a) -> int:
-    res, paths = run(config_from_args(a, defaults=relations_defaults, shrink=relations_smoke))
+    res, paths = run(config_from_args(a, defaults=recipes.relations, shrink=relations_smoke))
     print(format_matrices(res))
     for kind, path in paths.items():
         print(f"[raymtl] {kind}: {path}")
     return 0
+
+
+DEVICE_HELP = "where the model runs: auto (a GPU if there is one, else the CPU), cpu, cuda or cuda:N"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,12 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     for t in TASKS:
         e.add_argument(f"--{t}", metavar="FILE", help=f"labelled {t} file in the training-file format")
     e.add_argument("--data-dir", help="data directory for the default validation splits")
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.set_defaults(fn=cmd_evaluate)
     pr = sub.add_parser("predict", help="write id,prediction for every row of an unlabelled file")
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("--task", required=True, choices=sorted(TASKS))
     pr.add_argument("--input", required=True)
     pr.add_argument("--output", required=True)
+    pr.add_argument("--device", default="auto", help=DEVICE_HELP)
     pr.set_defaults(fn=cmd_predict)
     an = sub.add_parser("analyze", help="table, best config and plots of a Tune experiment")
     an.add_argument("experiment", help="experiment directory (e.g. runs/tune/mtl-search)")

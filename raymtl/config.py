@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from raymtl.data.related import RELATED, get_related
-from raymtl.methods.fusion import FACTORIES
-from raymtl.methods.sampling import SAMPLERS
-from raymtl.methods.tasknorm import TASK_NORMS
-from raymtl.methods.weighting import WEIGHTINGS
+from raymtl.methods.fusion import CAGRAD_C, FUSION_METHODS
+from raymtl.methods.sampling import SAMPLERS, SAMPLING_TEMPERATURE
+from raymtl.methods.weighting import DWA_TEMPERATURE, DWA_WINDOW, WEIGHTINGS
 from raymtl.models.pals import PALConfig
 from raymtl.objectives.multitask import DISTILL_SCHEDULES
 from raymtl.tasks import TASKS
@@ -86,7 +85,6 @@ class DataConfig:
 
 POOLINGS = ("mean", "cls")          # raymtl.model.pool
 LAYER_SHARES = {"half": 0.5}        # task_layers given as a share of the encoder's depth (raymtl.model)
-CLIP_SCOPES = ("global", "task")     # what grad_clip bounds (raymtl.train.engine.GroupClip for 'task')
 
 
 @dataclass
@@ -115,8 +113,8 @@ class ModelConfig:
     pals: bool = _help(
         "add PALs (per-task low-rank attention in parallel to every layer) for the trained tasks "
         "named by pal_tasks; the multi-task default (STS only), off in the other stages", default=True)
-    pal_rank: int = _help("PAL projection size r (a multiple of pal_heads)", default=96)
-    pal_heads: int = _help("attention heads inside each PAL", default=8)
+    pal_rank: int = _help("PAL projection size r (a multiple of pal_heads)", default=PALConfig().rank)
+    pal_heads: int = _help("attention heads inside each PAL", default=PALConfig().heads)
     pal_tasks: tuple[str, ...] = _help(
         "tasks that get PALs when they are trained, comma-separated (empty = every task)",
         default=("sts",))
@@ -185,15 +183,12 @@ class TrainConfig:
     head_lr: float = _help("peak learning rate of the task heads", default=1e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
     warmup_ratio: float = _help("fraction of steps with linear warm-up", default=0.06)
-    grad_clip: float = _help("clip the gradient norm to this (0 = off); clip_scope says which norm",
-                             default=1.0)
-    clip_scope: str = _help(
-        "what grad_clip bounds: 'global' (DeepSpeed clips the whole gradient's norm) or 'task' "
-        "(raymtl clips the shared gradient and each task's own parameters (head, PALs, own layers) "
-        "each on its own, so one task's large gradient never shrinks another task's own step; "
-        "zero_stage 0, fp32)", default="global")
+    grad_clip: float = _help("clip the global gradient norm to this (0 = off)", default=1.0)
     eval_every: int = _help("validate and checkpoint every N steps (and at the end)", default=100)
     sampling: str = _help("task sampling strategy (see raymtl.methods.sampling.SAMPLERS)", default="round_robin")
+    sampling_temperature: float = _help(
+        "T of sampling='temperature': one task per step, drawn with probability proportional to its "
+        "rows^(1/T) (1 = proportional to size; larger = closer to uniform)", default=SAMPLING_TEMPERATURE)
     fusion: str = _help("gradient fusion of per-task gradients (see raymtl.methods.fusion.FUSION_METHODS); "
                         "'sum' is the plain summed loss", default="imtl_g")
     fusion_every: int = _help(
@@ -204,12 +199,17 @@ class TrainConfig:
         "with fusion_every > 1, scale the gradient of each task's own parameters (head, PALs, own "
         "layers) by its fusion weight too, as raymtl did before this option (default: each gets "
         "its task's plain gradient, as with fusion_every 1)", default=False)
-    task_norm: str = _help(
-        "normalise each task's shared gradient by its own running second moment before fusing "
-        "(raymtl.methods.tasknorm: 'adam'), so every task moves every coordinate; needs fusion_every=1",
-        default="none")
+    cagrad_c: float = _help(
+        "c of fusion='cagrad': how far the update may move from the average gradient to raise the "
+        "worst-off task's improvement (0 = the average gradient; Liu et al. 2021)", default=CAGRAD_C)
     weighting: str = _help("loss weighting: fixed, uncertainty, dwa, softmax (raymtl.methods.weighting)",
                            default="fixed")
+    dwa_window: int = _help(
+        "weighting='dwa': steps per window; the ratio of a task's mean loss over the last two windows "
+        "sets its weight (the paper's epochs)", default=DWA_WINDOW)
+    dwa_temperature: float = _help(
+        "weighting='dwa': softmax temperature of the loss ratios (larger = closer to equal weights)",
+        default=DWA_TEMPERATURE)
     task_weights: dict[str, float] = _help("fixed loss weight per task (others weigh 1)",
                                            default_factory=dict)
     diagnostics: bool = _help("measure per-task gradient cosines and the fused norm every step "
@@ -219,20 +219,22 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "lr", "head_lr", "eval_every", "log_every",
-                     "fusion_every"):
+                     "fusion_every", "sampling_temperature", "dwa_window", "dwa_temperature"):
             _positive(name, getattr(self, name))
+        _positive("cagrad_c", self.cagrad_c, allow_zero=True)
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _positive("grad_clip", self.grad_clip, allow_zero=True)
-        _choice("clip_scope", self.clip_scope, CLIP_SCOPES)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         _choice("sampling", self.sampling, SAMPLERS)
-        _choice("fusion", self.fusion, FACTORIES)
+        _choice("fusion", self.fusion, FUSION_METHODS)
         _choice("weighting", self.weighting, WEIGHTINGS)
-        _choice("task_norm", self.task_norm, TASK_NORMS)
-        if self.task_norm != "none" and self.fusion_every != 1:
-            raise ValueError(f"task_norm={self.task_norm!r} rescales every step's per-task gradients and "
-                             f"needs fusion_every=1 (--fusion-every 1), not {self.fusion_every}")
+        if self.grad_accum > 1 and self.fusion != "sum":
+            raise ValueError(
+                f"grad_accum={self.grad_accum} with fusion={self.fusion!r}: the loop fuses each micro-batch's "
+                "per-task gradients on its own, and fusion is not linear, so the accumulated step is not the "
+                "fusion of the step's gradients (and a fusion_every refresh sees only the first micro-batch); "
+                "use grad_accum=1 (--grad-accum 1), or fusion='sum' (--fusion sum) to accumulate")
         for task, w in self.task_weights.items():
             _choice("task_weights task", task, TASKS)
             try:
@@ -242,10 +244,13 @@ class TrainConfig:
             _positive(f"task_weights[{task}]", self.task_weights[task], allow_zero=True)
 
     def per_task_gradients(self) -> bool:
-        return self.fusion != "sum" or self.diagnostics or self.task_norm != "none"
+        return self.fusion != "sum" or self.diagnostics
 
     def warmup_steps(self) -> int:
         return int(self.steps * self.warmup_ratio)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")     # 'auto' is resolved on the worker (raymtl.train.engine)
 
 
 @dataclass
@@ -254,7 +259,11 @@ class ScaleConfig:
     use_gpu: bool = _help("one GPU per worker (NCCL); CPU workers use gloo", default=False)
     cpus_per_worker: float = _help("CPUs reserved per worker (its torch threads: this, rounded up)", default=2.0)
     zero_stage: int = _help("DeepSpeed ZeRO stage 0-3", default=0)
-    precision: str = _help("'fp32', or on GPU 'bf16' / 'fp16'", default="fp32")
+    precision: str = _help(
+        "'auto' (bf16 where the hardware computes it natively: a GPU of compute capability >= 8, a CPU "
+        "with AVX512-BF16/AMX; else fp32), 'fp32', 'bf16' (fp32 master weights and optimizer state, "
+        "bf16 forward/backward) or, on GPU, 'fp16'; checkpoints are fp32 whatever the choice",
+        default="fp32")
     placement_strategy: str = _help(
         "how workers are placed on nodes (Ray placement group): PACK, SPREAD, STRICT_PACK "
         "(one node) or STRICT_SPREAD (one worker per node)", default="PACK")
@@ -269,7 +278,7 @@ class ScaleConfig:
         _choice("placement_strategy", self.placement_strategy, {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"})
         _positive("cpus_per_worker", self.cpus_per_worker)
         _choice("zero_stage", self.zero_stage, {0, 1, 2, 3})
-        _choice("precision", self.precision, {"fp32", "bf16", "fp16"})
+        _choice("precision", self.precision, PRECISIONS)
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision='fp16' needs use_gpu=True (DeepSpeed fp16 is GPU-only); "
                              "use 'fp32' or 'bf16' on CPU")
@@ -309,16 +318,6 @@ class DistillConfig:
         _positive("distill_temperature", self.distill_temperature)
 
 
-# The plain summed loss (one backward per step). The multi-task default is IMTL-G refreshed
-# every 10 steps, which beat it on SST and overall (README, "Multi-task vs single-task
-# quality"); the stages measured with the summed loss (further pre-training, teachers,
-# transfer strategies) put this in their own defaults.
-SUM_LOSS = {"fusion": "sum", "fusion_every": 1}
-# The multi-task default gives STS PALs and SST its own top half of the encoder (README,
-# "Multi-task vs single-task quality"); the stages measured without them (pre-training,
-# teachers, transfer, relations, single-task baselines) put this plain encoder in their
-# own defaults.
-PLAIN_ENCODER = {"pals": False, "task_layers": {}}
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
             "scale": ScaleConfig, "run": RunSettings, "distill": DistillConfig}
@@ -352,12 +351,6 @@ class MTLConfig:
                 f"fusion={self.train.fusion!r} (diagnostics={self.train.diagnostics}) needs each task's full "
                 "gradient of every shared parameter, which ZeRO-3 partitions across workers; use "
                 "zero_stage 0-2 with gradient fusion, or fusion='sum' (--fusion sum) with ZeRO-3")
-        if self.train.clip_scope == "task" and (self.scale.zero_stage, self.scale.precision) != (0, "fp32"):
-            raise ValueError(
-                f"clip_scope='task' clips each parameter group's full fp32 gradient before the step, "
-                f"which zero_stage={self.scale.zero_stage} / precision={self.scale.precision!r} keep "
-                "partitioned or scaled inside DeepSpeed; use zero_stage 0 with fp32, or "
-                "clip_scope='global' (--clip-scope global)")
         if self.train.batch_size % self.micro_divisor():
             raise ValueError(
                 f"batch_size={self.train.batch_size} must be divisible by num_workers x grad_accum "

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from raymtl.config import MTLConfig, field_owners
-from raymtl.train.trainer import build_trainer, prepare_data, storage_path
+from raymtl.stages.multitask import prepare_data
+from raymtl.train.trainer import build_trainer, storage_path
 
 DOMAINS = {"choice", "uniform", "loguniform", "randint", "grid"}
 

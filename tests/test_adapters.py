@@ -1,11 +1,16 @@
 """PALs and task prefixes: exact key sets, identity at init, freezing, checkpoint round trip."""
+import json
+import re
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel
 
-from raymtl.config import PLAIN_ENCODER, ModelConfig, MTLConfig
-from raymtl.models.multitask import MultiTaskModel
-from raymtl.models.pals import pal_state_dict
+from raymtl.config import ModelConfig, MTLConfig
+from raymtl.models.multitask import MultiTaskModel, part_of, saved_parts
+from raymtl.models.pals import PALConfig, pal_state_dict
+from raymtl.recipes import PLAIN_ENCODER
 
 TASKS = ["sst", "quora", "sts"]
 
@@ -100,6 +105,10 @@ def test_bad_adapter_settings_are_refused():
     MTLConfig().replace(tasks=("sst",), train_only_adapters=True)          # SST's own layers train
 
 
+def test_pal_defaults_are_the_component_s():
+    assert (ModelConfig().pal_rank, ModelConfig().pal_heads) == (PALConfig().rank, PALConfig().heads) == (96, 8)
+
+
 def test_pal_tasks_apply_to_the_trained_tasks():
     cfg = MTLConfig()                                  # the multi-task default
     assert cfg.model.pals and cfg.model.pal_tasks == ("sts",)
@@ -184,3 +193,38 @@ def test_own_parameters_are_each_task_s_head_pals_and_own_layers():
     assert own == {"sst": {"heads", "task_layers"}, "quora": {"heads"}, "sts": {"pals"}}   # cosine: no head weights
     counted = sum(len(ps) for ps in model.own_parameters().values())
     assert counted == sum(1 for n, _ in model.named_parameters() if n.split(".")[0] in ("heads", "pals", "task_layers"))
+
+
+def test_a_checkpoint_loads_exactly_what_its_raymtl_json_describes(tmp_path):
+    model = tiny(pal_rank=8, pal_heads=2, task_prefix="learned")       # SST's own layer, STS PALs, prefixes
+    b, pair = batch(), batch(pair=True)
+    model.save(tmp_path)
+    file, meta = tmp_path / "heads.safetensors", json.loads((tmp_path / "raymtl.json").read_text())
+    good = load_file(str(file))
+    assert {part_of(k) for k in good} == saved_parts(meta) - {("heads", "sts")}   # a cosine head: no weights
+    own_layer = next(k for k in good if k.startswith("task_layers.sst."))
+    for dropped in ("pals.sts.enc.weight", "heads.sst.out.bias", "prefix.vectors.quora", own_layer):
+        save_file({k: v for k, v in good.items() if k != dropped}, str(file))
+        with pytest.raises(ValueError, match=rf"{re.escape(str(file))} lacks \['{re.escape(dropped)}'\], "
+                                             r"which .*raymtl.json says the checkpoint has"):
+            MultiTaskModel.load(tmp_path)
+    for extra in ("heads.sst.out.scale", "pals.sst.enc.weight", "heads.mnli.out.weight", "weighting.log_var"):
+        save_file({**good, extra: torch.zeros(1)}, str(file))
+        with pytest.raises(ValueError, match=rf"{re.escape(str(file))} holds \['{re.escape(extra)}'\], "
+                                             r"which .*raymtl.json does not describe"):
+            MultiTaskModel.load(tmp_path)
+    save_file(good, str(file))
+    back = MultiTaskModel.load(tmp_path).eval()
+    assert torch.allclose(back("sst", b), model("sst", b), atol=1e-6)
+    assert torch.allclose(back("sts", pair), model("sts", pair), atol=1e-6)
+
+
+def test_tasks_and_adapters_the_checkpoint_lacks_start_fresh(tmp_path):
+    sst_only = MultiTaskModel.from_config(ModelConfig(encoder="tiny-random", **PLAIN_ENCODER), ["sst"], seed=0).eval()
+    sst_only.save(tmp_path)
+    grown = MultiTaskModel.load(tmp_path, tasks=TASKS, pals={"rank": 8, "heads": 2, "tasks": ["sts"]},
+                                task_prefix="learned", task_layers={"quora": 1}).eval()
+    assert set(grown.heads) == set(TASKS) and set(grown.pals) == {"sts"} and set(grown.prefix.vectors) == set(TASKS)
+    assert grown.meta()["task_layers"] == {"quora": 1}
+    assert torch.equal(grown.heads["sst"].out.weight, sst_only.heads["sst"].out.weight)   # the one it has
+    assert not torch.count_nonzero(grown.pals["sts"].dec.weight)                          # a fresh PAL

@@ -21,8 +21,12 @@ from raymtl.train.engine import deepspeed_config
     ("task_layers", {"sst": 0}, r"task_layers\[sst\]=0 must be > 0"),
     ("task_layers", {"sst": "1.5"}, r"task_layers\[sst\]='1.5' is neither a whole number nor one of \['half'\]"),
     ("task_layers", {"nli": 1}, r"task_layers task='nli' is not valid"),
-    ("task_norm", "rms", r"task_norm='rms' is not valid; choose one of \['adam', 'none'\]"),
-    ("task_norm", "adam", r"task_norm='adam' rescales every step's per-task gradients and needs fusion_every=1"),
+    ("cagrad_c", -0.1, r"cagrad_c=-0.1 must be >= 0"),
+    ("sampling_temperature", 0.0, r"sampling_temperature=0.0 must be > 0"),
+    ("dwa_window", 0, r"dwa_window=0 must be > 0"),
+    ("dwa_temperature", -1.0, r"dwa_temperature=-1.0 must be > 0"),
+    ("grad_accum", 2, r"grad_accum=2 with fusion='imtl_g': the loop fuses each micro-batch's per-task "
+                      r"gradients on its own.*use grad_accum=1 \(--grad-accum 1\), or fusion='sum'"),
     ("precision", "fp16", r"precision='fp16' needs use_gpu=True"),
     ("placement_strategy", "ANYWHERE", r"placement_strategy='ANYWHERE' is not valid; choose one of \['PACK'"),
     ("batch_size", 33, r"batch_size=33 must be divisible by num_workers x grad_accum = 2"),
@@ -49,23 +53,28 @@ def test_round_trip_through_a_file(tmp_path):
 
 
 def test_derived_batch_numbers_and_deepspeed_config():
-    cfg = MTLConfig().replace(batch_size=32, num_workers=2, grad_accum=2, zero_stage=2)
+    cfg = MTLConfig().replace(batch_size=32, num_workers=2, grad_accum=2, zero_stage=2, fusion="sum")
     assert cfg.micro_batch_size() == 8
     ds = deepspeed_config(cfg, [5e-5, 5e-5, 1e-3])
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == 2 and ds["optimizer"]["params"]["torch_adam"]
     assert ds["scheduler"]["params"]["warmup_max_lr"] == [5e-5, 5e-5, 1e-3]
     assert ds["gradient_clipping"] == 1.0
-    assert deepspeed_config(MTLConfig().replace(clip_scope="task"))["gradient_clipping"] == 0.0  # raymtl clips
 
 
-def test_task_clip_scope_needs_full_fp32_gradients():
-    with pytest.raises(ValueError, match=r"clip_scope='layer' is not valid; choose one of \['global', 'task'\]"):
-        MTLConfig().replace(clip_scope="layer")
-    with pytest.raises(ValueError, match=r"clip_scope='task'.*zero_stage=2 / precision='fp32'.*--clip-scope global"):
-        MTLConfig().replace(clip_scope="task", zero_stage=2)
-    with pytest.raises(ValueError, match=r"precision='bf16'"):
-        MTLConfig().replace(clip_scope="task", precision="bf16")
+def test_accumulation_is_refused_with_per_task_fusion_only():
+    for fusion in ("imtl_g", "pcgrad", "cagrad"):
+        with pytest.raises(ValueError, match=rf"grad_accum=4 with fusion='{fusion}'"):
+            MTLConfig().replace(grad_accum=4, fusion=fusion, fusion_every=1)
+    summed = MTLConfig().replace(grad_accum=4, fusion="sum", diagnostics=True)   # linear: accumulates exactly
+    assert summed.train.grad_accum == 4 and summed.micro_batch_size() == 8
+    assert MTLConfig().train.grad_accum == 1                                      # the default run fuses
+
+
+def test_removed_options_are_unknown_fields():
+    for name in ("task_norm", "clip_scope"):
+        with pytest.raises(ValueError, match=rf"unknown config field '{name}'"):
+            MTLConfig().replace(**{name: "none"})
 
 
 def test_job_flags_map_onto_config_fields():
@@ -81,11 +90,30 @@ def test_job_flags_map_onto_config_fields():
     assert cfg.scale.use_gpu and cfg.scale.zero_stage == 1
 
 
+@pytest.mark.parametrize("flags", [[], ["--output", "OUT"], ["--pipeline-output", "OUT"], ["--config", "FILE"]])
+def test_the_pipeline_job_writes_under_output(flags, tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    from raymtl.stages.pipeline import PipelinePlan
+    (tmp_path / "c.json").write_text(json.dumps({"output": str(tmp_path / "OUT")}))
+    flags = [str(tmp_path / "c.json") if f == "FILE" else str(tmp_path / f) if f == "OUT" else f for f in flags]
+    seen = []
+
+    def run(plan, force=False):                                  # the stages' runs: not here
+        seen.append(plan.output)
+        return {"mtl": {"checkpoint": "CKPT", "metrics": {}}}
+    monkeypatch.setattr(PipelinePlan, "run", run)
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "pipeline.py"), run_name="job")["main"]
+    assert main(["--smoke", *flags]) == 0
+    assert seen == [str(tmp_path / "OUT") if flags else "runs/pipeline"]
+
+
 def test_a_config_file_sets_its_own_fields_over_a_stage_default(tmp_path):
     import argparse
 
     from raymtl.cli import add_config_args, config_from_args
-    from raymtl.stages.pipeline import teacher_defaults
+    from raymtl.recipes import teacher as teacher_defaults
     p = argparse.ArgumentParser()
     add_config_args(p)
     (tmp_path / "flat.json").write_text(json.dumps({"fusion": "imtl_g", "lr": 1e-4}))

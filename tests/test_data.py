@@ -99,7 +99,8 @@ def test_tokenized_rows_keep_the_split_order_so_a_seed_gives_the_same_batches(ra
     from raymtl.config import smoke
     from raymtl.data.multitask import load_splits
     from raymtl.data.streams import ingest_options
-    from raymtl.train.trainer import prepare_data
+    from raymtl.stages.multitask import prepare_data
+
     cfg = smoke().replace(data_dir=data_dir, tasks=("sst", "sts"), max_rows=0)   # every row: many blocks
     datasets, _ = prepare_data(cfg, verbose=False)
     splits, _ = load_splits(cfg.data)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from raymtl.objectives.multitask import kd_kl_loss, kd_mse_loss, set_cross_entropy, task_loss
 
 from raymtl.config import MTLConfig, smoke
 from raymtl.data.readers import DataError
 from raymtl.data.related import drop_overlap, map_row, read_related, related_rows
+from raymtl.objectives.multitask import kd_kl_loss, kd_mse_loss, set_cross_entropy, task_loss
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -58,8 +58,7 @@ def test_task_loss_mixes_hard_and_soft_by_alpha():
 def test_teacher_annealing_moves_the_stage_loss_from_teacher_to_gold_labels():
     from raymtl.stages.multitask import MTLStage
     cfg = smoke().replace(tasks=("sst",), steps=10, distill_alpha=0.8, distill_schedule="anneal")
-    stage = MTLStage({"cfg": cfg.to_dict(), "train_sizes": {"sst": 10}})
-    stage.build_model()
+    stage = MTLStage(cfg, {"sst": 10})             # loss() needs no build_model() first
     out = torch.tensor([[1.0, 0.0, 0.5, -1.0, 0.2], [0.0, 1.0, 0.0, 0.3, 2.0]])
     batch = {"label": torch.tensor([0, 4]), "teacher": torch.tensor([[0.0, 3.0, 0, 0, 0], [1.0, 0, 0, 0, 2.0]])}
     hard = F.cross_entropy(out, batch["label"]).item()
@@ -67,8 +66,7 @@ def test_teacher_annealing_moves_the_stage_loss_from_teacher_to_gold_labels():
     for step, alpha in ((0, 0.8), (5, 0.4), (10, 0.0)):
         got = stage.loss(lambda task, b: out, "sst", batch, step).item()
         assert got == pytest.approx(alpha * soft + (1 - alpha) * hard, rel=1e-6), step
-    constant = MTLStage({"cfg": cfg.replace(distill_schedule="constant").to_dict(), "train_sizes": {"sst": 10}})
-    constant.build_model()
+    constant = MTLStage(cfg.replace(distill_schedule="constant"), {"sst": 10})
     assert constant.loss(lambda task, b: out, "sst", batch, 10).item() == pytest.approx(0.8 * soft + 0.2 * hard, rel=1e-6)
     with pytest.raises(ValueError, match="distill_schedule"):
         cfg.replace(distill_schedule="cosine")

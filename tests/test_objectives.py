@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+
 from raymtl.analysis.metrics import overall, pearson
 from raymtl.objectives.multitask import classifier_loss, cosent_loss
 

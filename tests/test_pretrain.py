@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from raymtl.objectives.pretrain import IGNORE, info_nce, mask_tokens, simcse_sup_loss, simcse_unsup_loss
 
 from raymtl.config import field_owners
 from raymtl.data.corpus import check_bad_fraction, clean_wiki, read_nli, read_wiki, split_sentences
 from raymtl.data.readers import DataError
+from raymtl.objectives.pretrain import IGNORE, info_nce, mask_tokens, simcse_sup_loss, simcse_unsup_loss
 from raymtl.stages.pretrain import PretrainJobConfig, PretrainStage, pretrain_smoke
 
 pytestmark = pytest.mark.timeout(600)
@@ -35,7 +35,7 @@ def test_config_section_names_are_unique_and_bad_values_name_the_field():
     import argparse
 
     from raymtl.cli import add_config_args, config_from_args
-    from raymtl.stages.pretrain import pretrain_defaults
+    from raymtl.recipes import pretrain as pretrain_defaults
     p = argparse.ArgumentParser()
     add_config_args(p, PretrainJobConfig.SECTIONS)
     cfg = config_from_args(p.parse_args(["--smoke", "--mlm-weight", "0.5", "--nli-files", "a.jsonl"]),
@@ -46,7 +46,7 @@ def test_config_section_names_are_unique_and_bad_values_name_the_field():
 
 # ------------------------------------------------------------------------------- masking
 def test_masking_statistics_and_special_tokens_are_never_masked():
-    stage = PretrainStage({"cfg": pretrain_smoke().to_dict(), "train_sizes": {"mlm": 1}})
+    stage = PretrainStage(pretrain_smoke(), {"mlm": 1})
     stage.build_model()
     g = torch.Generator().manual_seed(0)
     B, T = 400, 64
@@ -105,6 +105,7 @@ def gather_on_worker(config):
     """Each of 2 ranks holds its own (B, H) views; returns what rank 0 gathers of everything."""
     import ray.train
     import torch.distributed as dist
+
     from raymtl.objectives.pretrain import gather_with_grad, simcse_unsup_loss
     rank = ray.train.get_context().get_world_rank()
     z1 = torch.tensor(config["z1"][rank], requires_grad=True)
@@ -202,12 +203,12 @@ def test_second_prepare_reuses_the_cache(ray_cluster, data_dir, tmp_path):
 
 # ------------------------------------------------------------------------------- end to end
 def test_smoke_stage_runs_and_its_checkpoint_starts_the_multitask_stage(ray_cluster, data_dir, tmp_path):
-    from raymtl.analysis.evaluation import evaluate_rows
     from transformers import AutoTokenizer
 
+    from raymtl.analysis.evaluation import evaluate_rows
     from raymtl.data.multitask import load_splits
     from raymtl.models.multitask import MultiTaskModel
-    from raymtl.stages.pretrain import fit
+    from raymtl.train.trainer import fit
     cfg = pretrain_smoke().replace(data_dir=data_dir, output=str(tmp_path / "runs"), cpus_per_worker=1.0,
                                    shard_cache=str(tmp_path / "cache"))
     summary = fit(cfg, verbose=False)
@@ -240,7 +241,7 @@ def test_smoke_stage_runs_and_its_checkpoint_starts_the_multitask_stage(ray_clus
 
 
 def test_validation_masks_do_not_depend_on_batch_order_or_padding():
-    stage = PretrainStage({"cfg": pretrain_smoke().to_dict(), "train_sizes": {"mlm": 1}})
+    stage = PretrainStage(pretrain_smoke(), {"mlm": 1})
     stage.build_model()
     rows = [np.arange(1000, 1000 + n) for n in (30, 12, 45, 20)]
     rows = [np.concatenate([[101], r, [102]]) for r in rows]

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
+
 from raymtl.analysis.evaluation import evaluate_rows
 from raymtl.analysis.reports import load_curve
-
 from raymtl.cli import main as raymtl_main
 from raymtl.config import smoke
 from raymtl.data.multitask import load_splits

@@ -31,7 +31,6 @@ def test_bad_search_space_is_rejected(tmp_path):
 
 def test_smoke_search_is_analysed_and_its_best_config_trains(ray_cluster, data_dir, tmp_path):
     from raymtl.analysis.reports import analyze
-
     from raymtl.train.trainer import fit
     from raymtl.tune import build_tuner
     base = smoke().replace(data_dir=data_dir, steps=6, eval_every=2, max_rows=120, cpus_per_worker=1.0)

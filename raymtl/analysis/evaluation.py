@@ -8,6 +8,7 @@ import torch
 
 from raymtl.analysis.metrics import overall, task_metric
 from raymtl.data.multitask import batch_from_rows
+from raymtl.models.device import to_device
 
 
 @torch.no_grad()
@@ -17,8 +18,8 @@ def predict_batches(model, task: str, batches: Iterable[dict]) -> tuple[np.ndarr
     model.eval()
     preds, labels, lines = [], [], []
     for b in batches:
-        out = model(task, b)
-        preds.append(model.heads[task].predict(out).float().cpu().numpy())
+        out = model(task, to_device(b, model)).float()                 # fp32 before the metric
+        preds.append(model.heads[task].predict(out).cpu().numpy())
         labels.append(b["label"].numpy())
         lines.append(b["line"].numpy())
     model.train(was_training)

@@ -1,16 +1,16 @@
-"""Data: read the task files, carve validation splits, tokenize with Ray Data, pad batches.
-
-Readers validate every row against the task table (``raymtl.tasks``). A bad row is never
-guessed at and never dropped silently: it is reported as ``file:line: reason``, counted
-per file, and the read fails when a file has more bad rows than ``max_bad_fraction``
-allows, or lacks a required column.
+"""The multi-task data: every task's splits (and related rows), tokenized in one Ray Data
+pass for its pair mode, and padded into batches (``collate``). Files are read and checked
+by ``raymtl.data.readers``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 from raymtl.data.readers import ReadReport, read_task_file, split_rows
 from raymtl.data.related import related_rows
@@ -129,7 +129,7 @@ def label_set_of(spec: TaskSpec, row: dict) -> int:
 
 
 def tokenized_datasets(splits, tokenizer_source: str, modes: dict[str, str | None],
-                       max_length: int, prefixes: dict[str, str] | None = None) -> dict[str, "ray.data.Dataset"]:
+                       max_length: int, prefixes: dict[str, str] | None = None) -> dict[str, "Dataset"]:
     """One Ray Data pass tokenizes every task and split; returns ``{"train_sst": ds, "val_sst": ds, ...}``
     (and ``train_<task>_related`` for a task with related rows).
 

@@ -1,4 +1,4 @@
-"""Data: read the task files, carve validation splits, tokenize with Ray Data, pad batches.
+"""Read the task files and carve seeded validation splits.
 
 Readers validate every row against the task table (``raymtl.tasks``). A bad row is never
 guessed at and never dropped silently: it is reported as ``file:line: reason``, counted

@@ -1,13 +1,14 @@
 """Gradient fusion: combine per-task gradients of the shared parameters into one update.
 
-Every method is a callable ``[T, D] float tensor -> [D]`` registered in ``FUSION_METHODS``.
+Every method is a callable ``[T, D] float tensor -> [D]``; ``FUSION_METHODS`` maps its name
+to the factory ``(num_tasks, **settings) -> method`` and ``make_fusion`` builds one.
 The aggregators come from TorchJD (Quinton & Rey, "Jacobian Descent for Multi-Objective
 Optimization", 2024), which implements them as published; raymtl only adapts them:
 
     sum       plain sum of task gradients (what ``sum(losses).backward()`` computes)
     pcgrad    Yu et al. 2020, "Gradient Surgery for Multi-Task Learning"
     gradvac   Wang et al. 2021, "Gradient Vaccine" (stateful: EMA of target similarities)
-    cagrad    Liu et al. 2021, "Conflict-Averse Gradient Descent" (c = 0.4)
+    cagrad    Liu et al. 2021, "Conflict-Averse Gradient Descent" (c: ``cagrad_c``, default 0.4)
     mgda      Sener & Koltun 2018, exact min-norm point of the convex hull (Frank-Wolfe)
     imtl_g    Liu et al. 2021, "Towards Impartial Multi-task Learning", gradient part
     nash_mtl  Navon et al. 2022, "Multi-Task Learning as a Bargaining Game" (stateful)
@@ -32,9 +33,10 @@ Learned or dynamic loss weightings (uncertainty, DWA, softmax) still weight the 
 method sees.
 
 Stateful methods keep state across steps, so training builds a fresh instance per run
-with ``make_fusion(name, num_tasks)``; ``FUSION_METHODS`` holds ready-made instances for
-direct use. Per-task surgery needs each task's full gradient of every shared parameter,
-which ZeRO-3 partitions across workers: the config refuses that combination.
+with ``make_fusion(name, num_tasks, cagrad_c=...)``. Per-task surgery needs each task's full
+gradient of every shared parameter, which ZeRO-3 partitions across workers, and fusing each
+accumulation micro-batch on its own is not fusing the step's gradient: the config refuses
+both combinations.
 """
 from __future__ import annotations
 
@@ -57,52 +59,36 @@ class _Sum:
         return G.sum(0)                                              # [T, D] -> [D]
 
 
-_sum = _Sum()
+CAGRAD_C = 0.4        # CAGrad's c (TrainConfig.cagrad_c)
 
 
-def _torchjd(cls_name: str, **kw) -> Callable[[int], Fusion]:
-    def factory(num_tasks: int) -> Fusion:
-        import torchjd.aggregation as agg
-        if cls_name == "NashMTL":
-            kw["n_tasks"] = num_tasks
-        return getattr(agg, cls_name)(**kw)
-    return factory
+def _torchjd(cls_name: str, **kw) -> Fusion:
+    """TorchJD's aggregator ``cls_name``, imported on first use: importing this module loads
+    neither TorchJD nor its optional solvers (cvxpy for CAGrad and Nash-MTL)."""
+    import torchjd.aggregation as agg
+    return getattr(agg, cls_name)(**kw)
 
 
-FACTORIES: dict[str, Callable[[int], Fusion]] = {
-    "sum": lambda num_tasks: _sum,
-    "pcgrad": _torchjd("PCGrad"),
-    "gradvac": _torchjd("GradVac"),
-    "cagrad": _torchjd("CAGrad", c=0.4),
-    "mgda": _torchjd("MGDA"),
-    "imtl_g": _torchjd("IMTLG"),
-    "nash_mtl": _torchjd("NashMTL"),
-    "upgrad": _torchjd("UPGrad"),
+# name -> factory(num_tasks, **its own settings) -> a fresh method
+FUSION_METHODS: dict[str, Callable[..., Fusion]] = {
+    "sum": lambda num_tasks: _Sum(),
+    "pcgrad": lambda num_tasks: _torchjd("PCGrad"),
+    "gradvac": lambda num_tasks: _torchjd("GradVac"),
+    "cagrad": lambda num_tasks, c=CAGRAD_C: _torchjd("CAGrad", c=c),
+    "mgda": lambda num_tasks: _torchjd("MGDA"),
+    "imtl_g": lambda num_tasks: _torchjd("IMTLG"),
+    "nash_mtl": lambda num_tasks: _torchjd("NashMTL", n_tasks=num_tasks),
+    "upgrad": lambda num_tasks: _torchjd("UPGrad"),
 }
 
 
-def make_fusion(name: str, num_tasks: int) -> Fusion:
-    if name not in FACTORIES:
-        raise ValueError(f"unknown fusion method {name!r}; valid: {sorted(FACTORIES)}")
-    return FACTORIES[name](num_tasks)
-
-
-class _Registry(dict):
-    """Ready-made 3-task instances, built on first use (so importing this module neither
-    imports TorchJD nor its optional solvers, e.g. cvxpy for CAGrad)."""
-
-    def __init__(self, names):
-        super().__init__({name: None for name in names})
-
-    def __getitem__(self, name):
-        if name not in self:
-            raise KeyError(f"unknown fusion method {name!r}; valid: {sorted(FACTORIES)}")
-        if dict.__getitem__(self, name) is None:
-            self[name] = make_fusion(name, 3)
-        return dict.__getitem__(self, name)
-
-
-FUSION_METHODS: dict[str, Fusion] = _Registry(FACTORIES)
+def make_fusion(name: str, num_tasks: int, cagrad_c: float = CAGRAD_C) -> Fusion:
+    """A fresh ``name`` for ``num_tasks`` tasks, given the settings of the methods that have
+    them (``TrainConfig.cagrad_c``); unknown names list the valid ones."""
+    if name not in FUSION_METHODS:
+        raise ValueError(f"unknown fusion method {name!r}; valid: {sorted(FUSION_METHODS)}")
+    settings = {"cagrad": {"c": cagrad_c}}.get(name, {})
+    return FUSION_METHODS[name](num_tasks, **settings)
 
 
 # ---------------------------------------------------------------- use in the training loop
@@ -221,10 +207,8 @@ class _HandOver(torch.autograd.Function):
 
 def _fused_step(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
                 others: list[torch.nn.Parameter], weigh: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                diagnostics: dict | None, normalise: Callable | None = None) -> torch.Tensor:
+                diagnostics: dict | None) -> torch.Tensor:
     """One backward per task over ``shared + others`` -> the step's loss.
-    ``normalise`` (``raymtl.methods.tasknorm``) rescales the shared gradients, averaged over workers,
-    before they are weighed.
     ``weigh(R)``, with ``R`` a ``[T, T]`` factor of the shared gradients' Gramian
     (``gramian_factor``), gives the weights of the shared gradients and of the other parameters'.
     Per parameter, the shared parameters get ``sum_t w_t g_t`` (zeros if no task reaches one:
@@ -233,8 +217,6 @@ def _fused_step(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter
     grads = per_task_gradients(losses, list(shared) + list(others))
     mine = [g[:k] for g in grads]
     _average_over_workers(mine, shared)                              # every worker: the same
-    if normalise is not None:
-        normalise(mine, list(losses), shared)
     gram = gramian(mine)
     w, w_others = weigh(gramian_factor(gram))
     if diagnostics is not None:
@@ -248,8 +230,7 @@ def _fused_step(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter
 
 def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter],
                     heads: list[torch.nn.Parameter], fuse: Fusion,
-                    diagnostics: dict | None = None, prefs: dict[str, float] | None = None,
-                    normalise: Callable | None = None) -> torch.Tensor:
+                    diagnostics: dict | None = None, prefs: dict[str, float] | None = None) -> torch.Tensor:
     """A scalar whose gradient w.r.t. the shared parameters is the fused gradient and w.r.t.
     every other parameter (task heads, PALs) is the plain gradient of the summed losses (each
     scaled by its preference ``prefs[task]``, default 1). Both come from the same one backward
@@ -264,7 +245,7 @@ def fused_surrogate(losses: dict[str, torch.Tensor], shared: list[torch.nn.Param
         ones = torch.ones(len(names), dtype=R.dtype, device=R.device)
         return preferred(task_weights(fuse, R), names, prefs), preferred(ones, names, prefs)
 
-    return _fused_step(losses, shared, heads, weigh, diagnostics, normalise)
+    return _fused_step(losses, shared, heads, weigh, diagnostics)
 
 
 class PeriodicFusion:

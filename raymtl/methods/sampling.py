@@ -1,10 +1,13 @@
 """Task sampling: which tasks contribute a batch to an optimizer step.
 
-Each sampler has the same signature ``(sizes, step, total_steps, rng) -> list[str]`` and is
-registered in ``SAMPLERS``. ``sizes`` maps task name to its number of training rows.
+Each sampler has the same signature ``(sizes, step, total_steps, rng) -> list[str]`` (its own
+settings, such as the temperature sampler's ``T``, as keywords with defaults) and is registered
+in ``SAMPLERS``; ``get_sampler`` hands it the run's settings. ``sizes`` maps task name to its
+number of training rows.
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import Callable
 
@@ -26,7 +29,10 @@ def proportional(sizes, step, total_steps, rng):
     return _draw(sizes, sizes, rng)
 
 
-def temperature(sizes, step, total_steps, rng, T: float = 2.0):
+SAMPLING_TEMPERATURE = 2.0       # the temperature sampler's T (TrainConfig.sampling_temperature)
+
+
+def temperature(sizes, step, total_steps, rng, T: float = SAMPLING_TEMPERATURE):
     """One task per step with p proportional to n^(1/T) (T=1: proportional, T->inf: uniform)."""
     return _draw(sizes, {n: s ** (1.0 / T) for n, s in sizes.items()}, rng)
 
@@ -47,7 +53,10 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
-def get_sampler(name: str) -> Sampler:
+def get_sampler(name: str, sampling_temperature: float = SAMPLING_TEMPERATURE) -> Sampler:
+    """The sampler ``name`` with the settings of the samplers that have them
+    (``TrainConfig.sampling_temperature``); unknown names list the valid ones."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampling strategy {name!r}; valid: {sorted(SAMPLERS)}")
-    return SAMPLERS[name]
+    settings = {"temperature": {"T": sampling_temperature}}.get(name, {})
+    return functools.partial(SAMPLERS[name], **settings)

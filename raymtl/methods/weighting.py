@@ -1,6 +1,7 @@
 """Loss weighting: turn per-task losses into the weighted per-task terms that get summed
-(or fused). Each method is an ``nn.Module`` with the same call
-``(losses: dict[task, scalar], step) -> dict[task, scalar]``, registered in ``WEIGHTINGS``.
+(or fused). Each method is an ``nn.Module`` built as ``(tasks, weights, **its own settings)``
+with the same call ``(losses: dict[task, scalar], step) -> dict[task, scalar]``, registered in
+``WEIGHTINGS``; ``make_weighting`` hands it the run's settings.
 Learnable weights are parameters of the module, which the training loop attaches to the
 model so DeepSpeed optimizes them (at ``head_lr``) and checkpoints them.
 """
@@ -34,11 +35,14 @@ class Uncertainty(nn.Module):
         return {t: 0.5 * torch.exp(-s[self.index[t]]) * v + 0.5 * s[self.index[t]] for t, v in losses.items()}
 
 
+DWA_WINDOW, DWA_TEMPERATURE = 50, 2.0    # TrainConfig.dwa_window, dwa_temperature
+
+
 class DynamicWeightAverage(nn.Module):
     """Liu, Johns & Davison 2019 (MTAN): w_t = T softmax_t(r_t / temp), r_t = L_t(k-1) / L_t(k-2),
     with k counting windows of ``window`` steps (the paper's epochs)."""
 
-    def __init__(self, tasks, weights, window: int = 50, temp: float = 2.0):
+    def __init__(self, tasks, weights, window: int = DWA_WINDOW, temp: float = DWA_TEMPERATURE):
         super().__init__()
         self.tasks, self.window, self.temp = list(tasks), window, temp
         self.history: list[dict[str, float]] = []   # mean loss per finished window
@@ -80,7 +84,11 @@ WEIGHTINGS = {"fixed": Fixed, "uncertainty": Uncertainty, "dwa": DynamicWeightAv
               "softmax": LearnedSoftmax}
 
 
-def make_weighting(name: str, tasks, weights: dict[str, float]) -> nn.Module:
+def make_weighting(name: str, tasks, weights: dict[str, float], dwa_window: int = DWA_WINDOW,
+                   dwa_temperature: float = DWA_TEMPERATURE) -> nn.Module:
+    """The weighting ``name`` with the settings of the methods that have them
+    (``TrainConfig.dwa_window``, ``dwa_temperature``); unknown names list the valid ones."""
     if name not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {name!r}; valid: {sorted(WEIGHTINGS)}")
-    return WEIGHTINGS[name](list(tasks), weights)
+    settings = {"dwa": {"window": dwa_window, "temp": dwa_temperature}}.get(name, {})
+    return WEIGHTINGS[name](list(tasks), weights, **settings)

@@ -1,12 +1,5 @@
-"""Shared encoder + one head per task, with save/load as a Hugging Face directory.
-
-Checkpoint layout (everything loads without pickle)::
-
-    encoder/            AutoModel.save_pretrained (safetensors) + tokenizer
-    heads.safetensors   task heads ("heads.<task>.*"), PALs ("pals.*"), learned prefixes,
-                        tasks' own top layers ("task_layers.<task>.*")
-    raymtl.json         model config (encoder source, pair modes, pooling and own layers per task)
-"""
+"""Task heads: a classifier, a bounded regression, or the cosine of two sentence embeddings,
+chosen from the task table and the pair mode (``head_kind``)."""
 from __future__ import annotations
 
 import torch

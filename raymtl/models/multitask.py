@@ -1,6 +1,7 @@
-"""Shared encoder + one head per task, with save/load as a Hugging Face directory.
+"""The multi-task model: the shared encoder, one head per task, and the per-task parts
+(PALs, a learned prefix, own top layers), with save/load as a Hugging Face directory.
 
-Checkpoint layout (everything loads without pickle)::
+Checkpoint layout (everything loads without pickle; weights always fp32)::
 
     encoder/            AutoModel.save_pretrained (safetensors) + tokenizer
     heads.safetensors   task heads ("heads.<task>.*"), PALs ("pals.*"), learned prefixes,
@@ -17,8 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from raymtl.models.encoder import build_encoder, layer_stack, own_layer_counts, own_top_layers, pool, save_encoder
+from raymtl.models.device import check_device
+from raymtl.models.encoder import build_encoder, encoder_state, pool, save_encoder
 from raymtl.models.heads import Head
+from raymtl.models.own_layers import layer_stack, own_layer_counts, own_top_layers
 from raymtl.models.pals import PALConfig, add_pals, mark_only_pals_as_trainable
 from raymtl.models.prefixes import TaskPrefix, text_prefix
 from raymtl.models.unpad import supports_unpadding, unpadded_forward
@@ -122,6 +125,7 @@ class MultiTaskModel(nn.Module):
         return pool(hidden, mask, self.pooling_of(task))             # (B, H)
 
     def forward(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        check_device(batch, self)
         u = self.embed(task, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         v = (self.embed(task, batch["input_ids_b"], batch["attention_mask_b"])
              if self.modes[task] == "bi" else None)
@@ -136,15 +140,18 @@ class MultiTaskModel(nn.Module):
                 "prefix_length": self.prefix_length,
                 "task_layers": {t: len(layers) for t, layers in self.task_layers.items()}}
 
-    def extra_state(self) -> dict[str, torch.Tensor]:
+    def extra_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Weights outside the HF encoder: heads, PALs, learned prefixes, tasks' own layers
-        (``heads.safetensors``)."""
+        (``heads.safetensors``), from ``state`` (default: the module's own state dict)."""
         keep = ("heads.", "pals.", "prefix.", "task_layers.")
-        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k.startswith(keep)}
+        state = self.state_dict() if state is None else state
+        return {k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(keep)}
 
-    def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None) -> None:
-        d = save_encoder(self.encoder, directory, tokenizer)
-        save_file(self.extra_state(), str(d / "heads.safetensors"))
+    def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None,
+             state: dict[str, torch.Tensor] | None = None) -> None:
+        """``state``: a full state dict to write instead of the module's (fp32 master weights)."""
+        d = save_encoder(self.encoder, directory, tokenizer, encoder_state(state))
+        save_file(self.extra_state(state), str(d / "heads.safetensors"))
         (d / "raymtl.json").write_text(json.dumps({**self.meta(), **(extra or {})}, indent=2))
 
     @classmethod
@@ -153,17 +160,21 @@ class MultiTaskModel(nn.Module):
              task_layers: dict | None = None, **overrides) -> "MultiTaskModel":
         """Load a raymtl checkpoint. With ``tasks``, heads missing from it start fresh, in
         ``pair_mode`` and ``task_pooling`` (the checkpoint's own modes and poolings win for the
-        heads it has); a checkpoint without heads (``jobs/pretrain.py``) takes ``head_dropout``
-        too. ``task_layers`` gives tasks without their own layers in the checkpoint fresh copies
-        of its top layers (a different count for a task that has them is an error).
-        ``overrides`` (pals, task_prefix, prefix_length) add adapters the checkpoint lacks."""
+        heads it has), and its heads of tasks not in ``tasks`` are left out; a checkpoint without
+        heads (``jobs/pretrain.py``) takes ``head_dropout`` too. ``task_layers`` gives tasks
+        without their own layers in the checkpoint fresh copies of its top layers (a different
+        count for a task that has them is an error). ``overrides`` (pals, task_prefix,
+        prefix_length) add adapters the checkpoint lacks, which start fresh.
+        Everything the checkpoint's ``raymtl.json`` says it has (heads, PALs, learned prefixes,
+        own layers of its tasks: ``saved_parts``) must be in ``heads.safetensors``, and the file
+        may hold nothing else: a ValueError names the missing or unexpected keys."""
         from transformers import AutoModel
         d = Path(directory)
         if not (d / "raymtl.json").is_file():
             raise FileNotFoundError(f"{d} is not a raymtl checkpoint (no raymtl.json)")
         meta = json.loads((d / "raymtl.json").read_text())
         tasks = list(tasks or meta["modes"])
-        encoder = AutoModel.from_pretrained(d / "encoder", add_pooling_layer=False)
+        encoder = AutoModel.from_pretrained(d / "encoder", add_pooling_layer=False, dtype=torch.float32)
         extras = {k: meta.get(k) for k in ("pals", "task_prefix", "prefix_length") if meta.get(k) is not None}
         extras.update({k: v for k, v in overrides.items() if v not in (None, "none")})
         modes = {**(pair_mode or {}), **{t: m for t, m in meta["modes"].items() if m}}
@@ -180,7 +191,37 @@ class MultiTaskModel(nn.Module):
                                  f"(--task-layers {t}={saved_layers[t]}) to go on from it")
         model = cls(encoder, tasks, modes, meta["pooling"], dropout, source=meta["source"],
                     task_pooling=pooling, task_layers={**(task_layers or {}), **saved_layers}, **extras)
-        saved = load_file(str(d / "heads.safetensors"))
-        own = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
-        model.load_state_dict({k: saved.get(k, v) for k, v in own.items()}, strict=False)
+        file = d / "heads.safetensors"
+        saved = load_file(str(file))
+        own = [k for k in model.state_dict() if not k.startswith("encoder.")]
+        has, built = saved_parts(meta), {part_of(k) for k in own}
+        missing = [k for k in own if part_of(k) in has and k not in saved]
+        if missing:
+            raise ValueError(f"{file} lacks {missing}, which {d / 'raymtl.json'} says the checkpoint has; "
+                             "the file is incomplete or from another checkpoint")
+        # a key of no part the checkpoint has, or one the model's same part does not have
+        unexpected = [k for k in saved if part_of(k) not in has or (part_of(k) in built and k not in own)]
+        if unexpected:
+            raise ValueError(f"{file} holds {unexpected}, which {d / 'raymtl.json'} does not describe (tasks "
+                             f"{list(meta['modes'])}); the file is from another checkpoint")
+        model.load_state_dict({k: saved[k] for k in own if k in saved}, strict=False)
         return model
+
+
+def part_of(key: str) -> tuple[str, str]:
+    """The (part, task) a ``heads.safetensors`` key belongs to: ``heads.sst.out.weight`` ->
+    ('heads', 'sst'), ``prefix.vectors.sst`` -> ('prefix', 'sst')."""
+    names = key.split(".") + ["", ""]
+    return names[0], names[2] if names[0] == "prefix" else names[1]
+
+
+def saved_parts(meta: dict) -> set[tuple[str, str]]:
+    """The (part, task) pairs whose weights a checkpoint's ``raymtl.json`` (``meta``) says its
+    ``heads.safetensors`` holds: each task's head, the PALs of its PAL tasks (every task when
+    the settings name none), each task's learned prefix, the own layers of the tasks that have them."""
+    tasks = list(meta["modes"])
+    pals = meta.get("pals")
+    return ({("heads", t) for t in tasks}
+            | ({("pals", t) for t in pals.get("tasks") or tasks} if pals else set())
+            | ({("prefix", t) for t in tasks} if meta.get("task_prefix") == "learned" else set())
+            | {("task_layers", t) for t in meta.get("task_layers") or {}})

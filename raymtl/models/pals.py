@@ -19,8 +19,10 @@ from torch import nn
 
 @dataclass
 class PALConfig:
-    rank: int = 204   # the paper's r for BERT-base (768); scale with the hidden size
-    heads: int = 12
+    # Sized for the default encoder (MiniLM-L6, hidden size 384); the paper's BERT-base (768)
+    # used r = 204 with 12 heads. ModelConfig's pal_rank / pal_heads take these defaults.
+    rank: int = 96
+    heads: int = 8
     tasks: tuple[str, ...] = ()   # the tasks that get PALs; empty = every task of the model
 
     def __post_init__(self):

@@ -1,12 +1,4 @@
-"""Shared encoder + one head per task, with save/load as a Hugging Face directory.
-
-Checkpoint layout (everything loads without pickle)::
-
-    encoder/            AutoModel.save_pretrained (safetensors) + tokenizer
-    heads.safetensors   task heads ("heads.<task>.*"), PALs ("pals.*"), learned prefixes,
-                        tasks' own top layers ("task_layers.<task>.*")
-    raymtl.json         model config (encoder source, pair modes, pooling and own layers per task)
-"""
+"""The further pre-training model: the encoder with a tied masked-LM head (MLM + SimCSE)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from raymtl.models.encoder import TINY_BERT, default_encoder_path, pool, save_encoder
+from raymtl.models.device import check_device
+from raymtl.models.encoder import TINY_BERT, default_encoder_path, encoder_state, pool, save_encoder
 from raymtl.models.unpad import supports_unpadding, unpadded_forward
 
 
@@ -53,19 +46,25 @@ class PretrainModel(nn.Module):
     def forward(self, kind: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """'embed': (B, T) ids -> (B, H) pooled embeddings; 'mlm': logits (N, V) at the N
         positions whose ``mlm_labels`` are not -100 (the head never sees unmasked ones)."""
+        check_device(batch, self)
         if kind == "embed":
             return self.embed(batch["input_ids"], batch["attention_mask"])
         hidden = self.hidden(batch["input_ids"], batch["attention_mask"])
         return self.mlm_head(hidden[batch["mlm_labels"] != -100])   # (B, T, H) -> (N, H) -> (N, V)
 
-    def head_state(self) -> dict[str, torch.Tensor]:
+    def head_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The MLM head's own weights (not the matrix tied to the word embeddings), from
+        ``state`` (a full state dict) when given."""
         tied = {id(p) for p in self.encoder.parameters()}
-        return {k: p.detach().contiguous().cpu() for k, p in self.mlm_head.named_parameters() if id(p) not in tied}
+        return {k: (p if state is None else state[f"mlm_head.{k}"]).detach().contiguous().cpu()
+                for k, p in self.mlm_head.named_parameters() if id(p) not in tied}
 
-    def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None) -> None:
-        d = save_encoder(self.encoder, directory, tokenizer)
+    def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None,
+             state: dict[str, torch.Tensor] | None = None) -> None:
+        """``state``: a full state dict to write instead of the module's (fp32 master weights)."""
+        d = save_encoder(self.encoder, directory, tokenizer, encoder_state(state))
         save_file({}, str(d / "heads.safetensors"))
-        save_file(self.head_state(), str(d / "mlm_head.safetensors"))
+        save_file(self.head_state(state), str(d / "mlm_head.safetensors"))
         meta = {"source": self.source, "pooling": self.pooling, "modes": {}, "pals": None,
                 "task_prefix": "none", "prefix_length": 4, "stage": "pretrain"}
         (d / "raymtl.json").write_text(json.dumps({**meta, **(extra or {})}, indent=2))

@@ -1,6 +1,8 @@
 """Task losses, one short function per head kind."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +30,15 @@ def cosent_loss(cos: torch.Tensor, label: torch.Tensor, scale: float = 20.0) -> 
     return torch.logsumexp(torch.cat([zero, diff.flatten()]), dim=0)
 
 
-LOSSES = {"classifier": classifier_loss, "regression": regression_loss, "cosine": cosent_loss}
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "classifier": classifier_loss, "regression": regression_loss, "cosine": cosent_loss}
+
+
+def get_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The hard-label loss of a head kind; unknown kinds list the valid ones."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown head kind {kind!r}; valid: {sorted(LOSSES)}")
+    return LOSSES[kind]
 
 
 # ---------------------------------------------------------------- related labels, distillation
@@ -67,7 +77,15 @@ def annealed_alpha(alpha: float, step: int, steps: int) -> float:
     return alpha * max(0.0, 1.0 - step / max(steps, 1))
 
 
-DISTILL_SCHEDULES = {"constant": constant_alpha, "anneal": annealed_alpha}
+DISTILL_SCHEDULES: dict[str, Callable[[float, int, int], float]] = {
+    "constant": constant_alpha, "anneal": annealed_alpha}
+
+
+def get_distill_schedule(name: str) -> Callable[[float, int, int], float]:
+    """``(alpha, step, steps) -> this step's alpha``; unknown names list the valid ones."""
+    if name not in DISTILL_SCHEDULES:
+        raise ValueError(f"unknown distill schedule {name!r}; valid: {sorted(DISTILL_SCHEDULES)}")
+    return DISTILL_SCHEDULES[name]
 
 
 def task_loss(kind: str, output: torch.Tensor, batch: dict, alpha: float = 0.0, temperature: float = 1.0
@@ -78,7 +96,7 @@ def task_loss(kind: str, output: torch.Tensor, batch: dict, alpha: float = 0.0, 
     if kind == "classifier" and "label_set" in batch:
         hard = set_cross_entropy(output, batch["label_set"])
     else:
-        hard = LOSSES[kind](output, batch["label"])
+        hard = get_loss(kind)(output, batch["label"])
     if "teacher" not in batch or alpha == 0:
         return hard
     soft = (kd_kl_loss(output, batch["teacher"], temperature) if kind == "classifier"

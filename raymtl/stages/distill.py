@@ -20,6 +20,7 @@ import torch
 
 from raymtl.data.multitask import batch_from_rows
 from raymtl.data.readers import DataError, read_task_file
+from raymtl.models.device import resolve_device, to_device
 from raymtl.models.heads import head_kind
 from raymtl.models.multitask import MultiTaskModel
 from raymtl.tasks import TASKS
@@ -34,19 +35,18 @@ class TeacherInference:
         from transformers import AutoTokenizer
 
         torch.set_num_threads(threads)             # Ray sets OMP_NUM_THREADS=1 in actors
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = resolve_device("cuda" if use_gpu else "cpu")
         self.model = MultiTaskModel.load(checkpoint).eval().to(self.device)
         self.tok = AutoTokenizer.from_pretrained(Path(checkpoint) / "encoder")
         self.task, self.max_length = task, max_length
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-
         rows = [{"text_a": a, "text_b": b, "label": 0.0, "line": int(n)}
                 for a, b, n in zip(batch["text_a"], batch["text_b"], batch["line"])]
         enc = batch_from_rows(self.tok, rows, self.model.modes[self.task], self.max_length,
                               self.model.text_prefix(self.task))
         with torch.no_grad():
-            out = self.model(self.task, {k: v.to(self.device) for k, v in enc.items()})
+            out = self.model(self.task, to_device(enc, self.model))
         out = out.float().cpu().numpy().reshape(len(rows), -1)                      # (B, C) or (B, 1)
         return {"line": batch["line"].astype(np.int64), "teacher": list(out)}
 

@@ -8,14 +8,20 @@ from __future__ import annotations
 import numpy as np
 import torch.distributed as dist
 
-from raymtl.analysis.evaluation import predict_batches
+from raymtl.analysis.evaluation import format_table, predict_batches
 from raymtl.analysis.metrics import overall, task_metric
 from raymtl.config import MTLConfig
-from raymtl.data.multitask import collate
+from raymtl.data.multitask import collate, load_splits, tokenized_datasets
 from raymtl.data.streams import cycle_batches
 from raymtl.methods.weighting import make_weighting
+from raymtl.models.encoder import tokenizer_source
+from raymtl.models.heads import head_kind
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.objectives.multitask import DISTILL_SCHEDULES, task_loss
+from raymtl.models.prefixes import text_prefix
+from raymtl.objectives.multitask import get_distill_schedule, task_loss
+from raymtl.stages.base import Stage
+from raymtl.stages.distill import attach_teacher_outputs
+from raymtl.tasks import TASKS
 
 
 def validate(module, tasks, rank: int, world: int, shard_eval: bool) -> dict[str, float]:
@@ -42,25 +48,64 @@ def stream_task(stream: str) -> str:
     return stream.removesuffix("_related")
 
 
-class MTLStage:
+def prepare_data(cfg: MTLConfig, verbose: bool = True) -> tuple[dict, dict[str, int]]:
+    """Read, validate, split and tokenize every task (one Ray Data pass); attach teacher
+    outputs. Returns the datasets and the training rows per stream (a task, or
+    ``<task>_related`` for its related rows)."""
+    splits, reports = load_splits(cfg.data, verbose)
+    if verbose:
+        for r in reports:
+            print("[raymtl] data " + r.summary(), flush=True)
+    modes = {t: (cfg.model.mode_of(t) if TASKS[t].is_pair else None) for t in splits}
+    prefixes = {t: text_prefix(t) for t in splits} if cfg.model.task_prefix == "text" else {}
+    datasets = tokenized_datasets(splits, tokenizer_source(cfg.model.init_from or cfg.model.encoder),
+                                  modes, cfg.data.max_length, prefixes)
+    sizes = {t: len(parts[0]) for t, parts in splits.items()}
+    sizes.update({f"{t}_related": len(parts[2]) for t, parts in splits.items() if len(parts) > 2})
+    if cfg.distill.teacher_outputs:
+        datasets = attach_teacher_outputs(datasets, cfg)
+    return datasets, sizes
+
+
+class MTLStage(Stage):
     """Multi-task fine-tuning of one encoder with a head per task (``jobs/mtl.py``); also
     teachers (``jobs/teacher.py``: one task plus a ``<task>_related`` stream) and
     distillation (batches carrying ``teacher`` outputs)."""
+    name = "mtl"
+    config_class = MTLConfig
     score = "overall"
-    validate_at_start = False
 
-    def __init__(self, config: dict):
-        self.cfg = MTLConfig.from_dict(config["cfg"])
-        self.tasks = list(self.cfg.data.tasks)
-        self.sizes: dict[str, int] = config["train_sizes"]
+    def __init__(self, cfg: MTLConfig, sizes: dict[str, int]):
+        super().__init__(cfg, sizes)
+        self.tasks = list(cfg.data.tasks)
+        # the head kind per task, as the data was tokenized for it (build_model checks the model agrees)
+        self.kinds = {t: head_kind(TASKS[t], cfg.model.mode_of(t) if TASKS[t].is_pair else None) for t in self.tasks}
+
+    @classmethod
+    def prepare(cls, cfg: MTLConfig, verbose: bool = True) -> tuple[dict, dict[str, int]]:
+        return prepare_data(cfg, verbose)
+
+    @classmethod
+    def print_summary(cls, summary) -> None:
+        if summary.best_metrics:
+            scores = {k[4:]: v for k, v in summary.best_metrics.items() if k.startswith("val_")}
+            scores["overall"] = summary.best_metrics["overall"]
+            print(f"\n[raymtl] best checkpoint (step {summary.best_metrics.get('step')}) validation scores:")
+            print(format_table(scores))
+        super().print_summary(summary)
 
     def build_model(self) -> MultiTaskModel:
         cfg = self.cfg
         model = MultiTaskModel.from_config(cfg.model, self.tasks, seed=cfg.train.seed)
+        differ = {t: (h.kind, self.kinds[t]) for t, h in model.heads.items() if h.kind != self.kinds[t]}
+        if differ:
+            raise ValueError(f"init_from {cfg.model.init_from}: its heads {', '.join(f'{t}={m}' for t, (m, _) in differ.items())} "
+                             f"differ from the pair_mode this run tokenizes for ({', '.join(f'{t}={k}' for t, (_, k) in differ.items())}); "
+                             "set pair_mode to the checkpoint's")
         names = list(self.sizes)
         model.weighting = make_weighting(cfg.train.weighting, names,
-                                         {n: cfg.train.task_weights.get(stream_task(n), 1.0) for n in names})
-        self.heads = model.heads
+                                         {n: cfg.train.task_weights.get(stream_task(n), 1.0) for n in names},
+                                         cfg.train.dwa_window, cfg.train.dwa_temperature)
         return model
 
     def streams(self, rank: int, seed: int) -> dict:
@@ -71,8 +116,8 @@ class MTLStage:
 
     def loss(self, forward, stream: str, batch: dict, step: int):
         task, d = stream_task(stream), self.cfg.distill
-        alpha = DISTILL_SCHEDULES[d.distill_schedule](d.distill_alpha, step, self.cfg.train.steps)
-        return task_loss(self.heads[task].kind, forward(task, batch), batch, alpha, d.distill_temperature)
+        alpha = get_distill_schedule(d.distill_schedule)(d.distill_alpha, step, self.cfg.train.steps)
+        return task_loss(self.kinds[task], forward(task, batch).float(), batch, alpha, d.distill_temperature)
 
     def validate(self, module, rank: int, world: int) -> dict[str, float]:
         scores = validate(module, self.tasks, rank, world, shard_eval=self.cfg.scale.zero_stage < 3)

@@ -25,11 +25,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from raymtl.config import PLAIN_ENCODER, SUM_LOSS, DistillConfig, MTLConfig
+from raymtl import recipes
+from raymtl.config import DistillConfig, MTLConfig
 from raymtl.data.related import DEFAULT_RELATED, RELATED
+from raymtl.recipes import PLAIN_ENCODER, SUM_LOSS
 from raymtl.stages.distill import write_teacher_outputs
-from raymtl.stages.pretrain import fit as pretrain_fit
-from raymtl.stages.pretrain import pretrain_defaults, pretrain_smoke
+from raymtl.stages.pretrain import pretrain_smoke
 from raymtl.tasks import TASKS
 from raymtl.train.trainer import fit, storage_path
 
@@ -39,12 +40,6 @@ class StageFailed(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ teachers
-def teacher_defaults() -> MTLConfig:
-    """``jobs/teacher.py``'s defaults: a teacher (one task and its related stream) trains on
-    the summed loss, as measured; ``--fusion`` still chooses otherwise."""
-    return MTLConfig().replace(**SUM_LOSS, **PLAIN_ENCODER)
-
-
 def teacher_config(base: MTLConfig, task: str, related: tuple[str, ...] | None = None, **overrides) -> MTLConfig:
     """A teacher for ``task``: the base config on that one task plus its related sets. A
     teacher distils from nothing, so the student's distillation settings are reset: they must
@@ -78,9 +73,9 @@ def run_teacher(cfg: MTLConfig, verbose: bool = True) -> dict:
     return {**result, "outputs": str(out)}
 
 
-# ------------------------------------------------------------------------------ stages
+# ------------------------------------------------------------------------------ steps
 @dataclass
-class Stage:
+class Step:
     name: str
     inputs: dict                                   # what the output depends on (hashed)
     run: Callable[[str], dict]                     # trains into the given run dir; returns a JSON-able result
@@ -100,7 +95,7 @@ def key_of(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_stages(stages: list[Stage], output: str, force: set[str] | bool = False, say=print,
+def run_stages(stages: list[Step], output: str, force: set[str] | bool = False, say=print,
                results: dict[str, dict] | None = None) -> dict[str, dict]:
     """Run stages in order, skipping one whose ``stage.json`` key matches. ``results`` (filled
     stage by stage, also with a skipped stage's recorded result) is what later stages read."""
@@ -160,16 +155,16 @@ class PipelinePlan:
             if t not in self.student.data.tasks:
                 raise ValueError(f"teacher_tasks: {t!r} is not one of the student's tasks {list(self.student.data.tasks)}")
 
-    def stages(self, done: dict[str, dict], verbose: bool = True) -> list[Stage]:
+    def stages(self, done: dict[str, dict], verbose: bool = True) -> list[Step]:
         """The stages; ``done`` is the results dict ``run_stages`` fills as they finish."""
         out, s = str(Path(self.output).expanduser().resolve()), self.student
         data_dir = s.data.data_dir
-        stages: list[Stage] = []
+        stages: list[Step] = []
         task_files = [TASKS[t].path for t in s.data.tasks]
 
         pre_cfg = None
         if self.pretrain_steps:
-            base = pretrain_smoke() if self.smoke else pretrain_defaults()
+            base = pretrain_smoke(recipes.pretrain()) if self.smoke else recipes.pretrain()
             pre_cfg = base.replace(
                 steps=self.pretrain_steps, eval_every=self.pretrain_steps, output=f"{out}/pretrain",
                 name="pretrain", encoder=s.model.encoder, data_dir=data_dir, num_workers=s.scale.num_workers,
@@ -178,8 +173,8 @@ class PipelinePlan:
                 val_fraction=s.data.val_fraction)
 
             def run_pretrain(run_dir, cfg=pre_cfg):
-                return stage_result(pretrain_fit(cfg.replace(output=run_dir), verbose=verbose), "pretrain")
-            stages.append(Stage("pretrain", {"config": pre_cfg.to_dict(), "data": data_fingerprint(
+                return stage_result(fit(cfg.replace(output=run_dir), verbose=verbose), "pretrain")
+            stages.append(Step("pretrain", {"config": pre_cfg.to_dict(), "data": data_fingerprint(
                 data_dir, [*pre_cfg.pretrain.wiki_files, *pre_cfg.pretrain.nli_files, "sts/train.csv"])},
                 run_pretrain))
 
@@ -194,7 +189,7 @@ class PipelinePlan:
             def run_t(run_dir, cfg=t_cfg, task=task):
                 cfg = cfg.replace(output=run_dir, init_from=init_from() if pre_cfg else cfg.model.init_from)
                 return run_teacher(cfg, verbose)
-            stages.append(Stage(f"teacher-{task}", {"config": t_cfg.to_dict(), "data": data_fingerprint(data_dir, files)},
+            stages.append(Step(f"teacher-{task}", {"config": t_cfg.to_dict(), "data": data_fingerprint(data_dir, files)},
                                 run_t, after=["pretrain"] if pre_cfg else []))
 
         def student_cfg(distilled: bool, name: str, run_dir: str) -> MTLConfig:
@@ -207,9 +202,9 @@ class PipelinePlan:
             return stage_result(fit(student_cfg(distilled, name, run_dir), verbose=verbose), name)
         upstream = (["pretrain"] if pre_cfg else []) + [f"teacher-{t}" for t in self.teacher_tasks]
         student_inputs = {"config": s.to_dict(), "data": data_fingerprint(data_dir, task_files)}
-        stages.append(Stage("mtl", student_inputs, lambda d: run_student(True, "mtl", d), after=upstream))
+        stages.append(Step("mtl", student_inputs, lambda d: run_student(True, "mtl", d), after=upstream))
         if self.baseline:
-            stages.append(Stage("mtl-plain", {**student_inputs, "distilled": False},
+            stages.append(Step("mtl-plain", {**student_inputs, "distilled": False},
                                 lambda d: run_student(False, "mtl-plain", d), after=["pretrain"] if pre_cfg else []))
         return stages
 

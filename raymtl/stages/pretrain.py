@@ -18,17 +18,24 @@ import torch
 import torch.distributed as dist
 
 from raymtl.analysis.metrics import pearson
-from raymtl.config import PLAIN_ENCODER, SECTIONS, SUM_LOSS, ModelConfig, MTLConfig, _help, _positive, smoke
+from raymtl.config import SECTIONS, ModelConfig, MTLConfig, RunSettings, TrainConfig, _help, _positive, smoke
 from raymtl.data.corpus import prepare_shards
 from raymtl.data.multitask import _pad
 from raymtl.data.readers import DataError
 from raymtl.data.streams import cycle_batches
 from raymtl.methods.weighting import make_weighting
+from raymtl.models.device import to_device
 from raymtl.models.encoder import tokenizer_source
 from raymtl.models.pretrain import PretrainModel
-from raymtl.objectives.pretrain import IGNORE, mask_tokens, mlm_loss, simcse_sup_loss, simcse_unsup_loss
+from raymtl.objectives.pretrain import (
+    IGNORE,
+    mask_tokens,
+    mlm_loss,
+    simcse_sup_loss,
+    simcse_unsup_loss,
+)
+from raymtl.stages.base import Stage
 from raymtl.train.loop import say
-from raymtl.train.trainer import build_trainer, ensure_ray, summarize
 
 OBJECTIVES = ("mlm", "simcse_unsup", "simcse_sup")     # stream name == shard kind
 
@@ -84,7 +91,11 @@ class PretrainConfig:
 class PretrainJobConfig(MTLConfig):
     SECTIONS: ClassVar[dict[str, type]] = {**SECTIONS, "pretrain": PretrainConfig}
     pretrain: PretrainConfig = _help("the further pre-training section", default_factory=PretrainConfig)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(**PLAIN_ENCODER))   # the whole encoder trains
+    # The stage's own defaults: the whole plain encoder trains (no PALs, no own layers) on the
+    # weighted sum of its objectives' losses.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(pals=False, task_layers={}))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(fusion="sum", fusion_every=1))
+    run: RunSettings = field(default_factory=lambda: RunSettings(name="pretrain"))
 
     def __post_init__(self):
         super().__post_init__()
@@ -104,15 +115,9 @@ class PretrainJobConfig(MTLConfig):
         return (own or self.train.batch_size) // self.micro_divisor()
 
 
-def pretrain_defaults() -> PretrainJobConfig:
-    """``python jobs/pretrain.py``: the default encoder, 100 steps of 32 rows per objective
-    (12-16 s/step measured on a busy 2-core CPU: ≈ 25 min with start-up and validation)."""
-    return PretrainJobConfig().replace(name="pretrain", lr=3e-5, steps=100, eval_every=50, **SUM_LOSS)
-
-
 def pretrain_smoke(cfg: PretrainJobConfig | None = None) -> PretrainJobConfig:
     """The same code path on a tiny random BERT, a few hundred lines, a dozen steps."""
-    return smoke(cfg or pretrain_defaults()).replace(max_lines=300, heldout_paragraphs=16)
+    return smoke(cfg or PretrainJobConfig()).replace(max_lines=300, heldout_paragraphs=16)
 
 
 def collate_pretrain(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -134,19 +139,48 @@ def stack_padded(batch: dict, suffixes: tuple[str, ...]) -> dict[str, torch.Tens
             "attention_mask": torch.cat([pad(batch["attention_mask" + s]) for s in suffixes])}
 
 
-class PretrainStage:
+class PretrainStage(Stage):
     """MLM + SimCSE streams on the shared loop; validation: held-out MLM loss / perplexity and
     zero-shot STS Pearson (cosine of pooled embeddings), also before step 0."""
+    name = "pretrain"
+    config_class = PretrainJobConfig
     score = "step"                  # the stage's output is its last checkpoint
     validate_at_start = True
 
-    def __init__(self, config: dict):
+    def __init__(self, cfg: PretrainJobConfig, sizes: dict[str, int]):
         from transformers import AutoTokenizer
 
-        self.cfg = PretrainJobConfig.from_dict(config["cfg"])
-        self.sizes: dict[str, int] = config["train_sizes"]
+        super().__init__(cfg, sizes)
         self.tok = AutoTokenizer.from_pretrained(tokenizer_source(self.cfg.model.init_from or self.cfg.model.encoder))
         self.special = torch.tensor(sorted(self.tok.all_special_ids))
+
+    @classmethod
+    def prepare(cls, cfg: PretrainJobConfig, verbose: bool = True) -> tuple[dict, dict[str, int]]:
+        """Tokenized shards (cached) -> Ray datasets for the trainer and rows per training stream."""
+        """Tokenized shards (cached) -> Ray datasets for the trainer and rows per training stream."""
+        shards = prepare_shards(cfg, tokenizer_source(cfg.model.init_from or cfg.model.encoder))
+        if verbose:
+            print("[raymtl] data " + shards.summary(), flush=True)
+        names = [n for n, w in cfg.pretrain.weights().items() if w > 0]
+        empty = [k for k in (*names, "mlm_val", "sts_val") if not shards.counts.get(k)]
+        if empty:
+            raise DataError(f"no rows of kind {empty} in {shards.path}; see the data report above")
+        datasets = {f"train_{n}": shards.dataset(n) for n in names}
+        datasets.update(val_mlm=shards.dataset("mlm_val"), val_sts=shards.dataset("sts_val"))
+        return datasets, {n: shards.counts[n] for n in names}
+
+    @classmethod
+    def print_summary(cls, summary) -> None:
+        """Zero-shot STS and held-out MLM before and after, and how to fine-tune the result."""
+        m = summary.best_metrics
+        if m:
+            was = lambda k, f: format(m[k + "_step0"], f) if k + "_step0" in m else "n/a"   # noqa: E731
+            print(f"\n[raymtl] zero-shot STS Pearson (validation split of sts/train.csv): "
+                  f"before {was('sts_zero_shot', '.4f')}, after {m['sts_zero_shot']:.4f}")
+            print(f"[raymtl] held-out Wiki MLM loss {was('mlm_loss', '.3f')} -> {m['mlm_loss']:.3f} "
+                  f"(perplexity {was('mlm_perplexity', '.1f')} -> {m['mlm_perplexity']:.1f})")
+            print(f"[raymtl] fine-tune it: python jobs/mtl.py --init-from {summary.best_checkpoint}")
+        super().print_summary(summary)
 
     def build_model(self) -> PretrainModel:
         cfg = self.cfg
@@ -155,7 +189,8 @@ class PretrainStage:
         if model.created_head and dist.is_initialized() and dist.get_rank() == 0:
             say("[raymtl] the encoder has no MLM head: created one, tied to the word embeddings")
         weights = cfg.pretrain.weights()
-        model.weighting = make_weighting(cfg.train.weighting, list(self.sizes), {n: weights[n] for n in self.sizes})
+        model.weighting = make_weighting(cfg.train.weighting, list(self.sizes), {n: weights[n] for n in self.sizes},
+                                         cfg.train.dwa_window, cfg.train.dwa_temperature)
         self.vocab_size = model.encoder.config.vocab_size
         return model
 
@@ -188,11 +223,11 @@ class PretrainStage:
         p = self.cfg.pretrain
         if name == "mlm":
             b = self.masked(batch)
-            return mlm_loss(forward("mlm", b), b["mlm_labels"][b["mlm_labels"] != -100])
+            return mlm_loss(forward("mlm", b).float(), b["mlm_labels"][b["mlm_labels"] != -100])
         if name == "simcse_unsup":       # the same sentences twice: dropout makes the two views differ
-            z1, z2 = forward("embed", stack_padded(batch, ("", ""))).chunk(2)             # (B, H) each
+            z1, z2 = forward("embed", stack_padded(batch, ("", ""))).float().chunk(2)             # (B, H) each
             return simcse_unsup_loss(z1, z2, p.simcse_temperature, p.gather_negatives)
-        a, pos, neg = forward("embed", stack_padded(batch, ("", "_b", "_c"))).chunk(3)     # (B, H) each
+        a, pos, neg = forward("embed", stack_padded(batch, ("", "_b", "_c"))).float().chunk(3)     # (B, H) each
         return simcse_sup_loss(a, pos, neg, p.simcse_temperature, p.gather_negatives)
 
     @torch.no_grad()
@@ -205,15 +240,14 @@ class PretrainStage:
             batch_size=32, batch_format="numpy")) if not share or i % world == rank)
         was_training = module.training
         module.eval()
-        device = next(module.parameters()).device
         nll, n, cos, labels = 0.0, 0, [], []
         for raw in mine("val_mlm"):
-            b = {k: v.to(device) for k, v in self.fixed_masks(collate_pretrain(raw)).items()}
+            b = to_device(self.fixed_masks(collate_pretrain(raw)), module)
             targets = b["mlm_labels"][b["mlm_labels"] != -100]
-            nll, n = nll + mlm_loss(module("mlm", b), targets).item() * len(targets), n + len(targets)
+            nll, n = nll + mlm_loss(module("mlm", b).float(), targets).item() * len(targets), n + len(targets)
         for raw in mine("val_sts"):
-            b = {k: v.to(device) for k, v in collate_pretrain(raw).items()}
-            u, v = module("embed", stack_padded(b, ("", "_b"))).chunk(2)                      # (B, H) each
+            b = to_device(collate_pretrain(raw), module)
+            u, v = module("embed", stack_padded(b, ("", "_b"))).float().chunk(2)                      # (B, H) each
             cos.append(torch.nn.functional.cosine_similarity(u, v, dim=-1).float().cpu().numpy())
             labels.append(b["label"].cpu().numpy())
         module.train(was_training)
@@ -225,35 +259,3 @@ class PretrainStage:
             cos, labels = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
         loss = nll / max(n, 1)
         return {"mlm_loss": loss, "mlm_perplexity": math.exp(min(loss, 50.0)), "sts_zero_shot": pearson(cos, labels)}
-
-
-def prepare(cfg: PretrainJobConfig, verbose: bool = True):
-    """Tokenized shards (cached) -> Ray datasets for the trainer and rows per training stream."""
-    shards = prepare_shards(cfg, tokenizer_source(cfg.model.init_from or cfg.model.encoder))
-    if verbose:
-        print("[raymtl] data " + shards.summary(), flush=True)
-    names = [n for n, w in cfg.pretrain.weights().items() if w > 0]
-    empty = [k for k in (*names, "mlm_val", "sts_val") if not shards.counts.get(k)]
-    if empty:
-        raise DataError(f"no rows of kind {empty} in {shards.path}; see the data report above")
-    datasets = {f"train_{n}": shards.dataset(n) for n in names}
-    datasets.update(val_mlm=shards.dataset("mlm_val"), val_sts=shards.dataset("sts_val"))
-    return datasets, {n: shards.counts[n] for n in names}, shards
-
-
-def fit(cfg: PretrainJobConfig, verbose: bool = True):
-    """Prepare (or reuse) the shards, run the stage, print before/after scores."""
-    ensure_ray()
-    datasets, sizes, _ = prepare(cfg, verbose)
-    result = build_trainer(cfg, datasets, sizes, stage=PretrainStage).fit()
-    summary = summarize(result, PretrainStage.score)
-    m = summary.best_metrics
-    if verbose and m:
-        was = lambda k, f: format(m[k + "_step0"], f) if k + "_step0" in m else "n/a"   # noqa: E731
-        print(f"\n[raymtl] zero-shot STS Pearson (validation split of sts/train.csv): "
-              f"before {was('sts_zero_shot', '.4f')}, after {m['sts_zero_shot']:.4f}")
-        print(f"[raymtl] held-out Wiki MLM loss {was('mlm_loss', '.3f')} -> {m['mlm_loss']:.3f} "
-              f"(perplexity {was('mlm_perplexity', '.1f')} -> {m['mlm_perplexity']:.1f})")
-        print(f"[raymtl] checkpoint (step {m['step']}): {summary.best_checkpoint}")
-        print(f"[raymtl] fine-tune it: python jobs/mtl.py --init-from {summary.best_checkpoint}", flush=True)
-    return summary

@@ -36,7 +36,7 @@ import csv
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -44,9 +44,10 @@ import numpy as np
 import torch
 
 from raymtl.analysis.evaluation import row_batches
-from raymtl.config import PLAIN_ENCODER, SECTIONS, MTLConfig, _help, _positive, smoke
+from raymtl.config import SECTIONS, ModelConfig, MTLConfig, RunSettings, _help, _positive, smoke
 from raymtl.data.multitask import load_splits
 from raymtl.methods.fusion import fused_surrogate, make_fusion
+from raymtl.models.device import resolve_device, to_device
 from raymtl.models.encoder import tokenizer_source
 from raymtl.models.multitask import MultiTaskModel
 from raymtl.objectives.multitask import task_loss
@@ -71,6 +72,8 @@ class RelationsConfig:
 class RelationsJobConfig(MTLConfig):
     SECTIONS: ClassVar[dict[str, type]] = {**SECTIONS, "relations": RelationsConfig}
     relations: RelationsConfig = _help("the task-relationship map's section", default_factory=RelationsConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(pals=False, task_layers={}))  # measured so
+    run: RunSettings = field(default_factory=lambda: RunSettings(name="relations"))
 
     def __post_init__(self):
         super().__post_init__()
@@ -84,14 +87,9 @@ class RelationsJobConfig(MTLConfig):
                              "the gradient cosines compare; relations needs it trainable")
 
 
-def relations_defaults() -> RelationsJobConfig:
-    """``raymtl relations``: the default encoder, 20 joint steps, 5 lookahead steps per task."""
-    return RelationsJobConfig().replace(name="relations", **PLAIN_ENCODER)   # measured without PALs
-
-
 def relations_smoke(cfg: RelationsJobConfig | None = None) -> RelationsJobConfig:
     """The tiny random BERT on a few dozen rows per task: seconds."""
-    return smoke(cfg or relations_defaults()).replace(joint_steps=4, lookahead_steps=2, probe_rows=32,
+    return smoke(cfg or RelationsJobConfig()).replace(joint_steps=4, lookahead_steps=2, probe_rows=32,
                                                       probe_val_rows=16)
 
 
@@ -112,7 +110,12 @@ def probe_batches(model, tokenizer, cfg: RelationsJobConfig) -> tuple[dict[str, 
 
 
 def task_losses(model, batches: dict[str, dict]) -> dict[str, torch.Tensor]:
-    return {t: task_loss(model.heads[t].kind, model(t, b), b) for t, b in batches.items()}
+    """fp32 loss per task of one batch each, on the model's device."""
+    out = {}
+    for t, b in batches.items():
+        b = to_device(b, model)
+        out[t] = task_loss(model.heads[t].kind, model(t, b).float(), b)
+    return out
 
 
 @torch.no_grad()
@@ -156,6 +159,7 @@ def measure(cfg: RelationsJobConfig, say=print) -> dict:
     tasks, r, seed = list(cfg.data.tasks), cfg.relations, cfg.train.seed
     torch.manual_seed(seed)
     model = MultiTaskModel.from_config(cfg.model, tasks, seed=seed)
+    model.to(resolve_device("cuda" if cfg.scale.use_gpu else "cpu"))   # in-process: one device
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.init_from or cfg.model.encoder))
     train, val = probe_batches(model, tokenizer, cfg)
     shared = [p for n, p in model.named_parameters() if n.startswith("encoder.") and p.requires_grad]

@@ -42,7 +42,7 @@ from typing import Callable
 from raymtl.config import DataConfig, MTLConfig
 from raymtl.data.multitask import load_splits
 from raymtl.data.related import RELATED
-from raymtl.stages.pipeline import Stage, data_fingerprint, run_stages, stage_result
+from raymtl.stages.pipeline import Step, data_fingerprint, run_stages, stage_result
 from raymtl.tasks import TASKS
 from raymtl.train.trainer import fit as fit_run
 from raymtl.train.trainer import storage_path
@@ -164,7 +164,7 @@ class Outcome:
 
 
 def stages(runs: list[Run], output: str, results: dict[str, dict], fit=None, verbose: bool = True):
-    """``raymtl.stages.pipeline.Stage``\\ s for ``runs``: each trains its config into the stage's run
+    """``raymtl.stages.pipeline.Step``\\ s for ``runs``: each trains its config into the stage's run
     directory; a run with ``after`` starts from that run's best checkpoint (read from
     ``results``, which ``run_stages`` fills, also for a skipped run)."""
 
@@ -181,7 +181,7 @@ def stages(runs: list[Run], output: str, results: dict[str, dict], fit=None, ver
         d = run.cfg.data
         files = [TASKS[t].path for t in d.tasks] + [p for r in d.related_sets for p in RELATED[r].paths]
         inputs = {"config": run.cfg.replace(output=output).to_dict(), "data": data_fingerprint(d.data_dir, files)}
-        out.append(Stage(run.name, inputs, trainer(run), after=[run.after] if run.after else []))
+        out.append(Step(run.name, inputs, trainer(run), after=[run.after] if run.after else []))
     return out
 
 

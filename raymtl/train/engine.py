@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from raymtl.models.device import native_bf16
+
 DS_TAG = "state"
 
 
@@ -34,41 +36,28 @@ def param_groups(model: torch.nn.Module, cfg) -> tuple[list[dict], list[float]]:
     return [g for g, _ in groups], [lr for _, lr in groups]
 
 
-class GroupClip:
-    """``clip_scope='task'``: clip each task's own parameters (``model.own_parameters()``: head,
-    PALs, own layers) and the rest (the shared encoder and anything several tasks reach) to
-    ``max_norm`` each, instead of one global norm. Under a global clip the task with the largest
-    gradient (STS's regression loss here) sets the shrink factor of every other task's own step
-    too, a factor that changes from step to step with that task's batches. Runs on the full
-    fp32 ``p.grad`` after the (all-reduced) backward and before ``engine.step()``: ZeRO 0 only
-    (``MTLConfig`` refuses other stages and precisions), DeepSpeed's own clip off."""
-
-    def __init__(self, model: torch.nn.Module, max_norm: float):
-        self.max_norm = max_norm
-        own = getattr(model, "own_parameters", dict)()
-        owned = {id(p) for params in own.values() for p in params}
-        self.groups = {"shared": [p for p in model.parameters() if p.requires_grad and id(p) not in owned],
-                       **own}
-
-    def __call__(self, diagnostics: dict | None = None) -> None:
-        """Clip every group in place; ``diagnostics`` gets ``grad_norm_<group>`` before clipping."""
-        for name, params in self.groups.items():
-            norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_norm)
-            if diagnostics is not None:
-                diagnostics[f"grad_norm_{name}"] = float(norm)
+def resolve_precision(scale) -> tuple[str, str]:
+    """The precision a worker trains in -> (precision, why): ``scale.precision``, with 'auto'
+    resolved on the worker's own hardware (bf16 where it is native, else fp32)."""
+    if scale.precision != "auto":
+        return scale.precision, "asked for"
+    native, why = native_bf16(scale.use_gpu)
+    return ("bf16" if native else "fp32"), f"auto: {why}"
 
 
-def deepspeed_config(cfg, peak_lrs: list[float] | None = None) -> dict:
-    """The DeepSpeed JSON config for one run; precision and ZeRO stage come from ``cfg.scale``."""
+def deepspeed_config(cfg, peak_lrs: list[float] | None = None, precision: str | None = None) -> dict:
+    """The DeepSpeed JSON config for one run; ZeRO stage and precision come from ``cfg.scale``
+    (``precision``: the resolved one, see ``resolve_precision``)."""
     t, s = cfg.train, cfg.scale
+    precision = precision or resolve_precision(s)[0]
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size(),
         "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip if t.clip_scope == "global" else 0.0,   # 'task': GroupClip
+        "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": s.zero_stage,
                               "stage3_gather_16bit_weights_on_model_save": s.zero_stage == 3},
-        "bf16": {"enabled": s.precision == "bf16"},
-        "fp16": {"enabled": s.precision == "fp16"},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
         # torch_adam: DeepSpeed's own CPU Adam would be compiled at start-up (~100 s here).
         # On CPU, torch's fused AdamW kernel (one pass over all tensors; bench/speed.py).
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay,
@@ -108,10 +97,13 @@ def weights_only_loading(checkpoint_engine) -> None:
 
 
 def initialize(model: torch.nn.Module, cfg):
+    """The DeepSpeed engine of one worker; ``engine.raymtl_precision`` is (precision, why)."""
     import deepspeed
     groups, peak_lrs = param_groups(model, cfg)
+    precision, why = resolve_precision(cfg.scale)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
-                                           config=deepspeed_config(cfg, peak_lrs))
+                                           config=deepspeed_config(cfg, peak_lrs, precision))
+    engine.raymtl_precision = (precision, why)
     weights_only_loading(engine.checkpoint_engine)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # One replica: nothing to average, yet DeepSpeed would still flatten, all-reduce and
@@ -120,20 +112,55 @@ def initialize(model: torch.nn.Module, cfg):
     return engine
 
 
+def master_weights(engine) -> dict[int, torch.Tensor | None] | None:
+    """Collective. In a bf16/fp16 run the module holds low-precision copies and the fp32
+    master weights live in DeepSpeed's optimizer (partitioned under ZeRO): ``{id(param): fp32
+    CPU tensor}`` (``None`` for a parameter the optimizer does not hold); ``None`` in fp32 runs."""
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+    # ZeRO 0 keeps them in FP16_UnfusedOptimizer's fp32_groups, parallel to its fp16_groups;
+    # ZeRO 1-3 link them to the parameters (safe_get_full_fp32_param gathers the partitions).
+    opt = engine.optimizer
+    unfused = {id(p): hp for lo, hi in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+               for p, hp in zip(lo, hi)}
+    out = {}
+    for p in engine.module.parameters():                # the same order on every rank
+        hp = unfused.get(id(p)) if id(p) in unfused else safe_get_full_fp32_param(p) if p.requires_grad else None
+        out[id(p)] = None if hp is None else hp.detach().float().cpu()
+    return out
+
+
+def fp32_state(model: torch.nn.Module, masters: dict[int, torch.Tensor | None] | None
+               ) -> dict[str, torch.Tensor] | None:
+    """The model's state dict with every parameter replaced by its fp32 master and every
+    other floating tensor in fp32 (tied parameters share one master); ``None`` without masters."""
+    if masters is None:
+        return None
+    params = dict(model.named_parameters(remove_duplicate=False))
+    state = {}
+    for k, v in model.state_dict().items():
+        master = masters.get(id(params[k])) if k in params else None
+        state[k] = master if master is not None else (v.detach().float() if v.is_floating_point() else v)
+    return state
+
+
 def save_checkpoint(engine, directory: Path, step: int, rank: int, tokenizer, cfg_dict: dict,
                     metrics: dict, client: dict | None = None) -> None:
-    """Collective: every rank writes its DeepSpeed shard; rank 0 also writes the HF model.
+    """Collective: every rank writes its DeepSpeed shard; rank 0 also writes the HF model, in
+    fp32 whatever the training precision (a bf16 run's fp32 master weights, not its bf16 copies).
     ``client`` (plain lists, numbers, strings, tensors) is stored next to the step for the loop."""
     engine.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG, client_state={**(client or {}), "step": step})
     model = engine.module
     extra = {"step": step, "max_length": cfg_dict["data"]["max_length"]}
+    masters = master_weights(engine)
     if engine.zero_optimization_stage() == 3:
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if rank == 0:
-                model.save(directory, tokenizer, extra=extra)
+                model.save(directory, tokenizer, extra=extra, state=fp32_state(model, masters))
     elif rank == 0:
-        model.save(directory, tokenizer, extra=extra)
+        model.save(directory, tokenizer, extra=extra, state=fp32_state(model, masters))
     if rank == 0:
         (directory / "config.json").write_text(json.dumps(cfg_dict, indent=2))
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))

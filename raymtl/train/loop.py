@@ -2,23 +2,13 @@
 
 ``train_loop_per_worker(config)`` runs inside each Ray Train worker. It reads everything
 from its ``config`` argument (never from module globals): ``config["stage"]`` is a stage
-class and ``config["cfg"]`` its nested config dict. A stage supplies what differs between
-stages; the loop owns what they share (seeds, DeepSpeed, sampling, weighting and fusion of
-the per-stream losses, progress lines, validation/checkpoint/report, resume; every checkpoint
-carries the run's validation history, ``metrics_history.json``, read by ``raymtl curves``)::
-
-    class Stage:
-        score: str                  # metric that ranks checkpoints (higher is better)
-        validate_at_start: bool     # also validate before step 0 (reported as <metric>_step0)
-        def __init__(self, config: dict)          # parses config["cfg"]; sets .cfg, .sizes
-        def build_model(self) -> nn.Module        # .encoder, .weighting, .save(dir, tokenizer, extra)
-        def streams(self, rank, seed) -> dict[str, Iterator[dict]]   # endless batches per name
-        def loss(self, forward, name, batch, step) -> Tensor         # scalar loss of one batch
-        def validate(self, module, rank, world) -> dict[str, float]  # collective on every rank
-
-``.sizes`` maps each stream name to its training rows (read by the task sampler). Stages:
-``raymtl.stages.multitask.MTLStage`` (multi-task fine-tuning) and ``raymtl.stages.pretrain.PretrainStage``
-(MLM + SimCSE further pre-training).
+class (``raymtl.stages.base.Stage``: its type and life cycle are documented there) and
+``config["cfg"]`` its nested config dict. A stage supplies what differs between stages; the
+loop owns what they share (seeds, DeepSpeed, precision, sampling, weighting and fusion of the
+per-stream losses, progress lines, validation/checkpoint/report, resume; every checkpoint
+carries the run's validation history, ``metrics_history.json``, read by ``raymtl curves``).
+Stages: ``raymtl.stages.multitask.MTLStage`` (multi-task fine-tuning, teachers, distillation)
+and ``raymtl.stages.pretrain.PretrainStage`` (MLM + SimCSE further pre-training).
 """
 from __future__ import annotations
 
@@ -40,8 +30,8 @@ import raymtl.train.engine as eng
 from raymtl.data.streams import configure_ray_data
 from raymtl.methods.fusion import PeriodicFusion, fused_surrogate, make_fusion
 from raymtl.methods.sampling import get_sampler
-from raymtl.methods.tasknorm import make_task_norm
 from raymtl.methods.weighting import Fixed
+from raymtl.models.device import to_device
 from raymtl.models.encoder import tokenizer_source
 
 
@@ -142,29 +132,29 @@ def train_loop_per_worker(config: dict) -> None:
     configure_ray_data()
 
     # 1. stage, config, seeds, threads ---------------------------------------------------
-    stage = config["stage"](config)
+    stage = config["stage"].from_loop_config(config)
     cfg = stage.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, math.ceil(cfg.scale.cpus_per_worker)))   # 1.75 CPUs -> 2 threads
     torch.manual_seed(cfg.train.seed)
-    sampler, rng = get_sampler(cfg.train.sampling), random.Random(cfg.train.seed)
+    sampler, rng = get_sampler(cfg.train.sampling, cfg.train.sampling_temperature), random.Random(cfg.train.seed)
 
     # 2. model and DeepSpeed engine ------------------------------------------------------
     model = stage.build_model()          # learnable loss weights train inside the engine too
     names = list(stage.sizes)
     shared = [p for n, p in model.named_parameters() if n.startswith("encoder.") and p.requires_grad]
     others = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
-    fuse = make_fusion(cfg.train.fusion, len(names)) if cfg.train.per_task_gradients() else None
+    fuse = make_fusion(cfg.train.fusion, len(names), cfg.train.cagrad_c) if cfg.train.per_task_gradients() else None
     periodic = (PeriodicFusion(fuse, cfg.train.fusion_every, getattr(model, "own_parameters", dict)(),
                                weigh_owners=cfg.train.weigh_own_params)
                 if fuse and cfg.train.fusion_every > 1 else None)
-    normalise = make_task_norm(cfg.train.task_norm)          # None, or every step (fusion_every 1)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.init_from or cfg.model.encoder))
     engine = eng.initialize(model, cfg)
     device = engine.device
-    task_clip = cfg.train.clip_scope == "task" and cfg.train.grad_clip
-    clip = eng.GroupClip(model, cfg.train.grad_clip) if task_clip else None
+    if rank == 0:
+        precision, why = engine.raymtl_precision
+        say(f"[raymtl] training on {world} worker(s), {device.type}, precision {precision} ({why})")
     # With per-stream gradients the loop calls torch.autograd.grad itself, which DeepSpeed's
     # output hooks (engine.__call__) refuse; the plain module forward is equivalent for
     # ZeRO 0-2 (the only stages fusion allows), and engine.backward still does the rest.
@@ -179,8 +169,6 @@ def train_loop_per_worker(config: dict) -> None:
             step = client["step"]
             if periodic is not None and "periodic_fusion" in client:
                 periodic.load_state_dict(client["periodic_fusion"])
-            if normalise is not None and "task_norm" in client:
-                normalise.load_state_dict(client["task_norm"])
             initial, history = start_metrics(Path(d)), start_history(Path(d))
         if rank == 0:
             say(f"[raymtl] resumed from checkpoint at step {step}")
@@ -204,7 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
         for _ in range(cfg.train.grad_accum):
             losses = {}
             for t in chosen:
-                batch = {k: v.to(device) for k, v in next(streams[t]).items()}
+                batch = to_device(next(streams[t]), device)
                 seen.append(batch)
                 losses[t] = stage.loss(forward, t, batch, step)
             diag = {}
@@ -216,9 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if periodic is not None:
                     engine.backward(periodic.loss(fused_in, shared, step, diag, prefs, others=others))
                 else:
-                    engine.backward(fused_surrogate(fused_in, shared, others, fuse, diag, prefs, normalise))
-            if clip is not None and engine.is_gradient_accumulation_boundary():
-                clip(diag)
+                    engine.backward(fused_surrogate(fused_in, shared, others, fuse, diag, prefs))
             for k, v in diag.items():                    # (sum, count): periodic fusion measures
                 diag_sum[k] = (diag_sum.get(k, (0.0, 0))[0] + v, diag_sum.get(k, (0.0, 0))[1] + 1)
             engine.step()
@@ -245,8 +231,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 say("[raymtl] validation step %d: %s" % (step, " ".join(f"{k}={v:.4f}" for k, v in scores.items())))
             with tempfile.TemporaryDirectory() as tmp:
-                client = {**({"periodic_fusion": periodic.state_dict()} if periodic else {}),
-                          **({"task_norm": normalise.state_dict()} if normalise else {})}
+                client = {"periodic_fusion": periodic.state_dict()} if periodic else {}
                 eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics, client)
                 history = [h for h in history if h["step"] < step] + [metrics]   # a repeated step replaces
                 if rank == 0:

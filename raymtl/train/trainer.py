@@ -6,15 +6,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from raymtl.analysis.evaluation import format_table
 from raymtl.config import MTLConfig
-from raymtl.data.multitask import load_splits, tokenized_datasets
 from raymtl.data.streams import configure_ray_data, ingest_options
-from raymtl.models.encoder import tokenizer_source
-from raymtl.models.prefixes import text_prefix
-from raymtl.stages.distill import attach_teacher_outputs
+from raymtl.stages.base import Stage
 from raymtl.stages.multitask import MTLStage
-from raymtl.tasks import TASKS
+from raymtl.stages.pretrain import PretrainJobConfig, PretrainStage
 from raymtl.train.loop import train_loop_per_worker
 
 
@@ -44,14 +40,14 @@ def storage_path(output: str) -> str:
 
 def build_trainer(cfg: MTLConfig, datasets: dict, train_sizes: dict[str, int], loop=None, callbacks=None,
                   stage=None):
-    """A ``TorchTrainer`` running the shared loop for ``stage`` (default: the multi-task stage);
+    """A ``TorchTrainer`` running the shared loop for ``stage`` (default: the config's own);
     ``train_<name>`` datasets are split across workers, the others (validation) are not.
     One worker reads every dataset whole: a ``streaming_split`` of one would only add a
     coordinator actor per dataset that competes with training for the CPUs."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    stage = stage or MTLStage
+    stage = stage or stage_of(cfg)
     s = cfg.scale
     scaling = ray.train.ScalingConfig(
         num_workers=s.num_workers, use_gpu=s.use_gpu, placement_strategy=s.placement_strategy,
@@ -74,32 +70,24 @@ def build_trainer(cfg: MTLConfig, datasets: dict, train_sizes: dict[str, int], l
             execution_options=ingest_options()))
 
 
-def prepare_data(cfg: MTLConfig, verbose: bool = True):
-    """Read, validate, split and tokenize every task (one Ray Data pass); attach teacher
-    outputs. Returns the datasets and the training rows per stream (a task, or
-    ``<task>_related`` for its related rows)."""
-    splits, reports = load_splits(cfg.data, verbose)
-    if verbose:
-        for r in reports:
-            print("[raymtl] data " + r.summary(), flush=True)
-    modes = {t: (cfg.model.mode_of(t) if TASKS[t].is_pair else None) for t in splits}
-    prefixes = {t: text_prefix(t) for t in splits} if cfg.model.task_prefix == "text" else {}
-    datasets = tokenized_datasets(splits, tokenizer_source(cfg.model.init_from or cfg.model.encoder),
-                                  modes, cfg.data.max_length, prefixes)
-    sizes = {t: len(parts[0]) for t, parts in splits.items()}
-    sizes.update({f"{t}_related": len(parts[2]) for t, parts in splits.items() if len(parts) > 2})
-    if cfg.distill.teacher_outputs:
-        datasets = attach_teacher_outputs(datasets, cfg)
-    return datasets, sizes
+STAGES: dict[type, type[Stage]] = {PretrainJobConfig: PretrainStage, MTLConfig: MTLStage}
 
 
-def fit(cfg: MTLConfig, verbose: bool = True, callbacks=None) -> FitSummary:
+def stage_of(cfg: MTLConfig) -> type[Stage]:
+    """The stage a config trains: by its class (the most derived one registered)."""
+    return next(STAGES[c] for c in type(cfg).__mro__ if c in STAGES)
+
+
+def fit(cfg: MTLConfig, verbose: bool = True, callbacks=None, stage: type[Stage] | None = None) -> FitSummary:
+    """The one driver of every stage: prepare its data, run the shared loop on Ray Train,
+    summarise. ``stage`` defaults to the config's own (``stage_of``)."""
+    stage = stage or stage_of(cfg)
     ensure_ray()
-    datasets, sizes = prepare_data(cfg, verbose)
-    result = build_trainer(cfg, datasets, sizes, callbacks=callbacks).fit()
-    summary = summarize(result, "overall")
+    datasets, sizes = stage.prepare(cfg, verbose)
+    result = build_trainer(cfg, datasets, sizes, callbacks=callbacks, stage=stage).fit()
+    summary = summarize(result, stage.score)
     if verbose:
-        print_summary(summary)
+        stage.print_summary(summary)
     return summary
 
 
@@ -146,13 +134,3 @@ def summarize(result, score: str) -> FitSummary:
     best_metrics = next((m for c, m in result.best_checkpoints if best and c.path == best.path), {})
     return FitSummary(metrics=result.metrics or {}, best_checkpoint=best.path if best else None,
                       best_metrics=best_metrics, run_dir=result.path)
-
-
-def print_summary(s: FitSummary) -> None:
-    if s.best_metrics:
-        scores = {k[4:]: v for k, v in s.best_metrics.items() if k.startswith("val_")}
-        scores["overall"] = s.best_metrics["overall"]
-        print(f"\n[raymtl] best checkpoint (step {s.best_metrics.get('step')}) validation scores:")
-        print(format_table(scores))
-    print(f"[raymtl] best checkpoint: {s.best_checkpoint}")
-    print(f"[raymtl] run directory: {s.run_dir}", flush=True)

@@ -1,0 +1,89 @@
+"""Recipes: the measured configurations as named presets (big_vision's habit).
+
+Components own their neutral defaults (each config section, ``PALConfig``, the stages'
+configs); a recipe is a Python function that returns a whole config, and states the exact
+command, its runtime on the 2-core EPYC VM used for every number in ``docs/`` and the scores
+measured with it. Jobs take ``--preset NAME`` (their own recipe by default); flags and
+``--config`` files apply on top of the preset, ``--smoke`` shrinks it.
+
+    python jobs/mtl.py --preset single-sst      # one of the single-task baselines
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from raymtl.config import MTLConfig
+from raymtl.stages.pretrain import PretrainJobConfig
+from raymtl.stages.relations import RelationsJobConfig
+
+# Building blocks of the recipes below.
+SUM_LOSS = {"fusion": "sum", "fusion_every": 1}        # the plain summed loss: nothing to fuse
+PLAIN_ENCODER = {"pals": False, "task_layers": {}}      # the shared encoder alone: no PALs, no own layers
+
+
+@dataclass(frozen=True)
+class Recipe:
+    build: Callable[[], MTLConfig]
+    command: str
+    runtime: str        # on the 2-core EPYC VM, fp32
+    expected: str       # what it scored, where measured
+
+    def __call__(self) -> MTLConfig:
+        return self.build()
+
+
+def mtl() -> MTLConfig:
+    """The multi-task default: IMTL-G refreshed every 10 steps, PALs for STS, SST's own top half."""
+    return MTLConfig()
+
+
+def single_task(task: str) -> Callable[[], MTLConfig]:
+    """One task alone on the plain encoder and its summed loss: the baseline a multi-task
+    model must beat (the same rows in the same order as the multi-task run of its seed)."""
+    return lambda: MTLConfig().replace(tasks=(task,), name=f"single-{task}", **SUM_LOSS, **PLAIN_ENCODER)
+
+
+def teacher() -> MTLConfig:
+    """``jobs/teacher.py``: one task and its related stream on the summed loss (as measured)."""
+    return MTLConfig().replace(**SUM_LOSS, **PLAIN_ENCODER)
+
+
+def pretrain() -> PretrainJobConfig:
+    """``jobs/pretrain.py``: MLM + SimCSE on the default encoder, 100 steps of 32 rows per objective."""
+    return PretrainJobConfig().replace(lr=3e-5, steps=100, eval_every=50)     # the stage sums its losses
+
+
+def relations() -> RelationsJobConfig:
+    """``raymtl relations``: the task-relationship map, measured on the plain encoder."""
+    return RelationsJobConfig().replace(name="relations", **PLAIN_ENCODER)
+
+
+def transfer() -> MTLConfig:
+    """``jobs/transfer.py``: the transfer strategies were measured on the summed loss and plain encoder."""
+    return MTLConfig().replace(output="runs/transfer", **SUM_LOSS, **PLAIN_ENCODER)
+
+
+RECIPES: dict[str, Recipe] = {
+    "mtl": Recipe(mtl, "python jobs/mtl.py", "12-13 min",
+                  "validation, 5 seeds: SST 0.494, Quora 0.834, STS 0.876, overall 0.755 (docs/methods.md); "
+                  "official dev (independent): 0.459 / 0.826 / 0.868"),
+    **{f"single-{t}": Recipe(single_task(t), f"python jobs/mtl.py --preset single-{t}", runtime, expected)
+       for t, runtime, expected in (("sst", "3 min", "validation, 5 seeds: SST 0.502"),
+                                    ("quora", "4-5 min", "validation, 5 seeds: Quora 0.832"),
+                                    ("sts", "3 min", "validation, 5 seeds: STS 0.873"))},
+    "teacher": Recipe(teacher, "python jobs/teacher.py --task sst", "8-9 min (300 steps)",
+                      "SST teacher (+SST-2, CFIMDB) above the student on SST (docs/pipeline.md)"),
+    "pretrain": Recipe(pretrain, "python jobs/pretrain.py", "about 25 min",
+                       "zero-shot STS and held-out MLM loss before/after (docs/pipeline.md)"),
+    "relations": Recipe(relations, "raymtl relations", "about 3 min", "affinity and gradient cosines (docs/relations.md)"),
+    "transfer": Recipe(transfer, "python jobs/transfer.py --target sst --support sts", "10-20 min",
+                       "per strategy (docs/transfer.md)"),
+}
+
+
+def preset(name: str) -> MTLConfig:
+    """The config of recipe ``name``; an unknown name fails listing the valid ones."""
+    if name not in RECIPES:
+        raise ValueError(f"preset {name!r}: valid are {', '.join(RECIPES)}")
+    return RECIPES[name]()
