@@ -124,6 +124,25 @@ def start_history(checkpoint_dir: Path | None) -> list[dict]:
     return json.loads(f.read_text()) if f and f.is_file() else []
 
 
+def backward(engine, model, losses: dict[str, torch.Tensor], step: int, shared: list, others: list,
+             fuse=None, periodic: PeriodicFusion | None = None) -> dict[str, float]:
+    """One step's backward through the engine: the weighted loss sum, or with a fusion method
+    its fused gradient of the ``shared`` parameters (each task's own parameters in ``others``
+    take their plain gradient). Returns the fusion's diagnostics (gradient cosines, weights)."""
+    diag: dict[str, float] = {}
+    if fuse is None:
+        engine.backward(sum(model.weighting(losses, step).values()))
+        return diag
+    # fixed task weights scale the method's shares; learned weightings weight its input
+    prefs = model.weighting.w if isinstance(model.weighting, Fixed) else None
+    fused_in = losses if prefs is not None else model.weighting(losses, step)
+    if periodic is not None:
+        engine.backward(periodic.loss(fused_in, shared, step, diag, prefs, others=others))
+    else:
+        engine.backward(fused_surrogate(fused_in, shared, others, fuse, diag, prefs))
+    return diag
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
@@ -195,16 +214,7 @@ def train_loop_per_worker(config: dict) -> None:
                 batch = to_device(next(streams[t]), device)
                 seen.append(batch)
                 losses[t] = stage.loss(forward, t, batch, step)
-            diag = {}
-            if fuse is None:
-                engine.backward(sum(model.weighting(losses, step).values()))
-            else:   # fixed task weights scale the method's shares; learned weightings weight its input
-                prefs = model.weighting.w if isinstance(model.weighting, Fixed) else None
-                fused_in = losses if prefs is not None else model.weighting(losses, step)
-                if periodic is not None:
-                    engine.backward(periodic.loss(fused_in, shared, step, diag, prefs, others=others))
-                else:
-                    engine.backward(fused_surrogate(fused_in, shared, others, fuse, diag, prefs))
+            diag = backward(engine, model, losses, step, shared, others, fuse, periodic)
             for k, v in diag.items():                    # (sum, count): periodic fusion measures
                 diag_sum[k] = (diag_sum.get(k, (0.0, 0))[0] + v, diag_sum.get(k, (0.0, 0))[1] + 1)
             engine.step()
