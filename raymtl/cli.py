@@ -19,14 +19,11 @@ from raymtl import recipes
 from raymtl.analysis.evaluation import (
     evaluate_rows,
     format_table,
-    predict_batches,
-    row_batches,
 )
 from raymtl.analysis.reports import analyze, curves, format_trials
+from raymtl.api import load
 from raymtl.config import SECTIONS, DataConfig, MTLConfig, smoke
 from raymtl.data.readers import DataError, read_task_file, split_rows
-from raymtl.models.device import resolve_device
-from raymtl.models.multitask import MultiTaskModel
 from raymtl.stages.relations import (
     RelationsJobConfig,
     format_matrices,
@@ -78,18 +75,9 @@ def config_from_args(args: argparse.Namespace, defaults=MTLConfig, shrink=smoke)
 
 
 # ---------------------------------------------------------------- raymtl evaluate / predict
-def _load(checkpoint: str, device: str = "auto"):
-    """The checkpoint's model on ``device`` (auto: a GPU if there is one), its tokenizer and
-    the ``max_length`` it was trained with."""
-    from transformers import AutoTokenizer
-    model = MultiTaskModel.load(checkpoint)
-    tok = AutoTokenizer.from_pretrained(Path(checkpoint) / "encoder")
-    max_length = json.loads((Path(checkpoint) / "raymtl.json").read_text()).get("max_length", 128)
-    return model.eval().to(resolve_device(device)), tok, max_length
-
-
 def cmd_evaluate(a) -> int:
-    model, tok, max_length = _load(a.checkpoint, a.device)
+    m = load(a.checkpoint, a.device)
+    model = m.model
     files = {t: getattr(a, t) for t in TASKS if getattr(a, t)}
     rows_by_task = {}
     if files:
@@ -111,19 +99,19 @@ def cmd_evaluate(a) -> int:
     if unknown:
         print(f"error: checkpoint {a.checkpoint} has no head for {unknown}", file=sys.stderr)
         return 2
-    print(format_table(evaluate_rows(model, tok, rows_by_task, max_length)))
+    print(format_table(evaluate_rows(model, m.tokenizer, rows_by_task, m.max_length)))
     return 0
 
 
 def cmd_predict(a) -> int:
-    model, tok, max_length = _load(a.checkpoint, a.device)
-    if a.task not in model.heads:
-        print(f"error: checkpoint {a.checkpoint} has no head for task {a.task!r}; it has {list(model.heads)}",
+    m = load(a.checkpoint, a.device)
+    if a.task not in m.tasks:
+        print(f"error: checkpoint {a.checkpoint} has no head for task {a.task!r}; it has {m.tasks}",
               file=sys.stderr)
         return 2
     rows, report = read_task_file(TASKS[a.task], a.input, with_labels=False, max_bad_fraction=0.0,
                                   allow_empty_text=True)
-    preds, _, _ = predict_batches(model, a.task, row_batches(model, tok, a.task, rows, max_length))
+    preds = m.predict_rows(a.task, rows)
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     with open(a.output, "w", newline="") as f:
         w = csv.writer(f)
