@@ -23,7 +23,10 @@ seeds. A run that finished before under --output is read back, not retrained.
 """
 import argparse
 import statistics
+import sys
 from pathlib import Path
+
+import report
 
 from raymtl.analysis.metrics import overall
 from raymtl.config import MTLConfig, smoke
@@ -111,16 +114,19 @@ def main(argv=None) -> int:
             base.replace(**over)
     except ValueError as e:
         p.error(str(e))
+    started = report.now()
     per_seed = [runs_for_seed(base, s, setups) for s in seeds]
-    print(f"\n{base.model.encoder} encoder, {base.train.steps} steps x {base.train.batch_size} rows per task "
-          f"({base.train.steps * base.train.batch_size} training rows per task in every run), "
-          f"seeds {seeds}; mean ± half-range\n")
-    print("| setup | SST acc | Quora acc | STS Pearson | overall |")
-    print("|---|---|---|---|---|")
+    lines = [f"{base.model.encoder} encoder, {base.train.steps} steps x {base.train.batch_size} rows per task "
+             f"({base.train.steps * base.train.batch_size} training rows per task in every run), "
+             f"seeds {seeds}; validation scores, mean ± half-range", "",
+             "| setup | SST acc | Quora acc | STS Pearson | overall |", "|---|---|---|---|---|"]
     for setup in per_seed[0]:
         cells = [spread([r[setup][t] for r in per_seed]) for t in TASKS]
         total = spread([overall(r[setup]) for r in per_seed])
-        print(f"| {setup} | " + " | ".join(cells) + f" | {total} |")
+        lines.append(f"| {setup} | " + " | ".join(cells) + f" | {total} |")
+    print("\n" + "\n".join(lines))
+    if not a.smoke:
+        print(f"[bench] written to {report.write('quality', 'Multi-task vs single-task quality (bench/quality.py)', 'bench/quality.py', argv if argv is not None else sys.argv[1:], started, lines)}")
     return 0
 
 
