@@ -12,10 +12,8 @@ Re-running with the same --output and --name resumes from the last checkpoint.
 import argparse
 import sys
 
-from raymtl.cli import add_config_args, config_from_args
-from raymtl.data.readers import DataError
+from raymtl.cli import add_config_args, fit_job
 from raymtl.recipes import RECIPES
-from raymtl.train.trainer import fit
 
 PRESETS = ["mtl", "single-sst", "single-quora", "single-sts"]     # the multi-task stage's recipes
 
@@ -26,17 +24,7 @@ def main(argv=None) -> int:
                         help="the recipe to start from (raymtl/recipes.py); flags apply on top; default mtl")
     add_config_args(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args, defaults=RECIPES[args.preset])
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
-    print(f"[raymtl] config: {cfg.flat()}", flush=True)
-    try:
-        summary = fit(cfg)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0 if summary.best_checkpoint else 1
+    return fit_job(parser, args, defaults=RECIPES[args.preset])
 
 
 if __name__ == "__main__":

@@ -19,27 +19,15 @@ import argparse
 import sys
 
 from raymtl import recipes
-from raymtl.cli import add_config_args, config_from_args
-from raymtl.data.readers import DataError
+from raymtl.cli import add_config_args, fit_job
 from raymtl.stages.pretrain import PretrainJobConfig, pretrain_smoke
-from raymtl.train.trainer import fit
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, PretrainJobConfig.SECTIONS)
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args, defaults=recipes.pretrain, shrink=pretrain_smoke)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
-    print(f"[raymtl] config: {cfg.flat()}", flush=True)
-    try:
-        summary = fit(cfg)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0 if summary.best_checkpoint else 1
+    return fit_job(parser, args, defaults=recipes.pretrain, shrink=pretrain_smoke)
 
 
 if __name__ == "__main__":

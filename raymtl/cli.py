@@ -31,6 +31,7 @@ from raymtl.stages.relations import (
     run,
 )
 from raymtl.tasks import TASKS
+from raymtl.train.trainer import fit
 
 
 # ---------------------------------------------------------------- config flags for jobs
@@ -72,6 +73,22 @@ def config_from_args(args: argparse.Namespace, defaults=MTLConfig, shrink=smoke)
     flags = {k: v for k, v in vars(args).items()
              if v is not None and k in cfg.flat()}
     return cfg.replace(**flags)
+
+
+def fit_job(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults, shrink=smoke) -> int:
+    """A training job's whole main after parsing: its config (``config_from_args``), one
+    ``fit``, the exit status (2: a data error, named; 1: no checkpoint)."""
+    try:
+        cfg = config_from_args(args, defaults=defaults, shrink=shrink)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    print(f"[raymtl] config: {cfg.flat()}", flush=True)
+    try:
+        summary = fit(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if summary.best_checkpoint else 1
 
 
 # ---------------------------------------------------------------- raymtl evaluate / predict
