@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from raymtl.config import PLAIN_ENCODER, smoke
+from raymtl.config import smoke
+from raymtl.recipes import PLAIN_ENCODER
 from raymtl.train.trainer import fit_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,11 +41,34 @@ def test_grad_norms_smoke(capsys):
 
 
 def test_speed_smoke(ray_cluster, capsys):
-    bench("speed").main(["--smoke"])
+    speed = bench("speed")
+    measured = speed.RESULTS.stat().st_mtime_ns if speed.RESULTS.is_file() else None
+    speed.main(["--smoke"])
     out = capsys.readouterr().out
-    assert all(f"| {loop} |" in out for loop in ("plain-padded", "plain-bucketed", "raymtl-padded", "raymtl",
-                                                     "raymtl-default"))
-    assert "other processes' CPU while it trained" in out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ") and not line.startswith("| loop ")}
+    assert set(rows) == set(speed.LOOPS)                      # every loop ran (or says why it failed)
+    for name, cells in rows.items():
+        assert cells[0] == speed.LOOPS[name]                  # the precision column
+        assert name == "plain-bucketed-compiled" or float(cells[3]) > 0, (name, cells)    # useful tokens/s
+    assert rows["raymtl-default"][4] == "1.00"                # the ratio column: against the fp32 default loop
+    assert "other processes' CPU while it trained" in out and "Issue 27 target" in out
+    written = Path(re.search(r"\[bench\] wrote (.+)", out).group(1))
+    assert written != speed.RESULTS and "| raymtl-default-bf16 | bf16 DeepSpeed |" in written.read_text()
+    assert (speed.RESULTS.stat().st_mtime_ns if speed.RESULTS.is_file() else None) == measured   # untouched
+
+
+def test_speed_unknown_loop_fails_before_ray(capsys):
+    with pytest.raises(SystemExit):
+        bench("speed").main(["--smoke", "--loops", "raymtl,nosuch"])
+    assert "unknown loop(s) ['nosuch']" in capsys.readouterr().err
+
+
+def test_speed_profile_smoke(capsys):
+    bench("speed").main(["--smoke", "--profile", "--profile-top", "5"])    # in-process, no Ray
+    out = capsys.readouterr().out
+    assert "| phase | fp32 | bf16 autocast | bf16 ÷ fp32 |" in out and "| matmul |" in out
+    assert out.count("Top 5 ops by self CPU time") == 2
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
@@ -75,13 +99,27 @@ def test_engine_smoke():
     assert float(rows["engine"].split("|")[2]) > 0                  # a measured step time
 
 
-def test_memory_smoke(ray_cluster, tmp_path, capsys):
-    bench("memory").main(["--smoke", "--stages", "0,2", "--steps", "2", "--output", str(tmp_path)])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"\s+[0-3] +\d", line)]
-    assert [r[0] for r in rows] == ["0", "2"]
-    assert all(float(r[1]) > 0 for r in rows)                     # a measured peak per stage
-    assert rows[0][2] == "1.00x"                                    # ratio against the first stage
-    assert float(rows[1][-1]) < float(rows[0][-1])                 # ZeRO-2 holds less state in theory
+def test_memory_smoke_measures_what_zero2_saves_per_worker(tmp_path):
+    # a subprocess: the bench starts its own 2 workers (one gloo group, no Ray) per stage
+    results = tmp_path / "results" / "memory.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--smoke", "--port", "29583",
+                           "--results", str(results)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if re.match(r"\| [0-3] \|", line)]
+    cells = {int(row[0]): row for row in (line.strip("| ").split(" | ") for line in table)}
+    assert sorted(cells) == [0, 2]
+
+    def mb(cell: str) -> float:
+        return float(cell.split()[0].replace(",", ""))
+    for stage in (0, 2):
+        assert mb(cells[stage][1]) > 0                              # a measured peak RSS
+        adam, adam_theory = cells[stage][7].split(" / ")            # AdamW state: measured / theory
+        assert mb(adam) == pytest.approx(mb(adam_theory), rel=0.05)
+    assert mb(cells[2][7]) == pytest.approx(mb(cells[0][7]) / 2, rel=0.05)   # each worker holds half
+    assert mb(cells[2][3]) < mb(cells[0][3]) and mb(cells[2][4]) > 0         # measured: ZeRO-2 holds less
+    written = results.read_text()                                   # the table, the command, the machine
+    assert "`.venv/bin/python bench/memory.py --smoke --port 29583 --results " in written
+    assert "Machine: " in written and all(line in written for line in table)
 
 
 def test_fusion_quality_smoke_reuses_finished_runs(ray_cluster, tmp_path, capsys):
