@@ -26,12 +26,13 @@ import statistics
 import sys
 from pathlib import Path
 
-import report
-
 from raymtl.analysis.metrics import overall
 from raymtl.config import MTLConfig, smoke
 from raymtl.recipes import PLAIN_ENCODER, SUM_LOSS
 from raymtl.train.trainer import fit_once
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))    # bench/report.py, also when loaded by path
+import report  # noqa: E402
 
 TASKS = ("sst", "quora", "sts")
 
