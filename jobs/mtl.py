@@ -15,7 +15,7 @@ import sys
 from raymtl.cli import add_config_args, fit_job
 from raymtl.recipes import RECIPES
 
-PRESETS = ["mtl", "single-sst", "single-quora", "single-sts"]     # the multi-task stage's recipes
+PRESETS = ["mtl", "hour", "single-sst", "single-quora", "single-sts"]     # the multi-task stage's recipes
 
 
 def main(argv=None) -> int:

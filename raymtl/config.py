@@ -216,12 +216,16 @@ class TrainConfig:
                               "(always on when fusion is not 'sum')", default=False)
     seed: int = _help("training seed", default=42)
     log_every: int = _help("print progress every N steps", default=10)
+    early_stop: int = _help(
+        "stop when the stage's validation score has not improved for this many validations in a row "
+        "(0 = off: train all steps); the best checkpoints are kept either way", default=0)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "lr", "head_lr", "eval_every", "log_every",
                      "fusion_every", "sampling_temperature", "dwa_window", "dwa_temperature"):
             _positive(name, getattr(self, name))
         _positive("cagrad_c", self.cagrad_c, allow_zero=True)
+        _positive("early_stop", self.early_stop, allow_zero=True)
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _positive("grad_clip", self.grad_clip, allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:

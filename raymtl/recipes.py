@@ -38,6 +38,13 @@ def mtl() -> MTLConfig:
     return MTLConfig()
 
 
+def hour() -> MTLConfig:
+    """The one-hour recipe: the default's method, bf16, six times the steps (each task sees
+    several epochs; the learning rate decays over the whole run), validated every 150 steps,
+    stopped when the overall score has not improved for 4 validations."""
+    return MTLConfig().replace(name="hour", steps=1800, eval_every=150, early_stop=4, precision="bf16")
+
+
 def single_task(task: str) -> Callable[[], MTLConfig]:
     """One task alone on the plain encoder and its summed loss: the baseline a multi-task
     model must beat (the same rows in the same order as the multi-task run of its seed)."""
@@ -68,6 +75,8 @@ RECIPES: dict[str, Recipe] = {
     "mtl": Recipe(mtl, "python jobs/mtl.py", "12-13 min",
                   "validation, 5 seeds: SST 0.494, Quora 0.834, STS 0.876, overall 0.755 (docs/methods.md); "
                   "official dev (independent): 0.459 / 0.826 / 0.868"),
+    "hour": Recipe(hour, "python jobs/mtl.py --preset hour", "about 60 min (bf16)",
+                   "being measured (docs/quality-log.md)"),
     **{f"single-{t}": Recipe(single_task(t), f"python jobs/mtl.py --preset single-{t}", runtime, expected)
        for t, runtime, expected in (("sst", "3 min", "validation, 5 seeds: SST 0.502"),
                                     ("quora", "4-5 min", "validation, 5 seeds: Quora 0.832"),

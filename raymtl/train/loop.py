@@ -124,6 +124,15 @@ def start_history(checkpoint_dir: Path | None) -> list[dict]:
     return json.loads(f.read_text()) if f and f.is_file() else []
 
 
+def stalled(history: list[dict], score: str, patience: int) -> bool:
+    """True when the last ``patience`` validations in ``history`` all scored below the best
+    before them (early stopping; ``patience`` 0 never stops)."""
+    if patience <= 0 or len(history) <= patience:
+        return False
+    best_before = max(h[score] for h in history[:-patience])
+    return all(h[score] <= best_before for h in history[-patience:])
+
+
 def backward(engine, model, losses: dict[str, torch.Tensor], step: int, shared: list, others: list,
              fuse=None, periodic: PeriodicFusion | None = None) -> dict[str, float]:
     """One step's backward through the engine: the weighted loss sum, or with a fusion method
@@ -246,4 +255,10 @@ def train_loop_per_worker(config: dict) -> None:
                 history = [h for h in history if h["step"] < step] + [metrics]   # a repeated step replaces
                 if rank == 0:
                     (Path(tmp) / HISTORY).write_text(json.dumps(history))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_{step:06d}")
+            if stalled(history, stage.score, cfg.train.early_stop):
+                if rank == 0:
+                    say(f"[raymtl] early stop at step {step}: {stage.score} has not improved for "
+                        f"{cfg.train.early_stop} validations (best checkpoint kept)")
+                break
