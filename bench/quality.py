@@ -10,6 +10,7 @@ examples in every run:
 
 * three single-task models (``--tasks sst``, ``--tasks quora``, ``--tasks sts``; plain
   encoders, ``--no-pals --task-layers ''``),
+* those three merged into one model (``raymtl merge``: task arithmetic, TIES-merging),
 * the multi-task model with ``--fusion sum``, and with each ``--best`` setup (default
   ``imtl_g:10+pals=sts+layers=sst``, raymtl's default: ``--fusion imtl_g --fusion-every 10``
   with PALs for STS and SST's own top half of the encoder; ``METHOD:N`` fuses every N steps,
@@ -26,8 +27,11 @@ import statistics
 import sys
 from pathlib import Path
 
+import raymtl
 from raymtl.analysis.metrics import overall
 from raymtl.config import MTLConfig, smoke
+from raymtl.data.multitask import load_splits
+from raymtl.methods.merging import MERGE_METHODS, merge
 from raymtl.recipes import PLAIN_ENCODER, SUM_LOSS
 from raymtl.train.trainer import fit_once
 
@@ -74,14 +78,27 @@ def parse_setup(spec: str) -> tuple[str, str, dict]:
     return tag, label, over
 
 
+def merged_scores(seeded: MTLConfig, checkpoints: list[str], method: str, out: Path) -> dict[str, float]:
+    """The single-task checkpoints merged into one (``raymtl merge``), scored on the seed's
+    validation splits; a merge made before is read back."""
+    if not (out / "merge.json").is_file():
+        merge(checkpoints, out, method, say=lambda m: None)
+    splits, _ = load_splits(seeded.data)
+    return raymtl.load(out, device="cpu").evaluate({t: val for t, (_, val) in splits.items()})
+
+
 def runs_for_seed(base: MTLConfig, seed: int, setups: list[tuple[str, str, dict]]) -> dict[str, dict[str, float]]:
-    """Scores per setup (single-task, then each multi-task ``parse_setup``) for one seed."""
+    """Scores per setup (single-task, the single-task models merged, then each multi-task
+    ``parse_setup``) for one seed."""
     seeded = base.replace(seed=seed, split_seed=seed)
-    single = {}
+    single, checkpoints = {}, []
     for t in TASKS:
         m = fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}", **SUM_LOSS, **PLAIN_ENCODER))  # plain: nothing to fuse
-        single[t] = m[f"val_{t}"]
+        single[t], checkpoints = m[f"val_{t}"], checkpoints + [m["best_checkpoint"]]
     out = {"single-task (3 models)": single}
+    for method in MERGE_METHODS:
+        scores = merged_scores(seeded, checkpoints, method, Path(base.run.output) / f"merged-{method}-s{seed}")
+        out[f"single-task models merged ({method})"] = {t: scores[t] for t in TASKS}
     for tag, label, over in setups:
         m = fit_once(seeded.replace(name=f"mtl-{tag}-s{seed}", **over))
         out[f"multi-task, {label}"] = {t: m[f"val_{t}"] for t in TASKS}

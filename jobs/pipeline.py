@@ -20,7 +20,7 @@ import sys
 
 from raymtl.cli import add_config_args, config_from_args
 from raymtl.config import MTLConfig
-from raymtl.stages.pipeline import PipelinePlan, StageFailed, results_table
+from raymtl.stages.pipeline import TEACHER_MARGIN, PipelinePlan, StageFailed, results_table
 
 
 def pipeline_defaults() -> MTLConfig:
@@ -38,7 +38,14 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-tasks", default=None,
                    help="tasks that get a teacher and are distilled (comma-separated; default sst, the one "
                         "whose teacher beats the student here; sst,quora,sts for all)")
-    p.add_argument("--baseline", action="store_true", help="also train the student without distillation")
+    p.add_argument("--baseline", action="store_true", help="also train the student without distillation "
+                   "(always done when --teacher-margin > 0: the teachers are compared with it)")
+    p.add_argument("--teacher-pair-mode", choices=["cross", "bi"], default="",
+                   help="pair-task teachers as cross-encoders (distilled into the bi-encoder student) or "
+                        "bi-encoders; default: the student's --pair-mode")
+    p.add_argument("--teacher-margin", type=float, default=None,
+                   help="distil a teacher only if it beats the student without distillation on its task by this "
+                        f"much, relative (default {TEACHER_MARGIN}: 5 %%; 0 distils every teacher)")
     p.add_argument("--force", nargs="*", metavar="STAGE", default=None,
                    help="redo these stages (no names: all) even if done before")
     add_config_args(parser)
@@ -51,7 +58,8 @@ def main(argv=None) -> int:
             teacher_steps=args.teacher_steps or (student.train.steps if args.smoke else 300),
             teacher_tasks=(tuple(args.teacher_tasks.split(",")) if args.teacher_tasks else
                            tuple(t for t in ("sst",) if t in student.data.tasks) or student.data.tasks),
-            baseline=args.baseline, smoke=args.smoke)
+            baseline=args.baseline, smoke=args.smoke, teacher_pair_mode=args.teacher_pair_mode,
+            teacher_margin=TEACHER_MARGIN if args.teacher_margin is None else args.teacher_margin)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     force = True if args.force == [] else set(args.force or ())

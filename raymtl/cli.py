@@ -1,7 +1,7 @@
 """Command line: config flags shared by every job, and the ``raymtl`` console script.
 
 ``raymtl evaluate --checkpoint DIR [--sst FILE] [--quora FILE] [--sts FILE]``
-``raymtl predict  --checkpoint DIR --task {sst,quora,sts} --input FILE --output OUT.csv``
+``raymtl predict  --checkpoint DIR --task {sst,quora,sts} --input FILE --output OUT.csv [--format minbert]``
 ``raymtl analyze  EXPERIMENT``
 ``raymtl relations [--smoke] [--init-from CKPT | --encoder NAME] [config flags]``
 """
@@ -10,28 +10,21 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import sys
 import typing
 from pathlib import Path
 
 from raymtl import recipes
-from raymtl.analysis.evaluation import (
-    evaluate_rows,
-    format_table,
-)
+from raymtl.analysis.evaluation import format_table
+from raymtl.analysis.relations import format_matrices, run
 from raymtl.analysis.reports import analyze, curves, format_trials
 from raymtl.api import load
 from raymtl.config import SECTIONS, DataConfig, MTLConfig, smoke
 from raymtl.data.readers import DataError, read_task_file, split_rows
-from raymtl.stages.relations import (
-    RelationsJobConfig,
-    format_matrices,
-    relations_smoke,
-    run,
-)
+from raymtl.methods.merging import DEFAULT_DENSITY, MERGE_METHODS, merge
+from raymtl.stages.relations import RelationsJobConfig, relations_smoke
 from raymtl.tasks import TASKS
-from raymtl.train.trainer import fit
+from raymtl.train.trainer import ConfigChanged, fit
 
 
 # ---------------------------------------------------------------- config flags for jobs
@@ -85,7 +78,7 @@ def fit_job(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults,
     print(f"[raymtl] config: {cfg.flat()}", flush=True)
     try:
         summary = fit(cfg)
-    except DataError as e:
+    except (DataError, ConfigChanged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if summary.best_checkpoint else 1
@@ -104,7 +97,7 @@ def cmd_evaluate(a) -> int:
             rows_by_task[t] = rows
     else:  # the run's own validation splits, carved exactly as in training
         cfg_file = Path(a.checkpoint) / "config.json"
-        data = DataConfig(**json.loads(cfg_file.read_text())["data"]) if cfg_file.is_file() else DataConfig()
+        data = MTLConfig.load(cfg_file).data if cfg_file.is_file() else DataConfig()     # every field checked
         if a.data_dir:
             data.data_dir = a.data_dir
         for t in model.heads:
@@ -116,7 +109,7 @@ def cmd_evaluate(a) -> int:
     if unknown:
         print(f"error: checkpoint {a.checkpoint} has no head for {unknown}", file=sys.stderr)
         return 2
-    print(format_table(evaluate_rows(model, m.tokenizer, rows_by_task, m.max_length)))
+    print(format_table(m.evaluate(rows_by_task)))     # "overall" only when sst, quora and sts are all scored
     return 0
 
 
@@ -129,14 +122,29 @@ def cmd_predict(a) -> int:
     rows, report = read_task_file(TASKS[a.task], a.input, with_labels=False, max_bad_fraction=0.0,
                                   allow_empty_text=True)
     preds = m.predict_rows(a.task, rows)
-    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-    with open(a.output, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "prediction"])
-        for r, p in zip(rows, preds):
-            w.writerow([r["id"], int(p) if TASKS[a.task].label_type == "class" else f"{float(p):.4f}"])
-    print(f"[raymtl] wrote {len(rows)} predictions to {a.output}", file=sys.stderr)
+    write_predictions(a.output, a.task, [r["id"] for r in rows], preds, a.format)
+    print(f"[raymtl] {m.last_stats.summary()} -> {a.output}", file=sys.stderr)
     return 0
+
+
+# the prediction files of the CS224N minBERT default final project (multitask_classifier.py's
+# test_multitask): header "id \t Predicted_... \n", rows "{id} , {prediction} \n"; "Similiary" is sic
+MINBERT_COLUMNS = {t: spec.prediction_column for t, spec in TASKS.items()}
+PREDICTION_FORMATS = ("csv", "minbert")
+
+
+def write_predictions(path: str, task: str, ids: list[str], preds, fmt: str = "csv") -> None:
+    """``csv``: ``id,prediction``; ``minbert``: the minBERT project's own prediction-file layout."""
+    values = [str(int(p)) if TASKS[task].label_type == "class" else f"{float(p):.4f}" for p in preds]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        if fmt == "minbert":
+            f.write(f"id \t {MINBERT_COLUMNS[task]} \n")
+            f.writelines(f"{i} , {v} \n" for i, v in zip(ids, values))
+        else:
+            w = csv.writer(f)
+            w.writerow(["id", "prediction"])
+            w.writerows(zip(ids, values))
 
 
 def cmd_analyze(a) -> int:
@@ -176,15 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("evaluate", help="score a checkpoint on labelled files (or its validation splits)")
     e.add_argument("--checkpoint", required=True)
     for t in TASKS:
-        e.add_argument(f"--{t}", metavar="FILE", help=f"labelled {t} file in the training-file format")
+        e.add_argument(f"--{t}", metavar="FILE", help=f"labelled {t} file, minBERT or GLUE layout")
     e.add_argument("--data-dir", help="data directory for the default validation splits")
     e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.set_defaults(fn=cmd_evaluate)
-    pr = sub.add_parser("predict", help="write id,prediction for every row of an unlabelled file")
+    pr = sub.add_parser("predict", help="write a prediction for every row of an unlabelled file "
+                        "(minBERT or GLUE layout)")
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("--task", required=True, choices=sorted(TASKS))
     pr.add_argument("--input", required=True)
     pr.add_argument("--output", required=True)
+    pr.add_argument("--format", default="csv", choices=PREDICTION_FORMATS,
+                    help="csv: id,prediction; minbert: the minBERT project's prediction file "
+                         "(id \\t Predicted_... header, 'id , prediction' rows)")
     pr.add_argument("--device", default="auto", help=DEVICE_HELP)
     pr.set_defaults(fn=cmd_predict)
     an = sub.add_parser("analyze", help="table, best config and plots of a Tune experiment")
@@ -197,8 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     cu.add_argument("--metrics", help="comma-separated metric names (default: val_* and overall)")
     cu.add_argument("--out", default="runs/curves", help="where to write curves.png and curves.csv")
     cu.set_defaults(fn=cmd_curves)
+    me = sub.add_parser("merge", help="one multi-task checkpoint from single-task checkpoints of one base "
+                        "encoder (task arithmetic or TIES-merging)")
+    me.add_argument("checkpoints", nargs="+", metavar="CKPT", help="single-task checkpoints (different tasks)")
+    me.add_argument("--output", required=True, help="the merged checkpoint's directory (new or empty)")
+    me.add_argument("--method", default="task_arithmetic", choices=sorted(MERGE_METHODS))
+    me.add_argument("--scale", type=float, help="lambda on the combined task vectors (default: 1/k for "
+                    "task_arithmetic, i.e. weight averaging; 1 for ties)")
+    me.add_argument("--density", type=float, default=DEFAULT_DENSITY,
+                    help=f"ties: share of each task vector kept per tensor (default {DEFAULT_DENSITY})")
+    me.add_argument("--base", help="the base encoder the checkpoints were fine-tuned from (default: theirs)")
+    me.set_defaults(fn=lambda a: 0 if merge(a.checkpoints, a.output, a.method, a.scale, a.density, a.base) else 1)
     rel = sub.add_parser("relations", help="task-relationship map: inter-task affinity and gradient cosines "
-                         "(in-process, no Ray); writes OUTPUT/NAME/relations.{csv,json,png}")
+                         "(Ray Train runs on one worker); writes OUTPUT/NAME/relations.{csv,json,png}")
     add_config_args(rel, RelationsJobConfig.SECTIONS)
     rel.set_defaults(fn=cmd_relations)
     a = p.parse_args(argv)

@@ -9,8 +9,12 @@ Derived numbers (per-worker batch, accumulation) are methods, not stored copies.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import numbers
 import os
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -288,14 +292,30 @@ class ScaleConfig:
                              "use 'fp32' or 'bf16' on CPU")
 
 
+RESUME_CHANGED = ("refuse", "continue", "restart")     # raymtl.train.trainer.check_resume
+
+
 @dataclass
 class RunSettings:
     output: str = _help("directory for results and checkpoints (Ray storage_path)", default="runs")
     name: str = _help("run name; re-running with the same output and name resumes", default="mtl")
     keep_checkpoints: int = _help("keep the best K checkpoints by the validation overall score", default=2)
     max_failures: int = _help("restart the worker group this many times after a failure", default=0)
+    verbose: bool = _help(
+        "also show Ray, Ray Data, DeepSpeed and transformers messages on the console; by default the "
+        "console shows raymtl's progress and validation lines (also in <run dir>/train.log) and the rest "
+        "stays in Ray's logs (/tmp/ray/session_latest/logs)", default=False)
+    mlflow: str = _help(
+        "MLflow tracking URI (sqlite:///mlflow.db, http://host:5000, ...): log the config, the metrics "
+        "as they are reported and the best checkpoint to an MLflow run (pip install 'raymtl[mlflow]'); "
+        "empty = off", default="")
+    resume_changed: str = _help(
+        "when output/name holds a run trained with another config: 'refuse' (stop, naming the fields "
+        "that differ), 'continue' (resume that run's checkpoint under the new config, on purpose) or "
+        "'restart' (move the old run aside to <name>.replaced-<time> and start fresh)", default="refuse")
 
     def __post_init__(self):
+        _choice("resume_changed", self.resume_changed, RESUME_CHANGED)
         _positive("keep_checkpoints", self.keep_checkpoints)
         _positive("max_failures", self.max_failures, allow_zero=True)
 
@@ -386,16 +406,22 @@ class MTLConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MTLConfig":
-        """Accepts the nested form (``{"train": {"lr": ...}}``) or the flat form."""
+        """Accepts the nested form (``{"train": {"lr": ...}}``) or the flat form. Every value must
+        be of its field's annotated type (``check_types``): a ValueError names the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config is an object of fields, got {_shown(d)}")
         if not cls._nested(d):
             return cls().replace(**d)
         built = {}
         for name, kind in cls.SECTIONS.items():
-            values = dict(d.get(name, {}))
+            values = d.get(name, {})
+            if not isinstance(values, dict):
+                raise ValueError(f"section {name!r} must be an object of fields, got {_shown(values)}")
             names = {f.name for f in dataclasses.fields(kind)}
             extra = set(values) - names
             if extra:
                 raise ValueError(f"unknown fields {sorted(extra)} in section {name!r}; valid: {sorted(names)}")
+            check_types(kind, values)
             built[name] = kind(**values)
         return cls(**built)
 
@@ -414,11 +440,17 @@ class MTLConfig:
             d = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}:{e.lineno}: not valid JSON: {e.msg}") from None
-        loaded = cls.from_dict(d)
-        if over is None:
-            return loaded
-        named = {k for part in d.values() for k in part} if cls._nested(d) else set(d)
-        return over.replace(**{k: v for k, v in loaded.flat().items() if k in named})
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: a config file holds one JSON object of fields (flat {{\"lr\": 3e-5}} or "
+                             f"nested {{\"train\": {{\"lr\": 3e-5}}}}), got {_shown(d)}")
+        try:
+            loaded = cls.from_dict(d)
+            if over is None:
+                return loaded
+            named = {k for part in d.values() for k in part} if cls._nested(d) else set(d)
+            return over.replace(**{k: v for k, v in loaded.flat().items() if k in named})
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -434,6 +466,80 @@ def field_owners(sections: dict[str, type] = SECTIONS) -> dict[str, str]:
                                 f"and {section!r}; flat names must be unique")
             owners[f.name] = section
     return owners
+
+
+# ---- type checks of from_dict / replace / load: the value of every field against its annotation
+_KINDS = {   # annotation -> (what a value must be, the test); bools are ints in Python, not here
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    type(None): ("null", lambda v: v is None),
+}
+
+
+@functools.cache
+def field_types(kind: type) -> dict[str, Any]:
+    """A section's field name -> its annotation, resolved (the modules use postponed annotations)."""
+    hints = typing.get_type_hints(kind)
+    return {f.name: hints[f.name] for f in dataclasses.fields(kind)}
+
+
+def check_types(kind: type, values: dict[str, Any]) -> None:
+    """Refuse a value that is not of its field's annotated type, naming the field: ``12.5`` for an
+    int, ``"no"`` for a bool, ``"sst"`` for a tuple of strings (a list or tuple of them)."""
+    types_ = field_types(kind)
+    for name, value in values.items():
+        problem = _type_problem(name, value, types_[name])
+        if problem:
+            raise ValueError(problem)
+
+
+def _type_problem(name: str, value, hint) -> str | None:
+    """Why ``value`` does not fit the annotation ``hint``; None when it does, or when the
+    annotation is of a kind this check does not know (the section's ``__post_init__`` judges)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if any(_type_problem(name, value, a) is None for a in args):
+            return None
+        return f"field {name!r} must be {' or '.join(_what(a) for a in args)}, got {_shown(value)}"
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return f"field {name!r} must be {_what(hint)}, got {_shown(value)}"
+        if len(args) == 2 and args[1] is Ellipsis:
+            return next(filter(None, (_type_problem(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))), None)
+        return None
+    if origin is dict:
+        if not isinstance(value, dict):
+            return f"field {name!r} must be {_what(hint)}, got {_shown(value)}"
+        for key, v in value.items():
+            # a string value passes: the command line's key=value text, which __post_init__ converts and checks
+            problem = (_type_problem(f"{name} key", key, args[0])
+                       or (None if isinstance(v, str) else _type_problem(f"{name}[{key}]", v, args[1])))
+            if problem:
+                return problem
+        return None
+    if hint in _KINDS and not _KINDS[hint][1](value):
+        return f"field {name!r} must be {_what(hint)}, got {_shown(value)}"
+    return None
+
+
+def _what(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        return "a list of strings" if args == (str, Ellipsis) else "a list"
+    if origin is dict:
+        return "an object (key: value)"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_what(a) for a in args)
+    return _KINDS[hint][0] if hint in _KINDS else getattr(hint, "__name__", str(hint))
+
+
+def _shown(value) -> str:
+    kind = {dict: "an object", list: "a list", tuple: "a list"}.get(type(value))
+    text = json.dumps(value) if isinstance(value, (bool, type(None))) else repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{kind} {text}" if kind else text
 
 
 def smoke(cfg: MTLConfig | None = None) -> MTLConfig:

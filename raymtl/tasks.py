@@ -6,7 +6,7 @@ here. Adding a task is one entry in ``TASKS``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,9 @@ class TaskSpec:
     metric: str = "accuracy"     # "accuracy" or "pearson" (see raymtl.analysis.metrics)
     default_pair_mode: str = "cross"  # "cross" ([CLS] a [SEP] b) or "bi" (SBERT features)
     id_col: str = "id"           # column of row ids ("" = none: the line number is the id)
+    # the names a column has in the task's other file layout (minBERT's or GLUE's)
+    other_names: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    prediction_column: str = ""  # the minBERT project's prediction-file header (predict --format minbert)
 
     @property
     def is_pair(self) -> bool:
@@ -52,15 +55,18 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     "sst": TaskSpec(
         name="sst", path="sst/train.csv", text_cols=("sentence",), label_col="sentiment",
-        label_type="class", num_labels=5, metric="accuracy"),
+        label_type="class", num_labels=5, metric="accuracy",
+        other_names={"id": ("index",)}, prediction_column="Predicted_Sentiment"),        # GLUE SST-2 test
     "quora": TaskSpec(
         name="quora", path="quora/train.tsv", text_cols=("question1", "question2"),
         label_col="is_duplicate", label_type="class", num_labels=2, metric="accuracy",
-        default_pair_mode="bi"),
+        default_pair_mode="bi", prediction_column="Predicted_Is_Paraphrase",
+        other_names={"question1": ("sentence1",), "question2": ("sentence2",)}),   # minBERT: <blank> id sentence1 ...
     "sts": TaskSpec(
         name="sts", path="sts/train.csv", text_cols=("sentence1", "sentence2"),
         label_col="similarity", label_type="score", label_range=(0.0, 5.0), metric="pearson",
-        default_pair_mode="bi"),
+        default_pair_mode="bi", prediction_column="Predicted_Similiary",            # sic, as minBERT writes it
+        other_names={"id": ("index",), "similarity": ("score",)}),                  # GLUE STS-B: index ... score
 }
 
 

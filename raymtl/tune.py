@@ -104,13 +104,26 @@ def fit_workers_beside_trial(base: MTLConfig, cluster_cpus: float, trial_cpus: f
     return base.replace(cpus_per_worker=fit)
 
 
+def trial_concurrency(base: MTLConfig, resources: dict[str, float], trial_cpus: float = TRIAL_CPUS) -> int:
+    """How many trials run at once: as many as the cluster's CPUs (and GPUs) hold, each a
+    trial driver plus its Train workers; at least 1."""
+    s = base.scale
+    fits = [resources.get("CPU", 0) // (s.num_workers * s.cpus_per_worker + trial_cpus)]
+    if s.use_gpu:
+        fits.append(resources.get("GPU", 0) // max(s.num_workers, 1))
+    return max(1, int(min(fits)))
+
+
 def build_tuner(base: MTLConfig, space: dict, *, num_samples: int, searcher: str, asha: bool,
                 experiment: str, storage: str, max_failures: int = 1, trial_cpus: float = TRIAL_CPUS):
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    base = fit_workers_beside_trial(base, ray.cluster_resources().get("CPU", 0), trial_cpus)
+    resources = ray.cluster_resources()
+    base = fit_workers_beside_trial(base, resources.get("CPU", 0), trial_cpus)
+    concurrent = trial_concurrency(base, resources, trial_cpus)
+    print(f"[raymtl] tune: up to {concurrent} trial(s) at once on this cluster's resources", flush=True)
     datasets, sizes = prepare_data(base, verbose=True)
     storage = storage_path(storage)
     trainable = tune.with_resources(
@@ -127,7 +140,8 @@ def build_tuner(base: MTLConfig, space: dict, *, num_samples: int, searcher: str
         trainable,
         param_space={k: to_tune(v) for k, v in space.items()},
         tune_config=tune.TuneConfig(metric="overall", mode="max", num_samples=num_samples,
-                                    search_alg=search_alg, scheduler=scheduler, max_concurrent_trials=1),
+                                    search_alg=search_alg, scheduler=scheduler,
+                                    max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=experiment, storage_path=storage,
                                   failure_config=tune.FailureConfig(max_failures=max_failures)),
     ), ray

@@ -65,3 +65,37 @@ def test_the_cli_predicts_what_the_api_predicts(checkpoint, data_dir, tmp_path):
                             max_bad_fraction=0.0, allow_empty_text=True)
     api = raymtl.load(checkpoint, device="cpu").predict("sst", [r["text_a"] for r in src])
     assert [int(r["prediction"]) for r in rows] == list(api)
+
+
+def test_predict_counts_truncated_and_mostly_unknown_rows(checkpoint, data_dir):
+    from raymtl.api import InputStats
+    m = raymtl.load(checkpoint, device="cpu")
+    assert m.last_stats is None
+    real = [line.split("\t")[2] for line in open(f"{data_dir}/sst/train.csv", encoding="utf-8").read().split("\n")[1:]
+            if line]
+    long_row = " ".join(" ".join(real).split()[:5000])                       # 5,000 words of real SST text
+    unknown = "🜁🜂 ☃ ⛬"                                                     # every token is [UNK] here
+    rows = [real[0], long_row, unknown, "🜁 a good film", "dull"]    # real[0]: 49 tokens; then 1 [UNK] in 4
+    sst = m.predict("sst", rows)
+    assert sst.dtype == np.int64 and sst.shape == (5,)                      # the same arrays as before
+    assert m.last_stats == InputStats(rows=5, truncated=2, mostly_unk=1, max_length=32, unk_token="[UNK]")
+    assert m.last_stats.summary() == "predicted 5 rows (2 truncated to 32 tokens, 1 mostly [UNK])"
+    pairs = [("How do I learn Python?", long_row), (unknown, "☃ ☃ ok"), ("Is it raining?", "Who won?")]
+    for task in ("quora", "sts"):                                           # a pair counts once
+        m.predict(task, pairs)
+        assert (m.last_stats.rows, m.last_stats.truncated, m.last_stats.mostly_unk) == (3, 1, 1), task
+    assert m.input_stats("sst", []) == InputStats(0, 0, 0, 32, "[UNK]")
+
+
+def test_predict_says_what_it_truncated_in_one_line(checkpoint, data_dir, tmp_path, capsys):
+    lines = open(f"{data_dir}/sst/test-unlabeled.csv", encoding="utf-8").read().split("\n")[:4]
+    long_row = " ".join(["film"] * 5000)
+    src = tmp_path / "sst-test.csv"
+    src.write_text("\n".join(lines + [f"3\t3.0\tlongid\t{long_row}", "4\t4.0\tunkid\t🜁🜂 ☃ ⛬"]) + "\n")
+    out = tmp_path / "pred.csv"
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), "--task", "sst", "--device", "cpu",
+                 "--input", str(src), "--output", str(out)]) == 0
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[raymtl]")]
+    assert err == [f"[raymtl] predicted 5 rows (1 truncated to 32 tokens, 1 mostly [UNK]) -> {out}"]
+    assert [r["id"] for r in csv.DictReader(open(out))][-2:] == ["longid", "unkid"]

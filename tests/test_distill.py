@@ -128,7 +128,8 @@ def pipeline_run(ray_cluster, data_dir, tmp_path_factory):
     student = smoke().replace(data_dir=data_dir, max_rows=240, steps=8, eval_every=8, log_every=4,
                               num_workers=1, cpus_per_worker=1.0)
     plan = PipelinePlan(student, output=str(out), pretrain_steps=4, teacher_steps=6,
-                        teacher_tasks=("sst", "sts"), smoke=True)
+                        teacher_tasks=("sst", "sts"), smoke=True, teacher_margin=0,      # distil both
+                        teacher_pair_mode="cross")     # STS's teacher a cross-encoder, the student a bi-encoder
     return plan, plan.run(), out
 
 
@@ -156,13 +157,18 @@ def test_teacher_outputs_cover_the_train_file_and_are_checked(pipeline_run, data
     assert meta["rows"] == 240 and meta["head_kind"] == "classifier"
     lookup = load_teacher_outputs(out, "sst", plan.student.data, "classifier")
     assert len(lookup) == 240 and all(v.shape == (5,) and np.isfinite(v).all() for v in lookup.values())
+    cross = json.loads(open(f"{results['teacher-sts']['outputs']}/meta.json").read())
+    assert cross["head_kind"] == "regression"                 # the cross-encoder teacher scores 0-5 ...
+    scores = load_teacher_outputs(results["teacher-sts"]["outputs"], "sts", plan.student.data, "regression")
     sts = load_teacher_outputs(results["teacher-sts"]["outputs"], "sts", plan.student.data, "cosine")
-    assert all(v.shape == (1,) and -1.0001 <= v[0] <= 1.0001 for v in sts.values())
+    assert all(v.shape == (1,) and -1.0001 <= v[0] <= 1.0001 for v in sts.values())    # ... the student, cosines
+    line = next(iter(scores))
+    assert sts[line][0] == pytest.approx(min(max(scores[line][0] / 2.5 - 1, -1), 1), abs=1e-5)
     other_split = plan.student.replace(split_seed=7).data
     with pytest.raises(DataError, match="split_seed"):
         load_teacher_outputs(out, "sst", other_split, "classifier")
-    with pytest.raises(DataError, match="head"):
-        load_teacher_outputs(results["teacher-sts"]["outputs"], "sts", plan.student.data, "regression")
+    with pytest.raises(DataError, match="no mapping between them"):
+        load_teacher_outputs(results["teacher-sts"]["outputs"], "sts", plan.student.data, "classifier")
 
 
 def test_rerun_skips_finished_stages_and_force_redoes_one(pipeline_run, capsys):
@@ -179,7 +185,7 @@ def test_rerun_skips_finished_stages_and_force_redoes_one(pipeline_run, capsys):
 def test_force_redoes_a_stage_and_the_stages_after_it(pipeline_run):
     plan, results, out = pipeline_run
     before = {n: json.loads((out / n / "stage.json").read_text()) for n in results}
-    again = plan.run(force={"teacher-sts"})
+    plan.run(force={"teacher-sts"})
     after = {n: json.loads((out / n / "stage.json").read_text()) for n in results}
     for n in ("pretrain", "teacher-sst"):
         assert after[n] == before[n]                                   # untouched
@@ -187,7 +193,7 @@ def test_force_redoes_a_stage_and_the_stages_after_it(pipeline_run):
         assert after[n]["key"] == before[n]["key"] and after[n]["finished"] > before[n]["finished"]
     key = before["teacher-sts"]["key"]
     assert list((out / "teacher-sts").glob(f"{key}.replaced-*"))       # the old run is kept
-    assert again["mtl"]["checkpoint"] != results["mtl"]["checkpoint"]
+    assert list((out / "mtl").glob(f"{before['mtl']['key']}.replaced-*"))   # mtl was trained again, the old run kept
 
 
 def test_failed_stage_is_named_and_keeps_finished_ones(pipeline_run, tmp_path):
@@ -207,3 +213,23 @@ def test_evaluate_reads_the_final_checkpoint(pipeline_run, capsys):
     assert raymtl_main(["evaluate", "--checkpoint", final]) == 0
     table = capsys.readouterr().out
     assert "SST accuracy" in table and "STS Pearson" in table and "overall" in table
+
+
+def test_the_teacher_margin_rule_compares_with_the_plain_student_and_skips_short_teachers(pipeline_run, capsys):
+    import dataclasses
+    plan, results, out = pipeline_run
+    strict = dataclasses.replace(plan, teacher_margin=100.0)     # no teacher beats its student 100-fold
+    again = strict.run()
+    assert list(again) == ["pretrain", "teacher-sst", "teacher-sts", "mtl-plain", "mtl"]
+    printed = capsys.readouterr().out
+    plain = again["mtl-plain"]["metrics"]
+    for t in ("sst", "sts"):
+        teacher = again[f"teacher-{t}"]["metrics"][f"val_{t}"]
+        needed = plain[f"val_{t}"] + 100 * abs(plain[f"val_{t}"])
+        assert f"{t:<8}{teacher:>10.4f}{plain[f'val_{t}']:>10.4f}{needed:>10.4f}  skipped: short of the margin" in printed
+    assert "no teacher passed the margin" in printed
+    assert again["mtl"]["checkpoint"] == again["mtl-plain"]["checkpoint"] and again["mtl"]["teachers"] == []
+    used = json.loads(open(f"{again['mtl']['checkpoint']}/config.json").read())
+    assert used["distill"]["teacher_outputs"] == {}
+    with pytest.raises(ValueError, match="teacher_margin=-0.1 must be >= 0"):
+        dataclasses.replace(plan, teacher_margin=-0.1)

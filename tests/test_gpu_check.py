@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = "mtl,predict,bert-base,zero3,fusion-pcgrad,pipeline,tune"
+CHECKS = "mtl,predict,zero3"        # the others (BERT-base, fusion, pipeline, tune) have their own CPU tests
 
 
 def gpu_check():
@@ -69,6 +69,5 @@ def test_smoke_on_cpu_every_check_it_runs_passes(data_dir, tmp_path):
     assert list(rows) == every_row(gpu_check())
     ran = {n: r for n, r in rows.items() if r != "not selected"}
     assert ran and all(r == "pass" for r in ran.values()), ran
-    assert set(ran) == {"mtl", "predict", "bert-base-train", "bert-base-infer", "zero3", "fusion-pcgrad",
-                        "pipeline", "tune"}
+    assert set(ran) == {"mtl", "predict", "zero3"}
     assert "CPU run" in report and "What multi-GPU adds" in report

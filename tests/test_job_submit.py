@@ -112,3 +112,20 @@ def test_job_submit_runs_the_smoke_job_and_its_checkpoint_reloads(head, data_dir
     assert json.loads((Path(best) / "metrics.json").read_text())["step"] in (6, 12)
     from raymtl.cli import main
     assert main(["evaluate", "--checkpoint", best, "--data-dir", data_dir]) == 0
+
+
+def test_a_second_job_on_the_machine_joins_the_running_ray(head):
+    """One Ray per machine: with a head running and no RAY_ADDRESS, a job joins that head
+    instead of starting a rival local instance."""
+    env, _ = head
+    probe = ("from ray._private.services import find_gcs_addresses\n"
+             "from raymtl.train.trainer import ensure_ray\n"
+             "ensure_ray()\n"
+             "import ray\n"
+             "print('GCS', ray.get_runtime_context().gcs_address, sorted(find_gcs_addresses()))\n")
+    proc = sh(sys.executable, "-c", probe, env=env, timeout=120)
+    joined = re.search(r"\[raymtl\] joining the Ray instance already running on this machine \(([\d.]+):6391\)",
+                       proc.stdout)
+    assert joined, proc.stdout + proc.stderr[-2000:]
+    ip = joined.group(1)                                                 # the node's address as Ray lists it
+    assert f"GCS {ip}:6391 ['{ip}:6391']" in proc.stdout                # the head's, and still only one

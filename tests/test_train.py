@@ -1,4 +1,7 @@
 """Real Ray Train + DeepSpeed runs on the real data, through the smoke config (tiny random BERT)."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,7 @@ from raymtl.cli import main as raymtl_main
 from raymtl.config import smoke
 from raymtl.data.multitask import load_splits
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.train.trainer import fit
+from raymtl.train.trainer import ConfigChanged, fit
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -37,8 +40,43 @@ def losses_of(run_dir, key="train_loss"):
 
 @pytest.fixture(scope="module")
 def one_worker_run(ray_cluster, data_dir, tmp_path_factory):
-    cfg = smoke_cfg(tmp_path_factory.mktemp("one"), data_dir)
+    tmp = tmp_path_factory.mktemp("one")
+    cfg = smoke_cfg(tmp, data_dir, mlflow=f"sqlite:///{tmp}/mlflow.db")      # a real MLflow store
     return cfg, fit(cfg)
+
+
+def test_a_run_leaves_tensorboard_events_and_checkpoints_named_by_step_with_a_card(one_worker_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg, summary = one_worker_run
+    run_dir = Path(summary.run_dir)
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_000015", "checkpoint_000030"]
+    events = EventAccumulator(str(run_dir / "tensorboard"))          # TensorBoard's own reader
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss_sst", "train/loss_quora", "train/loss_sts", "train/lr", "val/val_sst", "val/overall",
+            "train/tokens_per_s", "fusion/fusion_weight_sst"} <= tags
+    assert [e.step for e in events.Scalars("train/loss_sst")] == list(range(1, 31))
+    overall = events.Scalars("val/overall")
+    assert [e.step for e in overall] == [15, 30]
+    assert overall[-1].value == pytest.approx(json.loads((run_dir / "checkpoint_000030" / "metrics.json").read_text())["overall"])
+    card = (run_dir / "checkpoint_000030" / "README.md").read_text()
+    assert card.startswith("# raymtl multi-task checkpoint (step 30)")
+    assert f"| overall | {overall[-1].value:.4f} |" in card and "| quora | accuracy | sentence pair, bi-encoder |" in card
+    assert "PALs for sts" in card and "own top layers for sst (half)" in card and "raymtl.load(" in card
+
+
+def test_an_mlflow_run_holds_the_config_the_metrics_and_the_best_checkpoint(one_worker_run):
+    import mlflow
+    cfg, summary = one_worker_run
+    client = mlflow.MlflowClient(cfg.run.mlflow)
+    [run] = client.search_runs([client.get_experiment_by_name("raymtl").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "mtl"
+    assert run.data.params["fusion"] == "imtl_g" and run.data.params["steps"] == "30"
+    assert run.data.metrics["best/overall"] == pytest.approx(summary.best_metrics["overall"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/overall")] == [15, 30]
+    assert len(client.get_metric_history(run.info.run_id, "train/loss_sst")) == 30
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "best_checkpoint")}
+    assert {"best_checkpoint/heads.safetensors", "best_checkpoint/README.md", "best_checkpoint/encoder"} <= files
 
 
 def test_one_worker_loss_falls_and_checkpoint_reloads(one_worker_run):
@@ -73,8 +111,17 @@ def test_two_workers_zero2(ray_cluster, data_dir, tmp_path):
 def test_rerun_with_same_name_resumes_from_last_checkpoint(ray_cluster, data_dir, tmp_path):
     first = fit(smoke_cfg(tmp_path, data_dir, steps=10, eval_every=5, name="resume"))
     assert first.metrics["step"] == 10 and first.metrics["start_step"] == 0
-    second = fit(smoke_cfg(tmp_path, data_dir, steps=20, eval_every=5, name="resume"))
+    # a changed config is refused before anything trains, naming the fields that differ
+    with pytest.raises(ConfigChanged, match=r"steps: saved 10, asked 20; .*--resume-changed continue"):
+        fit(smoke_cfg(tmp_path, data_dir, steps=20, eval_every=5, name="resume"))
+    with pytest.raises(ConfigChanged, match=r"tasks: saved \['sst', 'quora', 'sts'\], asked \['sst', 'quora'\]"):
+        fit(smoke_cfg(tmp_path, data_dir, steps=10, eval_every=5, name="resume", tasks=("sst", "quora")))
+    # run-only fields may change; continuing under a changed config is a choice
+    second = fit(smoke_cfg(tmp_path, data_dir, steps=20, eval_every=5, name="resume", log_every=5,
+                           resume_changed="continue"))
     assert second.metrics["start_step"] == 10 and second.metrics["step"] == 20
+    assert sorted(p.name for p in (tmp_path / "resume").glob("checkpoint_0*")) == ["checkpoint_000015",
+                                                                                  "checkpoint_000020"]
     # the newest checkpoint carries every report, those of the first run included (Ray keeps 2)
     history = load_curve(tmp_path / "resume")
     assert history["step"].tolist() == [5, 10, 15, 20]
@@ -88,6 +135,11 @@ def test_rerun_with_same_name_resumes_from_last_checkpoint(ray_cluster, data_dir
     assert {r.split(",")[2] for r in rows[1:]} == {"val_sst", "val_quora", "val_sts", "overall"}
     assert sum(r.startswith("a,") for r in rows) == 16          # 4 reports x 4 metrics
     assert raymtl_main(["curves", str(tmp_path / "resume"), "--metrics", "val_mnli", "--out", str(out)]) == 2
+    # restart moves the old run aside and trains from step 0
+    third = fit(smoke_cfg(tmp_path, data_dir, steps=5, eval_every=5, name="resume", resume_changed="restart"))
+    assert third.metrics["start_step"] == 0 and third.metrics["step"] == 5
+    aside = list(tmp_path.glob("resume.replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "checkpoint_000020" / "config.json").is_file()
 
 
 def test_curves_name_what_is_missing(tmp_path, capsys):
@@ -115,7 +167,7 @@ def test_predict_and_evaluate_cli(one_worker_run, data_dir, tmp_path, capsys):
     (tmp_path / "sts.csv").write_text("\n".join(sts[:41]) + "\n")
     assert raymtl_main(["evaluate", "--checkpoint", summary.best_checkpoint, "--sts", str(tmp_path / "sts.csv")]) == 0
     printed = capsys.readouterr().out
-    assert "STS Pearson" in printed and "overall" in printed
+    assert "STS Pearson" in printed and "overall" not in printed    # (Pearson + 1) / 2 alone is no overall score
 
     (tmp_path / "bad.csv").write_text("\tid\tsentence1\n0\tx\tonly one sentence\n")
     assert raymtl_main(["predict", "--checkpoint", summary.best_checkpoint, "--task", "sts",
@@ -140,3 +192,11 @@ def test_reported_throughput_leaves_out_startup_steps():
     short = Progress(total=2, start=0, world=2)            # only start-up steps: report those
     short.update(2.0, [batch], {"sst": 1.0})
     assert short.report()["examples_per_s"] == 4.0         # 4 rows x 2 workers / 2 s
+
+
+def test_early_stopping_waits_for_patience_validations_without_a_better_score():
+    from raymtl.train.loop import stalled
+    h = [{"overall": v} for v in (0.5, 0.6, 0.55, 0.58)]
+    assert not stalled(h, "overall", 0) and not stalled(h, "overall", 3)
+    assert stalled(h, "overall", 2) and not stalled(h + [{"overall": 0.61}], "overall", 2)
+    assert not stalled(h[:2], "overall", 2)                   # too few validations to judge

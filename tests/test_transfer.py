@@ -122,10 +122,11 @@ def test_smoke_stilts_chain_starts_from_the_first_checkpoint(ray_cluster, data_d
     assert again.strategy == "stilts" and again.runs == out.runs
 
 
-# ------------------------------------------------------------------ the relationship map (no Ray)
-def test_relations_on_the_tiny_model_give_a_full_matrix(data_dir, tmp_path, capsys):
+# ------------------------------------------------------------------ the relationship map (the shared loop)
+def test_relations_on_the_tiny_model_give_a_full_matrix(ray_cluster, data_dir, tmp_path, capsys):
+    from raymtl.analysis.relations import measure
     from raymtl.cli import main as raymtl_main
-    from raymtl.stages.relations import measure, relations_smoke
+    from raymtl.stages.relations import relations_smoke
     assert raymtl_main(["relations", "--smoke", "--data-dir", data_dir, "--output", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "inter-task affinity" in printed and "gradient cosine" in printed
@@ -146,8 +147,16 @@ def test_relations_on_the_tiny_model_give_a_full_matrix(data_dir, tmp_path, caps
         assert len(list(csv.DictReader(f))) == len(tasks) ** 2
     png = (out / "relations.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    again = measure(relations_smoke().replace(data_dir=data_dir), say=lambda m: None)   # deterministic
-    assert again["affinity"] == res["affinity"] and again["gradient_cosine"] == res["gradient_cosine"]
+    # the map comes from runs of the shared loop: a joint run, then one run per task from its checkpoint
+    runs = out / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["joint", "lookahead-quora", "lookahead-sst", "lookahead-sts"]
+    joint = json.loads((runs / "joint" / "best_metrics.json").read_text())
+    assert joint["step"] == 4 and joint["lr"] == pytest.approx(relations_smoke().train.lr)   # constant: no decay
+    ahead = json.loads((runs / "lookahead-sst" / "best_metrics.json").read_text())
+    assert ahead["step"] == 6 and ahead["start_step"] == 4 and set(ahead) >= {"train_loss_sst"}
+    assert not {"train_loss_quora", "train_loss_sts"} & set(ahead)     # only A trains in A's lookahead
+    again = measure(relations_smoke().replace(data_dir=data_dir, output=str(tmp_path)), say=lambda m: None)
+    assert again["affinity"] == res["affinity"]       # read back from the finished runs, not re-trained
 
 
 def test_relations_config_is_checked():

@@ -63,3 +63,54 @@ def test_trial_workers_fit_beside_the_trial_driver():
     assert fit_workers_beside_trial(roomy, 2, 0.25, say=said.append) is roomy
     with pytest.raises(ValueError, match="num_workers=4 cannot fit"):
         fit_workers_beside_trial(MTLConfig().replace(num_workers=4), 0.25, 0.25)
+
+
+def test_trials_run_side_by_side_as_the_cluster_allows():
+    from raymtl.tune import trial_concurrency
+    one = MTLConfig().replace(cpus_per_worker=1.75)
+    assert trial_concurrency(one, {"CPU": 2}, 0.25) == 1                    # this machine
+    assert trial_concurrency(one, {"CPU": 16}, 0.25) == 8
+    gpu = MTLConfig().replace(num_workers=2, use_gpu=True, cpus_per_worker=4.0)
+    assert trial_concurrency(gpu, {"CPU": 64, "GPU": 8}, 0.25) == 4          # GPUs bound it, not CPUs
+    assert trial_concurrency(gpu, {"CPU": 64, "GPU": 1}, 0.25) == 1
+
+
+def test_a_killed_distillation_search_resumes_without_rerunning_finished_trials(ray_cluster, data_dir, tmp_path):
+    """The distillation search space, in smoke form, on a real teacher's outputs; its driver is
+    SIGKILLed after the first trial finishes, and `jobs/tune.py --resume` completes the search
+    without training that trial again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from raymtl.stages.pipeline import run_teacher, teacher_config
+    base = smoke().replace(data_dir=data_dir, max_rows=120, steps=4, eval_every=2, log_every=2, cpus_per_worker=1.0)
+    teacher = run_teacher(teacher_config(base, "sst", related=(), output=str(tmp_path / "teacher")), verbose=False)
+    flags = ["--smoke", "--data-dir", data_dir, "--max-rows", "120", "--steps", "4", "--eval-every", "2",
+             "--log-every", "2", "--cpus-per-worker", "1.0", "--output", str(tmp_path), "--experiment", "exp"]
+    search = [sys.executable, "jobs/tune.py", *flags, "--space", str(ROOT / "search_spaces" / "distill.json"),
+              "--teacher-outputs", f"sst={teacher['outputs']}", "--num-samples", "2", "--searcher", "random",
+              "--no-asha"]
+    runs = tmp_path / "exp" / "train_runs"
+    proc = subprocess.Popen(search, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while not list(runs.glob("trial_*/checkpoint_000004")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    first = list(runs.glob("trial_*/checkpoint_000004"))
+    assert first and proc.poll() is None, "the first trial did not finish while the search ran"
+    os.kill(proc.pid, signal.SIGKILL)                                   # the Tune driver dies mid-search
+    proc.wait()
+    finished_at = first[0].stat().st_mtime_ns
+    done = subprocess.run([sys.executable, "jobs/tune.py", *flags, "--resume"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "[raymtl] best trial overall=" in done.stdout
+    trials = sorted(runs.glob("trial_*"))
+    assert len(trials) == 2 and all((t / "checkpoint_000004").is_dir() for t in trials)
+    assert first[0].stat().st_mtime_ns == finished_at                    # the finished trial was not re-run
+    for t in trials:                                                     # every trial distilled, as searched
+        cfg = json.loads((t / "checkpoint_000004" / "config.json").read_text())
+        assert cfg["distill"]["teacher_outputs"] == {"sst": teacher["outputs"]}
+        assert cfg["distill"]["distill_temperature"] in (1.0, 2.0, 4.0) and cfg["train"]["fusion"] in ("sum", "pcgrad", "gradvac")

@@ -4,6 +4,11 @@ Readers validate every row against the task table (``raymtl.tasks``). A bad row 
 guessed at and never dropped silently: it is reported as ``file:line: reason``, counted
 per file, and the read fails when a file has more bad rows than ``max_bad_fraction``
 allows, or lacks a required column.
+
+Each target task's file comes in two layouts: the minBERT project's (TAB-separated ``.csv``,
+a blank-named row-index column, Quora pairs as ``sentence1/sentence2``) and GLUE's (QQP's
+``question1/question2``, STS-B's ``score``, ``index`` ids). The task table names one layout's
+columns; its ``other_names`` give the names the same column has in the other.
 """
 from __future__ import annotations
 
@@ -48,10 +53,26 @@ def read_bytes(path: str) -> bytes:
         raise DataError(f"cannot read data file {path}: {e}") from None
 
 
+def column_positions(spec: TaskSpec, header: list[str], required: list[str], path: str) -> dict[str, int]:
+    """Position of each required column in ``header``, under its task-table name or its other layout's."""
+    col, missing = {}, []
+    for c in required:
+        names = (c, *spec.other_names.get(c, ()))
+        found = [n for n in names if n in header]
+        if found:
+            col[c] = header.index(found[0])
+        else:
+            missing.append(" or ".join(names))
+    if missing:
+        raise DataError(f"{path}:1: missing required column(s) {missing} for task {spec.name!r}; "
+                        f"header has {header}")
+    return col
+
+
 def read_task_file(spec: TaskSpec, path: str, *, with_labels: bool = True, max_rows: int = 0,
                    max_bad_fraction: float = 0.01, allow_empty_text: bool = False
                    ) -> tuple[list[dict[str, Any]], ReadReport]:
-    """Read a TAB-separated task file (minBERT ``.csv`` or GLUE ``.tsv``) by header names.
+    """Read a TAB-separated task file (minBERT ``.csv`` or GLUE ``.tsv`` layout) by header names.
 
     Returns rows ``{"id", "line", "text_a", "text_b", "label"}`` and a report of skipped rows.
     """
@@ -62,11 +83,7 @@ def read_task_file(spec: TaskSpec, path: str, *, with_labels: bool = True, max_r
         raise DataError(f"{path}: file is empty")
     header = raw_lines[0].decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r").split("\t")
     required = ([spec.id_col] if spec.id_col else []) + [*spec.text_cols] + ([spec.label_col] if with_labels else [])
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise DataError(f"{path}:1: missing required column(s) {missing} for task {spec.name!r}; "
-                        f"header has {header}")
-    col = {c: header.index(c) for c in required}
+    col = column_positions(spec, header, required, path)
     report = ReadReport(path)
     rows: list[dict[str, Any]] = []
     for lineno, raw in enumerate(raw_lines[1:], start=2):
@@ -86,8 +103,8 @@ def read_task_file(spec: TaskSpec, path: str, *, with_labels: bool = True, max_r
         if empty and not allow_empty_text:
             report.bad.append((lineno, f"empty text in column(s) {empty}"))
             continue
-        row = {"id": fields[col[spec.id_col]].strip() if spec.id_col else str(lineno), "line": lineno, "text_a": texts[0],
-               "text_b": texts[1] if spec.is_pair else "", "label": 0.0}
+        row = {"id": fields[col[spec.id_col]].strip() if spec.id_col else str(lineno), "line": lineno,
+               "text_a": texts[0], "text_b": texts[1] if spec.is_pair else "", "label": 0.0}
         if with_labels:
             try:
                 row["label"] = float(spec.parse_label(fields[col[spec.label_col]]))

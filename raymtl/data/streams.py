@@ -34,12 +34,19 @@ def cycle_batches(shard, batch_size: int, seed: int, bucket: int, collate_fn=col
         epoch += 1
 
 
-def configure_ray_data() -> None:
-    """Ray Data's per-dataset progress bars drown raymtl's own progress lines. And by default
+def configure_ray_data(verbose: bool = True) -> None:
+    """Ray Data's per-dataset progress bars drown raymtl's own progress lines (and without
+    ``verbose`` its per-dataset log lines go too). And by default
     Ray Data hands blocks on in the order its tasks finish, so the same seeds trained on the
     rows in another order from run to run (tokenizing, filtering, reading a shard): keep the
     order, so a run is reproducible and two setups on one seed see the same batches."""
+    import logging
+    import warnings
+
     import ray.data
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message=r".*exclude_resources.*is deprecated")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -56,6 +56,14 @@ class DynamicWeightAverage(nn.Module):
         w = len(self.tasks) * torch.softmax(r / self.temp, 0)
         return dict(zip(self.tasks, w.tolist()))
 
+    def client_state(self) -> dict:
+        """The loss history a resumed run needs (saved with the checkpoint by the loop)."""
+        return {"history": self.history, "current": self.current}
+
+    def load_client_state(self, state: dict) -> None:
+        self.history = [dict(h) for h in state["history"]]
+        self.current = {t: list(state["current"].get(t, [])) for t in self.tasks}
+
     def forward(self, losses, step):
         for t, v in losses.items():
             self.current[t].append(v.item())

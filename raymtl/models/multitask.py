@@ -10,11 +10,13 @@ Checkpoint layout (everything loads without pickle; weights always fp32)::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,6 +28,11 @@ from raymtl.models.pals import PALConfig, add_pals, mark_only_pals_as_trainable
 from raymtl.models.prefixes import TaskPrefix, text_prefix
 from raymtl.models.unpad import supports_unpadding, unpadded_forward
 from raymtl.tasks import TASKS
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not load; the message names the file and what is wrong
+    (a ValueError, so the ``raymtl`` commands print it as one ``error:`` line)."""
 
 
 class MultiTaskModel(nn.Module):
@@ -167,14 +174,14 @@ class MultiTaskModel(nn.Module):
         prefix_length) add adapters the checkpoint lacks, which start fresh.
         Everything the checkpoint's ``raymtl.json`` says it has (heads, PALs, learned prefixes,
         own layers of its tasks: ``saved_parts``) must be in ``heads.safetensors``, and the file
-        may hold nothing else: a ValueError names the missing or unexpected keys."""
-        from transformers import AutoModel
+        may hold nothing else, each key in the model's shape. A damaged checkpoint (a file missing,
+        truncated or not what it should hold) raises ``CheckpointError`` naming the file."""
         d = Path(directory)
-        if not (d / "raymtl.json").is_file():
-            raise FileNotFoundError(f"{d} is not a raymtl checkpoint (no raymtl.json)")
-        meta = json.loads((d / "raymtl.json").read_text())
+        meta = read_meta(d)
+        file = d / "heads.safetensors"
+        saved = read_safetensors(file)
+        encoder = load_encoder(d / "encoder")
         tasks = list(tasks or meta["modes"])
-        encoder = AutoModel.from_pretrained(d / "encoder", add_pooling_layer=False, dtype=torch.float32)
         extras = {k: meta.get(k) for k in ("pals", "task_prefix", "prefix_length") if meta.get(k) is not None}
         extras.update({k: v for k, v in overrides.items() if v not in (None, "none")})
         modes = {**(pair_mode or {}), **{t: m for t, m in meta["modes"].items() if m}}
@@ -191,20 +198,23 @@ class MultiTaskModel(nn.Module):
                                  f"(--task-layers {t}={saved_layers[t]}) to go on from it")
         model = cls(encoder, tasks, modes, meta["pooling"], dropout, source=meta["source"],
                     task_pooling=pooling, task_layers={**(task_layers or {}), **saved_layers}, **extras)
-        file = d / "heads.safetensors"
-        saved = load_file(str(file))
-        own = [k for k in model.state_dict() if not k.startswith("encoder.")]
-        has, built = saved_parts(meta), {part_of(k) for k in own}
-        missing = [k for k in own if part_of(k) in has and k not in saved]
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+        has, built = saved_parts(meta), {part_of(k) for k in state}
+        missing = [k for k in state if part_of(k) in has and k not in saved]
         if missing:
-            raise ValueError(f"{file} lacks {missing}, which {d / 'raymtl.json'} says the checkpoint has; "
-                             "the file is incomplete or from another checkpoint")
+            raise CheckpointError(f"{file} lacks {missing}, which {d / 'raymtl.json'} says the checkpoint has; "
+                                  "the file is incomplete or from another checkpoint")
         # a key of no part the checkpoint has, or one the model's same part does not have
-        unexpected = [k for k in saved if part_of(k) not in has or (part_of(k) in built and k not in own)]
+        unexpected = [k for k in saved if part_of(k) not in has or (part_of(k) in built and k not in state)]
         if unexpected:
-            raise ValueError(f"{file} holds {unexpected}, which {d / 'raymtl.json'} does not describe (tasks "
-                             f"{list(meta['modes'])}); the file is from another checkpoint")
-        model.load_state_dict({k: saved[k] for k in own if k in saved}, strict=False)
+            raise CheckpointError(f"{file} holds {unexpected}, which {d / 'raymtl.json'} does not describe "
+                                  f"(tasks {list(meta['modes'])}); the file is from another checkpoint")
+        misshapen = [f"{k} {list(saved[k].shape)} (model: {list(v.shape)})"
+                     for k, v in state.items() if k in saved and saved[k].shape != v.shape]
+        if misshapen:
+            raise CheckpointError(f"{file} holds {', '.join(misshapen)}, of other shapes than the model "
+                                  f"{d / 'raymtl.json'} describes; the file is from another checkpoint")
+        model.load_state_dict({k: saved[k] for k in state if k in saved}, strict=False)
         return model
 
 
@@ -225,3 +235,93 @@ def saved_parts(meta: dict) -> set[tuple[str, str]]:
             | ({("pals", t) for t in pals.get("tasks") or tasks} if pals else set())
             | ({("prefix", t) for t in tasks} if meta.get("task_prefix") == "learned" else set())
             | {("task_layers", t) for t in meta.get("task_layers") or {}})
+
+
+# ---------------------------------------------------------------- reading a checkpoint's files
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _per_task(ok):
+    """A check of a ``{task: value}`` object: known task names, every value passing ``ok``."""
+    return lambda v: isinstance(v, dict) and all(t in TASKS and ok(x) for t, x in v.items())
+
+
+PAL_FIELDS = {f.name for f in dataclasses.fields(PALConfig)}
+
+# raymtl.json: key -> (does every checkpoint have it, what it must be, the check)
+META = {
+    "source": (True, "a string", lambda v: isinstance(v, str)),
+    "pooling": (True, "a string", lambda v: isinstance(v, str)),
+    "modes": (True, "an object of task: 'cross', 'bi' or null", _per_task(lambda m: m in (None, "cross", "bi"))),
+    "task_pooling": (False, "an object of task: pooling", _per_task(lambda p: isinstance(p, str))),
+    "head_dropout": (False, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "pals": (False, f"null or an object of {sorted(PAL_FIELDS)}", lambda v: v is None or (
+        isinstance(v, dict) and set(v) <= PAL_FIELDS)),
+    "task_prefix": (False, "a string", lambda v: isinstance(v, str)),
+    "prefix_length": (False, "an integer", _is_int),
+    "task_layers": (False, "an object of task: layer count", _per_task(_is_int)),
+    "max_length": (False, "an integer", _is_int),      # written by the train loop, read by raymtl.load
+}
+
+
+def read_meta(directory: Path) -> dict:
+    """A checkpoint's ``raymtl.json``, every key ``MultiTaskModel.load`` reads checked."""
+    file = directory / "raymtl.json"
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a raymtl checkpoint: "
+                              f"{'not a directory' if directory.exists() else 'no such directory'}")
+    if not file.is_file():
+        raise CheckpointError(f"{directory} is not a raymtl checkpoint (no raymtl.json)")
+    try:
+        meta = json.loads(file.read_bytes())
+    except ValueError as e:                         # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{file} is not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file} holds {type(meta).__name__} {str(meta)[:60]}, not a JSON object; "
+                              "the checkpoint is damaged")
+    for key, (required, what, ok) in META.items():
+        if key not in meta and required:
+            raise CheckpointError(f"{file} lacks {key!r} ({what}), which every raymtl checkpoint has; "
+                                  "the checkpoint is damaged")
+        if key in meta and not ok(meta[key]):
+            raise CheckpointError(f"{file}: {key!r} must be {what}, got {str(meta[key])[:80]}; "
+                                  "the checkpoint is damaged")
+    return meta
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(file))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it is damaged or truncated") from None
+
+
+def load_encoder(directory: Path) -> nn.Module:
+    """The Hugging Face encoder a checkpoint holds (``encoder/``), fp32; every weight must be in its files."""
+    from transformers import AutoModel
+    weights = directory / "model.safetensors"
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is missing; the checkpoint has no encoder")
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory / 'config.json'} is missing; the checkpoint's encoder is incomplete")
+    if not weights.is_file() and not (directory / "model.safetensors.index.json").is_file():
+        raise CheckpointError(f"{weights} is missing; the checkpoint's encoder weights are gone")
+    for file in sorted(directory.glob("*.safetensors")):    # a truncated file names itself
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({e}); "
+                                  "it is damaged or truncated") from None
+    try:
+        encoder, info = AutoModel.from_pretrained(directory, add_pooling_layer=False, dtype=torch.float32,
+                                                  output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"{directory} does not load as a Hugging Face model: {e}") from None
+    if info["missing_keys"]:        # Hugging Face would start them at random, with a warning
+        raise CheckpointError(f"{directory} lacks encoder weights {sorted(info['missing_keys'])}; "
+                              "the files are incomplete or from another model")
+    return encoder

@@ -29,6 +29,7 @@ class Stage(abc.ABC):
     config_class: ClassVar[type[MTLConfig]]
     score: ClassVar[str]                 # metric that ranks checkpoints (higher is better)
     validate_at_start: ClassVar[bool] = False    # also validate before step 0 (<metric>_step0)
+    constant_lr: ClassVar[bool] = False          # the learning rate stays at its peak (no warm-up, no decay)
 
     def __init__(self, cfg: MTLConfig, sizes: dict[str, int]):
         if not isinstance(cfg, self.config_class):

@@ -101,13 +101,36 @@ def load_teacher_outputs(out_dir: str, task: str, data_cfg, head_kind: str) -> d
         if meta.get(k) != v:
             raise DataError(f"{d / META}: teacher used {k}={meta.get(k)!r}, this run {k}={v!r}; the teacher "
                             "must be trained on the same train/validation split (else it saw validation rows)")
-    if meta["head_kind"] != head_kind:
+    convert = TEACHER_TO_STUDENT.get((meta["head_kind"], head_kind))
+    if meta["head_kind"] != head_kind and convert is None:
         raise DataError(f"{d / META}: the teacher's {task} head is {meta['head_kind']!r}, the student's "
-                        f"{head_kind!r}; distillation compares outputs of the same head kind (set pair_mode)")
+                        f"{head_kind!r}, and there is no mapping between them (mapped: "
+                        f"{', '.join(f'{a} -> {b}' for a, b in TEACHER_TO_STUDENT)}; same kinds compare directly)")
     table = pq.read_table(d / "parquet")
     lines = table.column("line").to_numpy()
-    outputs = table.column("teacher").to_pylist()
-    return {int(n): np.asarray(o, dtype=np.float32) for n, o in zip(lines, outputs)}
+    outputs = [np.asarray(o, dtype=np.float32) for o in table.column("teacher").to_pylist()]
+    if convert is not None:
+        outputs = [convert(o, TASKS[task].label_range) for o in outputs]
+    return {int(n): o for n, o in zip(lines, outputs)}
+
+
+def _score_to_cosine(score: np.ndarray, label_range: tuple[float, float]) -> np.ndarray:
+    """A cross-encoder's score in the label range -> the bi-encoder's cosine, by the inverse of
+    the map the cosine head predicts with (``raymtl.models.heads.Head.predict``)."""
+    lo, hi = label_range
+    return np.clip(2 * (score - lo) / (hi - lo) - 1, -1.0, 1.0).astype(np.float32)
+
+
+def _cosine_to_score(cos: np.ndarray, label_range: tuple[float, float]) -> np.ndarray:
+    lo, hi = label_range
+    return (lo + (hi - lo) * (np.clip(cos, -1, 1) + 1) / 2).astype(np.float32)
+
+
+# (teacher head kind, student head kind) -> how a teacher output becomes the student's units.
+# Pair-task teachers may score with cross attention while the student is a bi-encoder (Distilled
+# Sentence Embedding; Trans-Encoder's cross -> bi): classifier logits compare as they are (KL with
+# the temperature); a regression score maps onto the cosine head's scale (MSE).
+TEACHER_TO_STUDENT = {("regression", "cosine"): _score_to_cosine, ("cosine", "regression"): _cosine_to_score}
 
 
 def attach_teacher_outputs(datasets: dict, cfg) -> dict:

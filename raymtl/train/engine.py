@@ -45,11 +45,21 @@ def resolve_precision(scale) -> tuple[str, str]:
     return ("bf16" if native else "fp32"), f"auto: {why}"
 
 
-def deepspeed_config(cfg, peak_lrs: list[float] | None = None, precision: str | None = None) -> dict:
+def deepspeed_config(cfg, peak_lrs: list[float] | None = None, precision: str | None = None,
+                     constant_lr: bool = False) -> dict:
     """The DeepSpeed JSON config for one run; ZeRO stage and precision come from ``cfg.scale``
-    (``precision``: the resolved one, see ``resolve_precision``)."""
+    (``precision``: the resolved one, see ``resolve_precision``). The learning rate warms up
+    linearly and decays linearly to 0 at ``steps``; ``constant_lr`` (a stage's choice, e.g. the
+    relations map's) keeps it at the peak from step 0."""
     t, s = cfg.train, cfg.scale
     precision = precision or resolve_precision(s)[0]
+    peak = peak_lrs or t.lr
+    schedule = ({"type": "WarmupLR", "params": {"warmup_min_lr": peak, "warmup_max_lr": peak, "warmup_num_steps": 1}}
+                if constant_lr else
+                {"type": "WarmupDecayLR", "params": {
+                    "total_num_steps": t.steps, "warmup_num_steps": max(1, t.warmup_steps()),
+                    "warmup_min_lr": [0.0] * len(peak_lrs) if peak_lrs else 0.0,
+                    "warmup_max_lr": peak, "warmup_type": "linear"}})
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size(),
         "gradient_accumulation_steps": t.grad_accum,
@@ -63,10 +73,7 @@ def deepspeed_config(cfg, peak_lrs: list[float] | None = None, precision: str | 
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay,
                                                   "torch_adam": True,
                                                   **({} if s.use_gpu else {"fused": True})}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": t.steps, "warmup_num_steps": max(1, t.warmup_steps()),
-            "warmup_min_lr": [0.0] * len(peak_lrs) if peak_lrs else 0.0,
-            "warmup_max_lr": peak_lrs or t.lr, "warmup_type": "linear"}},
+        "scheduler": schedule,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -96,13 +103,13 @@ def weights_only_loading(checkpoint_engine) -> None:
     checkpoint_engine.load = load
 
 
-def initialize(model: torch.nn.Module, cfg):
+def initialize(model: torch.nn.Module, cfg, constant_lr: bool = False):
     """The DeepSpeed engine of one worker; ``engine.raymtl_precision`` is (precision, why)."""
     import deepspeed
     groups, peak_lrs = param_groups(model, cfg)
     precision, why = resolve_precision(cfg.scale)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
-                                           config=deepspeed_config(cfg, peak_lrs, precision))
+                                           config=deepspeed_config(cfg, peak_lrs, precision, constant_lr))
     engine.raymtl_precision = (precision, why)
     weights_only_loading(engine.checkpoint_engine)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:

@@ -33,12 +33,19 @@ from raymtl.methods.sampling import get_sampler
 from raymtl.methods.weighting import Fixed
 from raymtl.models.device import to_device
 from raymtl.models.encoder import tokenizer_source
+from raymtl.train.logs import RunLog, model_card
+
+TRAIN_LOG = "train.log"          # rank 0's lines, in the run directory (the driver's quiet console follows it)
+_log_file: list[Path] = []
 
 
 def say(msg: str) -> None:
-    """Print once. (Train V2 patches ``print`` and tees it when stdout is wrapped, which
-    doubled every progress line on the driver.)"""
+    """Print once, and append to the run's ``train.log``. (Train V2 patches ``print`` and tees
+    it when stdout is wrapped, which doubled every progress line on the driver.)"""
     print(msg, file=sys.__stdout__, flush=True)
+    for f in _log_file:
+        with open(f, "a") as out:
+            out.write(msg + "\n")
 
 
 
@@ -157,19 +164,23 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
     from transformers import AutoTokenizer
 
-    configure_ray_data()
-
     # 1. stage, config, seeds, threads ---------------------------------------------------
     stage = config["stage"].from_loop_config(config)
     cfg = stage.cfg
+    configure_ray_data(cfg.run.verbose)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_dir = config.get("run_dir", "")
+    _log_file[:] = [Path(run_dir) / TRAIN_LOG] if rank == 0 and run_dir and "://" not in run_dir else []
+    if _log_file:
+        _log_file[0].parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, math.ceil(cfg.scale.cpus_per_worker)))   # 1.75 CPUs -> 2 threads
     torch.manual_seed(cfg.train.seed)
     sampler, rng = get_sampler(cfg.train.sampling, cfg.train.sampling_temperature), random.Random(cfg.train.seed)
 
     # 2. model and DeepSpeed engine ------------------------------------------------------
     model = stage.build_model()          # learnable loss weights train inside the engine too
+    weighting = getattr(model, "weighting", None)
     names = list(stage.sizes)
     shared = [p for n, p in model.named_parameters() if n.startswith("encoder.") and p.requires_grad]
     others = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
@@ -178,7 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
                                weigh_owners=cfg.train.weigh_own_params)
                 if fuse and cfg.train.fusion_every > 1 else None)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.init_from or cfg.model.encoder))
-    engine = eng.initialize(model, cfg)
+    engine = eng.initialize(model, cfg, constant_lr=stage.constant_lr)
     device = engine.device
     if rank == 0:
         precision, why = engine.raymtl_precision
@@ -190,13 +201,17 @@ def train_loop_per_worker(config: dict) -> None:
 
     # 3. resume from the last checkpoint of this run, if any -----------------------------
     step, initial, history = 0, {}, []
-    checkpoint = ray.train.get_checkpoint()
+    # (Train V2 deprecates resume_from_checkpoint: another run's checkpoint comes in the config)
+    checkpoint = ray.train.get_checkpoint() or (Checkpoint.from_directory(config["start_from"])
+                                                if config.get("start_from") else None)
     if checkpoint:
         with checkpoint.as_directory() as d:
             client = eng.load_checkpoint(engine, Path(d), cfg.train.steps)
             step = client["step"]
             if periodic is not None and "periodic_fusion" in client:
                 periodic.load_state_dict(client["periodic_fusion"])
+            if hasattr(weighting, "load_client_state") and "weighting" in client:
+                weighting.load_client_state(client["weighting"])
             initial, history = start_metrics(Path(d)), start_history(Path(d))
         if rank == 0:
             say(f"[raymtl] resumed from checkpoint at step {step}")
@@ -210,6 +225,7 @@ def train_loop_per_worker(config: dict) -> None:
     # 4. data: one endless stream of padded batches per name ----------------------------
     streams = stage.streams(rank, cfg.train.seed + rank + step)
     progress = Progress(cfg.train.steps, step, world)
+    run_log = RunLog(config.get("run_dir"), rank, cfg.run.mlflow, config.get("mlflow_run", ""))   # rank 0
 
     # 5. train --------------------------------------------------------------------------
     engine.train()
@@ -234,9 +250,11 @@ def train_loop_per_worker(config: dict) -> None:
         for t, v in window.items():                      # (sum, count): sampling may skip a stream
             stream_sum[t] = (stream_sum.get(t, (0.0, 0))[0] + v, stream_sum.get(t, (0.0, 0))[1] + 1)
         progress.update(time.perf_counter() - t0, seen, window)
+        run_log.scalars(step, {f"loss_{t}": v for t, v in window.items()})
         if rank == 0:
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 say(progress.line(step))
+                run_log.scalars(step, {"lr": engine.get_lr()[0]})
 
         # 6. validate, checkpoint, report (every rank: report is a barrier) ------------
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
@@ -251,10 +269,16 @@ def train_loop_per_worker(config: dict) -> None:
                 say("[raymtl] validation step %d: %s" % (step, " ".join(f"{k}={v:.4f}" for k, v in scores.items())))
             with tempfile.TemporaryDirectory() as tmp:
                 client = {"periodic_fusion": periodic.state_dict()} if periodic else {}
+                if hasattr(weighting, "client_state"):           # DWA's loss history
+                    client["weighting"] = weighting.client_state()
                 eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics, client)
                 history = [h for h in history if h["step"] < step] + [metrics]   # a repeated step replaces
                 if rank == 0:
                     (Path(tmp) / HISTORY).write_text(json.dumps(history))
+                    (Path(tmp) / "README.md").write_text(model_card(
+                        config["cfg"], metrics, getattr(engine.module, "modes", None), config.get("command", "")))
+                run_log.scalars(step, metrics)
+                run_log.flush()
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{step:06d}")
             if stalled(history, stage.score, cfg.train.early_stop):
@@ -262,3 +286,4 @@ def train_loop_per_worker(config: dict) -> None:
                     say(f"[raymtl] early stop at step {step}: {stage.score} has not improved for "
                         f"{cfg.train.early_stop} validations (best checkpoint kept)")
                 break
+    run_log.close()
