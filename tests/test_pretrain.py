@@ -234,8 +234,8 @@ def test_smoke_stage_runs_and_its_checkpoint_starts_the_multitask_stage(ray_clus
     assert main(["--smoke", "--init-from", str(ckpt), "--data-dir", data_dir, "--output", str(tmp_path / "mtl"),
                  "--steps", "2", "--eval-every", "2", "--max-rows", "120", "--cpus-per-worker", "1"]) == 0
 
-    # re-running with the same output and name resumes, keeping the before-training scores
-    more = fit(cfg.replace(steps=14), verbose=False).metrics
+    # re-running with the same output and name resumes (more steps: on purpose), keeping the before-training scores
+    more = fit(cfg.replace(steps=14, resume_changed="continue"), verbose=False).metrics
     assert more["start_step"] == 12 and more["step"] == 14
     assert more["sts_zero_shot_step0"] == m["sts_zero_shot_step0"]
 

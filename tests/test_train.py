@@ -200,3 +200,12 @@ def test_early_stopping_waits_for_patience_validations_without_a_better_score():
     assert not stalled(h, "overall", 0) and not stalled(h, "overall", 3)
     assert stalled(h, "overall", 2) and not stalled(h + [{"overall": 0.61}], "overall", 2)
     assert not stalled(h[:2], "overall", 2)                   # too few validations to judge
+
+
+def test_the_run_summary_prints_overall_only_for_all_three_tasks(capsys):
+    from raymtl.stages.multitask import MTLStage
+    from raymtl.train.trainer import FitSummary
+    MTLStage.print_summary(FitSummary({}, "ck", {"val_sts": 0.87, "overall": 0.935, "step": 3}, "rd"))
+    assert "STS Pearson  0.8700" in (out := capsys.readouterr().out) and "overall" not in out
+    MTLStage.print_summary(FitSummary({}, "ck", {"val_sst": 0.5, "val_quora": 0.8, "val_sts": 0.8, "overall": 0.7}, "rd"))
+    assert "overall         0.7000" in capsys.readouterr().out

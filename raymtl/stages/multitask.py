@@ -89,7 +89,8 @@ class MTLStage(Stage):
     def print_summary(cls, summary) -> None:
         if summary.best_metrics:
             scores = {k[4:]: v for k, v in summary.best_metrics.items() if k.startswith("val_")}
-            scores["overall"] = summary.best_metrics["overall"]
+            if {"sst", "quora", "sts"} <= set(scores):      # (a task or two alone: no comparable overall)
+                scores["overall"] = summary.best_metrics["overall"]
             print(f"\n[raymtl] best checkpoint (step {summary.best_metrics.get('step')}) validation scores:")
             print(format_table(scores))
         super().print_summary(summary)
