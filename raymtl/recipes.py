@@ -77,7 +77,7 @@ RECIPES: dict[str, Recipe] = {
                   "official dev (independent): 0.459 / 0.826 / 0.868"),
     "hour": Recipe(hour, "python jobs/mtl.py --preset hour", "≈30 min to its early stop at step 1050 (bf16)",
                    "validation, seed 42: best at step 450, SST 0.498, Quora 0.836, STS 0.877, overall 0.757 "
-                   "(+0.009 over mtl; docs/quality-log.md)"),
+                   "(+0.009 over mtl); seed 2: 0.760 at step 300 (+0.003); docs/quality-log.md"),
     **{f"single-{t}": Recipe(single_task(t), f"python jobs/mtl.py --preset single-{t}", runtime, expected)
        for t, runtime, expected in (("sst", "3 min", "validation, 5 seeds: SST 0.502"),
                                     ("quora", "4-5 min", "validation, 5 seeds: Quora 0.832"),
