@@ -75,7 +75,7 @@ RECIPES: dict[str, Recipe] = {
     "mtl": Recipe(mtl, "python jobs/mtl.py", "12-13 min",
                   "validation, 5 seeds: SST 0.494, Quora 0.834, STS 0.876, overall 0.755 (docs/methods.md); "
                   "official dev (independent): 0.459 / 0.826 / 0.868"),
-    "hour": Recipe(hour, "python jobs/mtl.py --preset hour", "≈30 min to its early stop at step 1050 (bf16)",
+    "hour": Recipe(hour, "python jobs/mtl.py --preset hour", "up to 1 h; 1.3-1.4 s/step alone in bf16 (seed 42 stopped early at step 1050)",
                    "validation, seed 42: best at step 450, SST 0.498, Quora 0.836, STS 0.877, overall 0.757 "
                    "(+0.009 over mtl); seed 2: 0.760 at step 300 (+0.003); docs/quality-log.md"),
     **{f"single-{t}": Recipe(single_task(t), f"python jobs/mtl.py --preset single-{t}", runtime, expected)

@@ -74,7 +74,7 @@ def test_an_mlflow_run_holds_the_config_the_metrics_and_the_best_checkpoint(one_
     assert run.data.params["fusion"] == "imtl_g" and run.data.params["steps"] == "30"
     assert run.data.metrics["best/overall"] == pytest.approx(summary.best_metrics["overall"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/overall")] == [15, 30]
-    assert len(client.get_metric_history(run.info.run_id, "train/loss_sst")) == 30
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_sst")] == [15, 30]   # log_every
     files = {f.path for f in client.list_artifacts(run.info.run_id, "best_checkpoint")}
     assert {"best_checkpoint/heads.safetensors", "best_checkpoint/README.md", "best_checkpoint/encoder"} <= files
 
@@ -209,3 +209,24 @@ def test_the_run_summary_prints_overall_only_for_all_three_tasks(capsys):
     assert "STS Pearson  0.8700" in (out := capsys.readouterr().out) and "overall" not in out
     MTLStage.print_summary(FitSummary({}, "ck", {"val_sst": 0.5, "val_quora": 0.8, "val_sts": 0.8, "overall": 0.7}, "rd"))
     assert "overall         0.7000" in capsys.readouterr().out
+
+
+def test_per_step_losses_go_to_tensorboard_and_mlflow_gets_them_per_log_interval(tmp_path):
+    """The training step's hot path appends to a local event file only (a real SQLite MLflow store)."""
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from raymtl.train.logs import RunLog, mlflow_start
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = mlflow_start(uri, smoke(), str(tmp_path / "run"))
+    log = RunLog(str(tmp_path / "run"), 0, uri, run_id)
+    for step in range(1, 5):                                  # as the loop does with log_every 2
+        log.scalars(step, {"loss_sst": 1.0 / step}, mlflow=False)
+        if step % 2 == 0:
+            log.scalars(step, {"loss_sst": 1.0 / step}, tensorboard=False)
+    log.close()
+    assert [m.step for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "train/loss_sst")] == [2, 4]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss_sst")] == [1, 2, 3, 4]
+    assert RunLog(str(tmp_path / "other"), 1, uri, run_id).writer is None    # rank 0 only

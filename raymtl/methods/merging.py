@@ -102,12 +102,13 @@ def merge(checkpoints: list[str | Path], output: str | Path, method: str = "task
                              "it was not fine-tuned from that base")
     scale = (1.0 / len(models) if method == "task_arithmetic" else 1.0) if scale is None else scale
     combine = MERGE_METHODS[method]
+    states = [m.encoder.state_dict() for m in models]
     merged = {}
     for k, v in base_state.items():
         if not v.is_floating_point():
             merged[k] = v
             continue
-        vectors = [m.encoder.state_dict()[k].float() - v.float() for m in models]
+        vectors = [st[k].float() - v.float() for st in states]
         merged[k] = v.float() + combine(vectors, scale, density)
     base_encoder.load_state_dict(merged)
     first = models[0]

@@ -3,8 +3,8 @@
 (params, the same metrics, the best checkpoint), and a model card (``README.md``) in every
 checkpoint.
 
-TensorBoard tags: ``train/loss_<stream>`` every step; ``train/lr``, ``train/examples_per_s``,
-``train/tokens_per_s`` every log interval; at each validation ``val/<score>`` (``val_sst``,
+TensorBoard tags: ``train/loss_<stream>`` every step (MLflow: every log interval); ``train/lr``
+every log interval; at each validation ``val/<score>`` (``val_sst``,
 ``overall``, ...), ``fusion/<weight>`` and ``gradients/<cosine or norm>`` when fusion or
 diagnostics are on, and ``train/<metric>`` for the rest of the report.
 """
@@ -90,12 +90,14 @@ class RunLog:
         if rank == 0 and mlflow_uri and mlflow_run:
             self.mlflow, self.run_id = _mlflow().MlflowClient(mlflow_uri), mlflow_run
 
-    def scalars(self, step: int, values: dict, tag=tag_of) -> None:
+    def scalars(self, step: int, values: dict, tag=tag_of, tensorboard: bool = True, mlflow: bool = True) -> None:
+        """The loop logs per-step losses to TensorBoard only (a local file append) and hands them
+        to MLflow (a tracking server or database) once per log interval."""
         values = {tag(k): float(v) for k, v in values.items() if _number(v) and k != "step"}
-        if self.writer is not None:
+        if tensorboard and self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
-        if self.mlflow is not None and values:
+        if mlflow and self.mlflow is not None and values:
             from mlflow.entities import Metric
             now = int(time.time() * 1000)
             self.mlflow.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])

@@ -250,11 +250,13 @@ def train_loop_per_worker(config: dict) -> None:
         for t, v in window.items():                      # (sum, count): sampling may skip a stream
             stream_sum[t] = (stream_sum.get(t, (0.0, 0))[0] + v, stream_sum.get(t, (0.0, 0))[1] + 1)
         progress.update(time.perf_counter() - t0, seen, window)
-        run_log.scalars(step, {f"loss_{t}": v for t, v in window.items()})
+        losses_now = {f"loss_{t}": v for t, v in window.items()}
+        run_log.scalars(step, losses_now, mlflow=False)
         if rank == 0:
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 say(progress.line(step))
                 run_log.scalars(step, {"lr": engine.get_lr()[0]})
+                run_log.scalars(step, losses_now, tensorboard=False)     # MLflow: once per log interval
 
         # 6. validate, checkpoint, report (every rank: report is a barrier) ------------
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
