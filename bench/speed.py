@@ -318,25 +318,25 @@ class ArrayShard:
 
 def local_datasets(cfg: MTLConfig) -> dict[str, ArrayShard]:
     """``train_<task>`` shards tokenized in this process (no Ray): the profile's data."""
-    from raymtl.data.multitask import Tokenize, label_set_of, load_splits
+    from transformers import AutoTokenizer
+
+    from raymtl.data.multitask import encode, label_set_of, load_splits
     from raymtl.models.encoder import tokenizer_source
     from raymtl.tasks import TASKS
     splits, _ = load_splits(cfg.data)
-    modes = {t: (cfg.model.mode_of(t) if TASKS[t].is_pair else None) for t in splits}
-    tokenize = Tokenize(tokenizer_source(cfg.model.encoder), modes, cfg.data.max_length, {})
+    tok = AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.encoder))
     out = {}
     for t, parts in splits.items():
         rows = parts[0]
-        enc = tokenize({"task": np.array([t] * len(rows)),
-                        **{k: np.array([r[k] for r in rows], dtype=object) for k in ("text_a", "text_b")},
-                        "label": np.array([r["label"] for r in rows]), "line": np.array([r["line"] for r in rows]),
-                        "label_set": np.array([label_set_of(TASKS[t], r) for r in rows])})
-        columns = {}
+        enc = encode(tok, [r["text_a"] for r in rows], [r["text_b"] for r in rows],
+                     cfg.model.mode_of(t) if TASKS[t].is_pair else None, cfg.data.max_length)
+        columns = {"label": np.array([r["label"] for r in rows], np.float32),
+                   "line": np.array([r["line"] for r in rows]),
+                   "label_set": np.array([label_set_of(TASKS[t], r) for r in rows])}
         for k, v in enc.items():
-            columns[k] = np.empty(len(rows), dtype=object) if isinstance(v, list) else v
-            if isinstance(v, list):
-                columns[k][:] = v
-        out[f"train_{t}"] = ArrayShard({k: v for k, v in columns.items() if k != "task"})
+            columns[k] = np.empty(len(rows), dtype=object)
+            columns[k][:] = [np.asarray(x, np.int32) for x in v]
+        out[f"train_{t}"] = ArrayShard(columns)
     return out
 
 
@@ -358,7 +358,8 @@ def op_kind(name: str) -> str:
 
 def profile(cfg: MTLConfig, steps: int, padded: bool, top: int, emit) -> None:
     """Profile the plain bucketed loop in fp32 and in bf16 autocast (see the docstring)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
     if padded:
         cfg = cfg.replace(unpad=False)
     t0 = time.perf_counter()

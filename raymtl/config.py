@@ -62,6 +62,11 @@ class DataConfig:
     related_sets: tuple[str, ...] = _help(
         "related data sets trained as an extra stream of their target task's head (see "
         "raymtl.data.related.RELATED: sst2, cfimdb, mr -> sst; mrpc -> quora; sick -> sts)", default=())
+    cache_dir: str = _help(
+        "directory of the prepared (tokenized) Parquet shards, keyed by the inputs' bytes, the "
+        "tokenizer and the settings (env RAYMTL_CACHE_DIR; on a multi-node cluster: shared storage)",
+        default_factory=lambda: os.environ.get("RAYMTL_CACHE_DIR", os.path.expanduser("~/.cache/raymtl/shards")))
+    force_prepare: bool = _help("prepare the data again even when its shards are cached", default=False)
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)

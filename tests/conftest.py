@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,9 @@ import pytest
 from raymtl.config import DEFAULT_DATA_DIR
 
 DATA_DIR = os.environ.get("RAYMTL_DATA_DIR", DEFAULT_DATA_DIR)
+# Prepared shards of the whole session (and of the jobs it starts) in one temporary cache,
+# shared by the tests (runs on the same data reuse it), never the user's ~/.cache.
+os.environ.setdefault("RAYMTL_CACHE_DIR", tempfile.mkdtemp(prefix="raymtl-cache-"))
 
 
 @pytest.fixture(scope="session")
@@ -29,5 +33,5 @@ def ray_cluster():
 
 def pytest_collection_modifyitems(items):
     """Tests that start their own Ray head run before the session's in-process Ray exists."""
-    own_ray = ("test_job_submit", "test_multinode")
+    own_ray = ("test_job_submit", "test_multinode", "test_ray_up")
     items.sort(key=lambda item: 0 if item.module.__name__.endswith(own_ray) else 1)

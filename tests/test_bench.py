@@ -193,3 +193,26 @@ def test_transfer_smoke_table_next_to_the_heuristic(ray_cluster, tmp_path, capsy
     assert cells[7] in ("pairwise", "stilts", "tie") and cells[8] in ("yes", "no", "-")
     for run in ("pairwise-quora-sts", "stilts-quora", "stilts-quora-sts", "mtl_all"):   # 4 runs, same budget
         assert (tmp_path / run / "stage.json").is_file()
+
+
+def test_data_bench_smoke(ray_cluster, tmp_path):
+    # a subprocess: the bench measures each corpus size in a fresh driver process (its peak RSS
+    # is that size's) and trains in another; they join the session's Ray (never a second one)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--smoke", "--work", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in proc.stdout.splitlines()
+                                          if re.match(r"\| [\d.]+ MB \|", line))}
+    assert sorted(rows) == ["0.5 MB", "2 MB"]                     # a row per corpus size
+    for cells in rows.values():
+        assert int(cells[2].replace(",", "")) > 0                   # rows written
+        assert float(cells[4].replace(",", "")) > 0 and float(cells[5]) > 0     # rows/s, MB/s
+    runs = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if line.startswith(("| multi-task", "| pre-training"))]
+    assert [(r[0].split(",")[0].strip(), r[1].strip().split()[0]) for r in runs] == [
+        ("multi-task", "streamed"), ("multi-task", "in"), ("pre-training", "streamed")]
+    assert all(float(r[3]) > 0 and r[4].strip().endswith("%") for r in runs)   # s/step, data wait
+    assert "joined a Ray instance already running" in proc.stdout       # the session's: never a second Ray
+    assert "Targets of issue 28:" in proc.stdout and "written to" not in proc.stdout   # --smoke writes nothing
+    assert sorted(p.name for p in (tmp_path / "corpora").glob("*.txt")) == ["wikitext2-x-0.5MB-seed0.txt",
+                                                                           "wikitext2-x-2MB-seed0.txt"]

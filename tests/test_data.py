@@ -1,4 +1,7 @@
 """Readers on the real files and on hand-made bad rows."""
+import dataclasses
+from pathlib import Path
+
 import pytest
 
 from raymtl.data.multitask import batch_from_rows
@@ -48,6 +51,39 @@ def test_too_many_bad_rows_fail_naming_the_file(tmp_path):
         read_task_file(TASKS["sst"], path)
 
 
+def test_the_parallel_prepare_pass_keeps_the_bad_row_contract(ray_cluster, tmp_path, monkeypatch):
+    """Every bad row of a task file, found by the parallel pass (ranges of 512 bytes here, so
+    many Ray Data tasks), goes to the rejects file as file:line: reason; too many stop the run
+    before training, naming the file, the count, the rejects file and the first reasons."""
+    import raymtl.data.prepare as prepare
+    from raymtl.config import DataConfig, MTLConfig
+    from raymtl.data.multitask import prepare_task
+    from raymtl.models.encoder import tokenizer_source
+    monkeypatch.setattr(prepare, "CHUNK_BYTES", 512)
+    good = "".join(f"{i}\tid{i}\tgood sentence {i}\t{i % 5}\n" for i in range(200))
+    bad = "900\tidA\t\t3\n901\tidB\tfine text\t7\n902\tidC\tfine text\n"      # lines 202-204
+    (tmp_path / "sst").mkdir()
+    cut = good.index("\n", 3000) + 1                                         # past a few ranges
+    (tmp_path / "sst" / "train.csv").write_bytes((HEADER + good[:cut] + bad + good[cut:]).encode()
+                                                 + b"903\tidD\tbad \xff byte\t1\n")
+    src = tokenizer_source(MTLConfig().model.encoder)
+    d = DataConfig(data_dir=str(tmp_path), tasks=("sst",), cache_dir=str(tmp_path / "cache"), max_bad_fraction=0.05)
+    prep = prepare_task(d, "sst", src, None)
+    assert prep.counts["train"] + prep.counts["val"] == 200 and prep.counts["val"] == 20
+    rejects = Path(prep.path + ".rejects.tsv").read_text().splitlines()
+    first_bad = 2 + good[:cut].count("\n")
+    assert [r.split(": ", 1)[0].rsplit(":", 1)[1] for r in rejects] == [str(first_bad + i) for i in range(3)] + ["205"]
+    assert "empty text" in rejects[0] and "not one of [0, 1, 2, 3, 4]" in rejects[1]
+    assert "expected 4 TAB-separated fields, got 3" in rejects[2] and "not valid UTF-8" in rejects[3]
+    assert "malformed 1 x empty text" in prep.summary()
+    with pytest.raises(DataError, match=r"(?s)train.csv: 4 of 204 lines are malformed, more than "
+                                        r"max_bad_fraction=0.01 \(every one in .*rejects.tsv\).*train.csv:"):
+        prepare_task(dataclasses.replace(d, max_bad_fraction=0.01), "sst", src, None)
+    (tmp_path / "sst" / "train.csv").write_text("\tid\ttext\tsentiment\n0\ta\tok\t1\n")
+    with pytest.raises(DataError, match=r"train\.csv:1: missing required column\(s\) \['sentence'\]"):
+        prepare_task(d, "sst", src, None)
+
+
 def test_missing_column_and_missing_file_fail_clearly(tmp_path):
     path = write(tmp_path, "\tid\ttext\tsentiment\n0\ta\tok\t1\n")
     with pytest.raises(DataError, match=r"f\.csv:1: missing required column\(s\) \['sentence'\]"):
@@ -93,20 +129,31 @@ def test_uri_paths_read_through_pyarrow(data_dir):
     assert len(rows) == 50
 
 
-def test_tokenized_rows_keep_the_split_order_so_a_seed_gives_the_same_batches(ray_cluster, data_dir):
-    """Ray Data hands blocks on in the order its tasks finish unless told to keep the order
-    (raymtl.train.trainer.configure_ray_data); then a seed trained on reshuffled rows from run to run."""
+def test_prepared_task_shards_hold_the_split_and_a_seed_streams_the_same_rows(ray_cluster, data_dir, tmp_path, capsys):
+    """The prepare pass carves exactly the rows and split ``read_task_file`` + ``split_rows``
+    give; the second run tokenizes nothing; a seed streams the rows in the same order in
+    every run (files named in write order; Ray Data keeps the order: configure_ray_data),
+    and reshuffles them at every epoch (file order and the seeded local shuffle buffer)."""
     from raymtl.config import smoke
     from raymtl.data.multitask import load_splits
     from raymtl.data.streams import ingest_options
     from raymtl.stages.multitask import prepare_data
 
-    cfg = smoke().replace(data_dir=data_dir, tasks=("sst", "sts"), max_rows=0)   # every row: many blocks
-    datasets, _ = prepare_data(cfg, verbose=False)
+    cfg = smoke().replace(data_dir=data_dir, tasks=("sst", "sts"), max_rows=0, cache_dir=str(tmp_path))  # every row
+    datasets, sizes = prepare_data(cfg, verbose=True)
+    assert "prepared in" in capsys.readouterr().out
     splits, _ = load_splits(cfg.data)
+    def lines(ds, seed=None):
+        return [int(x) for b in ds.iter_batches(batch_size=256, batch_format="numpy", local_shuffle_seed=seed,
+                                                local_shuffle_buffer_size=1024 if seed else None) for x in b["line"]]
     for task in ("sst", "sts"):
-        want = [r["line"] for r in splits[task][0]]
-        got = [int(x) for b in datasets[f"train_{task}"].iter_batches(batch_size=4096, batch_format="numpy")
-               for x in b["line"]]
-        assert got == want, task
+        train, val = (sorted(r["line"] for r in part) for part in splits[task])
+        epoch1, epoch2 = (lines(datasets[f"train_{task}"], seed) for seed in (1, 2))    # cycle_batches: seed + epoch
+        assert sorted(epoch1) == sorted(epoch2) == train and sorted(lines(datasets[f"val_{task}"])) == val
+        assert epoch1 != epoch2 and sizes[task] == len(train)     # files and rows reshuffled every epoch
+    again, _ = prepare_data(cfg, verbose=True)                              # a second run
+    assert "prepare pass skipped" in capsys.readouterr().out
+    first = [lines(prepare_data(cfg, verbose=False)[0]["train_sst"], seed) for seed in (1, 2)]
+    assert first == [lines(again["train_sst"], seed) for seed in (1, 2)]    # run after run: the same epochs
     assert ingest_options().preserve_order                  # the workers' shards too
+

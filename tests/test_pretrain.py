@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from raymtl.config import field_owners
-from raymtl.data.corpus import check_bad_fraction, clean_wiki, read_nli, read_wiki, split_sentences
+from raymtl.data.corpus import NliParser, WikiParser, clean_wiki, nli_triplets
+from raymtl.data.prepare import LineReport, check_bad_fraction
 from raymtl.data.readers import DataError
 from raymtl.objectives.pretrain import IGNORE, info_nce, mask_tokens, simcse_sup_loss, simcse_unsup_loss
 from raymtl.stages.pretrain import PretrainJobConfig, PretrainStage, pretrain_smoke
@@ -148,33 +149,51 @@ def test_negatives_are_gathered_across_two_workers_with_local_gradients(ray_clus
 
 # ------------------------------------------------------------------------------- reading
 def test_wiki_and_nli_lines_are_cleaned_and_every_unused_line_is_reported(tmp_path):
-    wiki = tmp_path / "wiki.txt"
-    wiki.write_bytes(b" = Heading = \n \n The value is 1 @,@ 000 and state @-@ of @-@ the @-@ art . "
-                     b"A second sentence is here .\n Bad \xff byte line here\n Too short\n")
-    rows, rep = read_wiki(str(wiki), min_words=4)
-    assert [r["text"] for r in rows] == ["The value is 1,000 and state-of-the-art . A second sentence is here ."]
-    assert rows[0]["source"] == f"{wiki}:3"
-    assert rep.skipped == {"heading": [1], "blank line": [2], "fewer than 4 words (list item, caption)": [5]}
-    assert rep.bad == {"not valid UTF-8 (byte 5)": [4]}
-    assert split_sentences(rows[0]["text"]) == ["The value is 1,000 and state-of-the-art .", "A second sentence is here ."]
+    """The prepare pass's parsers, line by line (the pass itself: test_second_prepare_reuses_the_cache)."""
+    wiki = WikiParser(min_words=4, seed=0, threshold=-1)          # threshold -1: nothing held out
+    lines = [b" = Heading = ", b" ", b" The value is 1 @,@ 000 and state @-@ of @-@ the @-@ art . "
+             b"A second sentence is here . Too short .", b" Bad \xff byte line here", b" Too short"]
+    out = {n: wiki.parse("wiki.txt", n, raw) for n, raw in enumerate(lines, start=1)}
+    assert out[1] == ("heading", False) and out[2] == ("blank line", False)
+    assert out[4] == ("not valid UTF-8 (byte 5)", True)
+    assert out[5] == ("fewer than 4 words (list item, caption)", False)
+    paragraph, *sentences = out[3]
+    assert paragraph == {"kind": "mlm", "source": "wiki.txt:3", "text":
+                         "The value is 1,000 and state-of-the-art . A second sentence is here . Too short ."}
+    assert [r["text"] for r in sentences if r["kind"] == "simcse_unsup"] == [
+        "The value is 1,000 and state-of-the-art .", "A second sentence is here ."]
+    assert sentences[-1]["kind"] == "_skipped" and sentences[-1]["reason"].startswith("sentence of fewer than 4")
     assert clean_wiki(" 0 @.@ 7 kg ") == "0.7 kg"
-    with pytest.raises(DataError, match=r"wiki.txt: 1 of 5 lines are malformed"):
-        check_bad_fraction(rep, 0.1)
+    held = WikiParser(min_words=4, seed=0, threshold=2**64)       # every paragraph held out, no sentences
+    assert [r["kind"] for r in held.parse("wiki.txt", 3, lines[2])] == ["mlm_val"]
 
-    nli = tmp_path / "nli.jsonl"
-    nli.write_text('{"premise": "P one", "hypothesis": "yes", "label": "entailment"}\n'
-                   '{"premise": "P one", "hypothesis": "no", "label": "contradiction"}\n'
-                   '{"premise": "P one", "hypothesis": "maybe", "label": "neutral"}\n'
-                   '{"premise": "P one", "hypothesis": "no 2", "label": "contradiction"}\n'
-                   '{"premise": "P two", "hypothesis": "yes", "label": "entailment"}\n'
-                   '{"premise": "P three", "hypothesis": "x"\n'
-                   '{"premise": "P four", "hypothesis": "x", "label": "-"}\n')
-    rows, rep = read_nli(str(nli))
-    assert [(r["text"], r["text_b"], r["text_c"]) for r in rows] == [("P one", "yes", "no"), ("P one", "yes", "no 2")]
-    assert rep.skipped == {"neutral hypothesis (not used)": [3], "premise has no contradiction hypothesis": [5]}
-    assert list(rep.bad.values()) == [[6], [7]]
-    assert list(rep.bad)[0].startswith("not valid JSON") and "label '-' is not one of" in list(rep.bad)[1]
-    assert "nli.jsonl:6" in rep.summary()
+    report = LineReport("wiki.txt", lines=5)
+    report.add("not valid UTF-8 (byte 5)", 4, malformed=True)
+    with pytest.raises(DataError, match=r"wiki.txt: 1 of 5 lines are malformed.*every one in rejects.tsv"):
+        check_bad_fraction(report, 0.1, "rejects.tsv")
+
+    nli = NliParser()
+    raw = [b'{"premise": "P one", "hypothesis": "yes", "label": "entailment"}',
+           b'{"premise": "P one", "hypothesis": "no", "label": "contradiction"}',
+           b'{"premise": "P one", "hypothesis": "maybe", "label": "neutral"}',
+           b'{"premise": "P one", "hypothesis": "no 2", "label": "contradiction"}',
+           b'{"premise": "P two", "hypothesis": "yes", "label": "entailment"}',
+           b'{"premise": "P three", "hypothesis": "x"', b'{"premise": "P four", "hypothesis": "x", "label": "-"}']
+    parsed = {n: nli.parse("nli.jsonl", n, r) for n, r in enumerate(raw, start=1)}
+    assert parsed[3] == ("neutral hypothesis (not used)", False)
+    assert parsed[6][1] and parsed[6][0].startswith("not valid JSON") and "label '-' is not one of" in parsed[7][0]
+    rows = [r for n in (1, 2, 4, 5) for r in parsed[n]]
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["premise"], []).append(r)
+    columns = ("kind", "source", "reason", "count", "premise", "hypothesis", "label_name", "line")
+    out = [nli_triplets({k: np.array([r.get(k, 1 if k == "count" else "") for r in g], dtype=object) for k in columns})
+           for g in groups.values()]           # as Ray Data's groupby("premise").map_groups hands them on
+    triplets = [(t, b, c) for o in out for k, t, b, c in zip(o["kind"], o["text"], o["text_b"], o["text_c"])
+                if k == "simcse_sup"]
+    assert triplets == [("P one", "yes", "no"), ("P one", "yes", "no 2")]
+    skipped = [(k, s, r) for o in out for k, s, r in zip(o["kind"], o["source"], o["reason"]) if k == "_skipped"]
+    assert skipped == [("_skipped", "nli.jsonl:5", "premise has no contradiction hypothesis")]
 
 
 # ------------------------------------------------------------------------------- shards
@@ -184,21 +203,48 @@ def test_second_prepare_reuses_the_cache(ray_cluster, data_dir, tmp_path):
     bad = tmp_path / "nli.jsonl"
     good = Path(data_dir, "nli/snli.jsonl").read_text().splitlines()[:60]
     bad.write_text("\n".join(good[:30] + ["{oops"] + good[30:]) + "\n")
-    cfg = pretrain_smoke().replace(data_dir=data_dir, shard_cache=str(tmp_path / "cache"), max_lines=120,
+    cfg = pretrain_smoke().replace(data_dir=data_dir, cache_dir=str(tmp_path / "cache"), max_lines=120,
                                    nli_files=(str(bad),), max_bad_fraction=0.05)
     src = tokenizer_source(cfg.model.encoder)
     first = prepare_shards(cfg, src)
-    assert first.tokenized_rows > 0 and set(first.counts) == {"mlm", "mlm_val", "simcse_unsup", "simcse_sup", "sts_val"}
+    assert first.tokenized and set(first.counts) == {"mlm", "mlm_val", "simcse_unsup", "simcse_sup", "sts_val"}
     assert first.counts["sts_val"] == 24 and first.counts["mlm_val"] >= cfg.pretrain.heldout_paragraphs
     assert "nli.jsonl:31" in first.summary() and "not valid JSON" in first.summary()
+    rejects = Path(first.path + ".rejects.tsv").read_text().splitlines()
+    assert len(rejects) == 1 and rejects[0].startswith(f"{bad}:31: not valid JSON")
     second = prepare_shards(cfg, src)
-    assert second.tokenized_rows == 0 and second.path == first.path and second.counts == first.counts
-    assert "nli.jsonl:31" in second.summary()                               # reports survive the cache
+    assert not second.tokenized and second.path == first.path and second.counts == first.counts
+    assert "nli.jsonl:31" in second.summary() and "prepare pass skipped" in second.summary()   # reports survive
     ids = first.dataset("simcse_sup").take(1)[0]
     assert {"ids_a", "ids_b", "ids_c", "source"} == set(ids) and ids["ids_a"][0] == 101
+    again = prepare_shards(cfg.replace(force_prepare=True), src)        # --force-prepare
+    assert again.tokenized and again.counts == first.counts and again.path == first.path
     key = cache_key(cache_settings(cfg, src))
     assert cache_key(cache_settings(cfg.replace(max_length=64), src)) != key
     assert cache_key(cache_settings(cfg.replace(mlm_weight=0.5), src)) == key    # weights do not change rows
+    bad.write_text("\n".join(good[:20] + ["{oops"] * 5 + good[20:]) + "\n")  # other bytes: another key
+    with pytest.raises(DataError, match=r"nli.jsonl: 5 of 65 lines are malformed, more than max_bad_fraction=0.05 "
+                                        r"\(every one in .*rejects.tsv\)"):
+        prepare_shards(cfg, src)
+
+
+def test_a_saved_hugging_face_dataset_goes_through_the_same_prepare_pass(ray_cluster, data_dir, tmp_path):
+    """``hf:DIR[:SPLIT]`` (a ``save_to_disk`` directory; ``hf:NAME`` on the hub takes the same
+    path): rows are its ``text`` column, reported as ``hf:...:<row>``."""
+    import datasets
+
+    from raymtl.data.corpus import prepare_shards
+    from raymtl.models.encoder import tokenizer_source
+    lines = Path(data_dir, "wikitext-2/valid.txt").read_text().splitlines()[:150]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": lines})}).save_to_disk(str(tmp_path / "wiki"))
+    cfg = pretrain_smoke().replace(data_dir=data_dir, cache_dir=str(tmp_path / "cache"), max_lines=0,
+                                   wiki_files=(f"hf:{tmp_path / 'wiki'}:train",), nli_files=(), simcse_sup_weight=0.0)
+    shards = prepare_shards(cfg, tokenizer_source(cfg.model.encoder))
+    wiki = shards.reports[0]
+    assert wiki["path"] == f"hf:{tmp_path / 'wiki'}:train" and wiki["lines"] == 150
+    held = {r["source"] for r in shards.dataset("mlm_val").take_all()}              # paragraphs, in chunks
+    assert shards.counts["mlm"] > 0 and len(held) == cfg.pretrain.heldout_paragraphs
+    assert wiki["skipped"]["heading"][1][0] == 2                    # row 2 of the text column: " = Homarus gammarus = "
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -210,7 +256,7 @@ def test_smoke_stage_runs_and_its_checkpoint_starts_the_multitask_stage(ray_clus
     from raymtl.models.multitask import MultiTaskModel
     from raymtl.train.trainer import fit
     cfg = pretrain_smoke().replace(data_dir=data_dir, output=str(tmp_path / "runs"), cpus_per_worker=1.0,
-                                   shard_cache=str(tmp_path / "cache"))
+                                   cache_dir=str(tmp_path / "cache"))
     summary = fit(cfg, verbose=False)
     m = summary.metrics
     assert m["step"] == 12 and m["start_step"] == 0

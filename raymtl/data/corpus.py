@@ -1,97 +1,70 @@
 """Pre-training data: WikiText and NLI lines -> tokenized Parquet shards, cached.
 
-``prepare_shards(cfg)`` reads the raw files (local paths, URIs, or ``hf:NAME[:CONFIG[:SPLIT]]``
-for a Hugging Face dataset's ``text`` column on a machine with hub access), cleans them,
-carves held-out Wiki paragraphs and the STS validation split, tokenizes everything in one
-Ray Data ``map_batches`` pass and writes one Parquet directory per kind of row::
+``prepare_shards(cfg)`` runs the prepare pass (``raymtl.data.prepare``) over the raw files
+(local paths, URIs, or ``hf:NAME[:CONFIG[:SPLIT]]`` / ``hf:DIR[:SPLIT]`` for a Hugging Face
+data set's ``text`` column): every byte range of a file is one Ray Data task that cleans its
+lines, tokenizes them and writes them out. Held-out Wiki paragraphs are the
+``heldout_paragraphs`` with the smallest seeded hash of their ``file:line`` (a first, cheap
+pass finds the threshold), so no global shuffle is needed; NLI lines are grouped by premise
+(a Ray Data ``groupby``) into triplets. One Parquet directory per kind of row::
 
-    <shard_cache>/<key>/mlm/            Wiki paragraphs, in chunks of <= max_length tokens
-    <shard_cache>/<key>/mlm_val/        held-out Wiki paragraphs (MLM loss / perplexity)
-    <shard_cache>/<key>/simcse_unsup/   Wiki sentences of the training paragraphs
-    <shard_cache>/<key>/simcse_sup/     NLI triplets (premise, entailment, contradiction)
-    <shard_cache>/<key>/sts_val/        the STS validation split carved as in jobs/mtl.py
-    <shard_cache>/<key>/manifest.json   row counts, the read reports, the settings hashed
+    <cache_dir>/pretrain-<key>/kind=mlm/            Wiki paragraphs, in chunks of <= max_length tokens
+    <cache_dir>/pretrain-<key>/kind=mlm_val/        held-out Wiki paragraphs (MLM loss / perplexity)
+    <cache_dir>/pretrain-<key>/kind=simcse_unsup/   Wiki sentences of the training paragraphs
+    <cache_dir>/pretrain-<key>/kind=simcse_sup/     NLI triplets (premise, entailment, contradiction)
+    <cache_dir>/pretrain-<key>/kind=sts_val/        the STS validation split carved as in jobs/mtl.py
+    <cache_dir>/pretrain-<key>/manifest.json        row counts, the line reports, the settings hashed
+    <cache_dir>/pretrain-<key>.rejects.tsv          every malformed line, as file:line: reason
 
-``key`` hashes the tokenizer (its full definition) and every setting that changes the rows,
-so a second run with the same inputs reads the shards instead of tokenizing again. Every
-line not used is counted by reason and reported as ``file:line``; malformed lines (bad JSON,
-unknown label, non-UTF-8, too short) count against ``max_bad_fraction``.
+``key`` hashes the input bytes, the tokenizer (its full definition) and every setting that
+changes the rows, so a second run reads the shards instead of tokenizing again. Every line
+not used is counted by reason and reported as ``file:line``; malformed lines (bad JSON,
+unknown label, non-UTF-8) count against ``max_bad_fraction``.
 """
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
-import os
-import random
 import re
-import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from raymtl.data.multitask import load_splits
-from raymtl.data.readers import DataError, read_bytes
+from raymtl.data.prepare import (
+    LineReport,
+    Parser,
+    Prepared,
+    cached,
+    check_bad_fraction,
+    collect_reports,
+    count_rows,
+    decode,
+    line_ranges,
+    parse_pass,
+    per_process,
+    range_lines,
+    ranges_dataset,
+    sha256_of,
+    tokenizer_fingerprint,
+    write_parts,
+)
+from raymtl.data.readers import DataError
 
 KINDS = ("mlm", "mlm_val", "simcse_unsup", "simcse_sup", "sts_val")
 COLUMNS = {"mlm": ["ids_a"], "mlm_val": ["ids_a"], "simcse_unsup": ["ids_a"],
            "simcse_sup": ["ids_a", "ids_b", "ids_c"], "sts_val": ["ids_a", "ids_b", "label"]}
-FORMAT_VERSION = 1
 HEADING = re.compile(r"^=+ .* =+$")
 JOIN = re.compile(r" @(\S)@ ")                      # "1 @,@ 000" -> "1,000", "a @-@ b" -> "a-b"
 SENTENCE_END = re.compile(r"(?<= [.!?]) +")          # WikiText separates final punctuation
 NLI_LABELS = ("entailment", "neutral", "contradiction")
+SHORT_SENTENCE = "sentence of fewer than {} words (not for SimCSE)"       # of a used paragraph, not a line
+EMPTY = np.zeros(0, np.int32)
 
 
-# ------------------------------------------------------------------------------- reports
-@dataclass
-class LineReport:
-    """What became of every line of one file: rows used, lines skipped by design (blank,
-    heading, neutral), malformed lines; each with its line numbers."""
-    path: str
-    lines: int = 0
-    rows: int = 0
-    skipped: dict[str, list[int]] = field(default_factory=dict)
-    bad: dict[str, list[int]] = field(default_factory=dict)
-
-    def skip(self, line: int, reason: str, malformed: bool = False) -> None:
-        (self.bad if malformed else self.skipped).setdefault(reason, []).append(line)
-
-    def n_bad(self) -> int:
-        return sum(len(v) for v in self.bad.values())
-
-    def summary(self) -> str:
-        name = self.path.rsplit("/", 1)[-1]
-        s = f"{self.path}: {self.lines} lines -> {self.rows} rows"
-        for kind, groups in (("skipped", self.skipped), ("malformed", self.bad)):
-            for reason, lines in groups.items():
-                first = sorted(lines)[:3]
-                where = ", ".join(f"{name}:{n}" for n in first) + (" ..." if len(lines) > 3 else "")
-                s += f"\n  {kind} {len(lines)} x {reason} ({where})"
-        return s
-
-
-def check_bad_fraction(report: LineReport, max_bad_fraction: float) -> None:
-    if report.lines and report.n_bad() / report.lines > max_bad_fraction:
-        raise DataError(f"{report.path}: {report.n_bad()} of {report.lines} lines are malformed, "
-                        f"more than max_bad_fraction={max_bad_fraction}\n" + report.summary())
-
-
-# ------------------------------------------------------------------------------- readers
-def read_lines(path: str, max_lines: int = 0) -> list[bytes]:
-    """Raw lines of a file, or the ``text`` column of ``hf:NAME[:CONFIG[:SPLIT]]``."""
-    if path.startswith("hf:"):
-        import datasets
-        name, config, split = (path[3:].split(":") + ["", ""])[:3]
-        ds = datasets.load_dataset(name, config or None, split=split or "train")
-        texts = ds["text"][:max_lines] if max_lines else ds["text"]
-        return [t.rstrip("\n").encode() for t in texts]
-    lines = read_bytes(path).split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    return lines[:max_lines] if max_lines else lines
-
-
+# ------------------------------------------------------------------------------- parsing
 def clean_wiki(text: str) -> str:
     """Undo WikiText's tokenization joins; ``<unk>`` stays (the tokenizer maps it)."""
     return re.sub(r"\s+", " ", JOIN.sub(r"\1", f" {text.strip()} ")).strip()
@@ -99,28 +72,6 @@ def clean_wiki(text: str) -> str:
 
 def split_sentences(paragraph: str) -> list[str]:
     return [s.strip() for s in SENTENCE_END.split(paragraph) if s.strip()]
-
-
-def read_wiki(path: str, min_words: int, max_lines: int = 0) -> tuple[list[dict], LineReport]:
-    """Paragraph rows ``{"source": "file:line", "text"}``; headings and blank lines skipped."""
-    report, rows = LineReport(path), []
-    for n, raw in enumerate(read_lines(path, max_lines), start=1):
-        report.lines += 1
-        try:
-            text = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            report.skip(n, f"not valid UTF-8 (byte {e.start})", malformed=True)
-            continue
-        if not text:
-            report.skip(n, "blank line")
-        elif HEADING.match(text):
-            report.skip(n, "heading")
-        elif len(clean_wiki(text).split()) < min_words:
-            report.skip(n, f"fewer than {min_words} words (list item, caption)")
-        else:
-            rows.append({"source": f"{path}:{n}", "text": clean_wiki(text)})
-    report.rows = len(rows)
-    return rows, report
 
 
 def parse_nli(raw: bytes) -> tuple[str, str, str]:
@@ -141,93 +92,19 @@ def parse_nli(raw: bytes) -> tuple[str, str, str]:
     return d["premise"].strip(), d["hypothesis"].strip(), d["label"]
 
 
-def read_nli(path: str, max_lines: int = 0) -> tuple[list[dict], LineReport]:
-    """Triplet rows ``{"source", "text", "text_b" (entailment), "text_c" (contradiction)}``.
-    A premise with e entailment and c contradiction hypotheses gives max(e, c) triplets, the
-    shorter list reused in file order; a premise lacking either kind gives none."""
-    report, by_premise = LineReport(path), {}
-    for n, raw in enumerate(read_lines(path, max_lines), start=1):
-        report.lines += 1
-        if not raw.strip():
-            report.skip(n, "blank line")
-            continue
-        try:
-            premise, hypothesis, label = parse_nli(raw)
-        except ValueError as e:
-            report.skip(n, str(e), malformed=True)
-            continue
-        if label == "neutral":
-            report.skip(n, "neutral hypothesis (not used)")
-            continue
-        by_premise.setdefault(premise, {"entailment": [], "contradiction": []})[label].append((n, hypothesis))
-    rows = []
-    for premise, h in by_premise.items():
-        pos, neg = h["entailment"], h["contradiction"]
-        if not (pos and neg):
-            for n, _ in pos + neg:
-                report.skip(n, "premise has no " + ("contradiction" if pos else "entailment") + " hypothesis")
-            continue
-        for j in range(max(len(pos), len(neg))):
-            (n, p), (_, c) = pos[j % len(pos)], neg[j % len(neg)]
-            rows.append({"source": f"{path}:{n}", "text": premise, "text_b": p, "text_c": c})
-    report.rows = len(rows)
-    return rows, report
 
 
 def resolve(data_dir: str, path: str) -> str:
     return path if path.startswith(("hf:", "/")) or "://" in path else f"{data_dir.rstrip('/')}/{path}"
 
 
-def collect_rows(cfg) -> tuple[list[dict], list[LineReport]]:
-    """Every row to tokenize, tagged with its ``kind``; and one read report per file."""
-    p, items, reports, paragraphs = cfg.pretrain, [], {}, []
-    for f in p.wiki_files:
-        rows, report = read_wiki(resolve(cfg.data.data_dir, f), p.min_words, p.max_lines)
-        check_bad_fraction(report, cfg.data.max_bad_fraction)
-        paragraphs += rows
-        reports[report.path] = report
-    if len(paragraphs) <= p.heldout_paragraphs:
-        raise DataError(f"only {len(paragraphs)} Wiki paragraphs; heldout_paragraphs={p.heldout_paragraphs} "
-                        "leaves none to train on")
-    order = list(range(len(paragraphs)))
-    random.Random(cfg.data.split_seed).shuffle(order)
-    held = set(order[:p.heldout_paragraphs])
-    for i, row in enumerate(paragraphs):
-        items.append({**row, "kind": "mlm_val" if i in held else "mlm"})
-        for sentence in ([] if i in held else split_sentences(row["text"])):
-            if len(sentence.split()) >= p.min_words:
-                items.append({"source": row["source"], "text": sentence, "kind": "simcse_unsup"})
-            else:
-                path, line = row["source"].rsplit(":", 1)
-                reports[path].skip(int(line), f"sentence of fewer than {p.min_words} words (not for SimCSE)")
-    for f in p.nli_files:
-        rows, report = read_nli(resolve(cfg.data.data_dir, f), p.max_lines)
-        check_bad_fraction(report, cfg.data.max_bad_fraction)
-        items += [{**r, "kind": "simcse_sup"} for r in rows]
-        reports[report.path] = report
-    sts, report = sts_rows(cfg)
-    reports[report.path] = report
-    return items + sts, list(reports.values())
+def paragraph_hash(seed: int, source: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{source}".encode(), digest_size=8).digest(), "big")
 
 
-def sts_rows(cfg) -> tuple[list[dict], LineReport]:
-    """The STS validation split, carved exactly as the multi-task stage carves it."""
-    splits, (read,) = load_splits(replace(cfg.data, tasks=("sts",), related_sets=()))
-    train, val = splits["sts"]
-    report = LineReport(read.path, lines=read.rows + len(read.bad), rows=len(val))
-    report.skipped["row of the multi-task training split (not used here)"] = sorted(r["line"] for r in train)
-    for line, reason in read.bad:
-        report.skip(line, reason, malformed=True)
-    rows = [{"source": f"{read.path}:{r['line']}", "text": r["text_a"], "text_b": r["text_b"],
-             "label": r["label"], "kind": "sts_val"} for r in val]
-    return rows, report
-
-
-# ------------------------------------------------------------------------------ tokenize
-class PretrainTokenize:
-    """Ray Data ``map_batches`` callable (the tokenizer loads once per actor). MLM paragraphs
-    become chunks of at most ``max_length`` tokens ([CLS] ... [SEP]); every other text is one
-    sequence truncated to ``max_length``."""
+# ------------------------------------------------------------------------------- parsers
+class Tokens:
+    """The tokenizer, loaded once per Ray Data actor: truncated sequences and MLM chunks."""
 
     def __init__(self, tokenizer_source: str, max_length: int):
         from transformers import AutoTokenizer
@@ -236,115 +113,239 @@ class PretrainTokenize:
         self.max_length = max_length
 
     def encode(self, texts) -> list[np.ndarray]:
+        if not texts:
+            return []
         texts = [str(t).replace("<unk>", self.tok.unk_token) for t in texts]
         return [np.asarray(x, np.int32) for x in
                 self.tok(texts, truncation=True, max_length=self.max_length)["input_ids"]]
 
-    def chunks(self, text: str) -> list[np.ndarray]:
-        ids = self.tok(str(text).replace("<unk>", self.tok.unk_token), add_special_tokens=False)["input_ids"]
-        n = self.max_length - 2
-        return [np.asarray([self.tok.cls_token_id, *ids[i:i + n], self.tok.sep_token_id], np.int32)
-                for i in range(0, max(len(ids), 1), n)]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out = {k: [] for k in ("kind", "source", "ids_a", "ids_b", "ids_c", "label")}
-        empty = np.zeros(0, np.int32)
-        texts = [(i, c) for i, kind in enumerate(batch["kind"]) if kind not in ("mlm", "mlm_val")
-                 for c in ("text", "text_b", "text_c") if batch[c][i]]
-        ids = dict(zip(texts, self.encode([batch[c][i] for i, c in texts])))     # one tokenizer call
-        for i, kind in enumerate(batch["kind"]):
-            seqs = ([(c, empty, empty) for c in self.chunks(batch["text"][i])] if kind in ("mlm", "mlm_val")
-                    else [tuple(ids.get((i, c), empty) for c in ("text", "text_b", "text_c"))])
-            for a, b, c in seqs:
-                for k, v in (("kind", kind), ("source", batch["source"][i]), ("ids_a", a), ("ids_b", b),
-                             ("ids_c", c), ("label", float(batch["label"][i]))):
-                    out[k].append(v)
-        return out
+    def chunks(self, texts) -> list[list[np.ndarray]]:
+        """Each text as chunks of at most ``max_length`` tokens ([CLS] ... [SEP])."""
+        if not texts:
+            return []
+        n, cls, sep = self.max_length - 2, self.tok.cls_token_id, self.tok.sep_token_id
+        ids = self.tok([str(t).replace("<unk>", self.tok.unk_token) for t in texts],
+                       add_special_tokens=False)["input_ids"]
+        return [[np.asarray([cls, *x[i:i + n], sep], np.int32) for i in range(0, max(len(x), 1), n)]
+                for x in ids]
 
 
-# ------------------------------------------------------------------------------ the cache
-def tokenizer_fingerprint(source: str) -> str:
-    """Hash of the tokenizer's full definition (vocabulary, normalizer, special tokens)."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(source)
-    body = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else json.dumps(
-        sorted(tok.get_vocab().items()))
-    return hashlib.sha256(f"{type(tok).__name__}\n{body}".encode()).hexdigest()
+class WikiParser(Parser):
+    """WikiText lines: a paragraph is MLM chunks (``mlm``, or ``mlm_val`` when held out) and,
+    when trained on, its sentences for unsupervised SimCSE; blank lines, headings and short
+    paragraphs are skipped by design."""
+    columns = {"ids_a": EMPTY}
+
+    def __init__(self, tokenizer_source: str = "", max_length: int = 128, min_words: int = 4,
+                 seed: int = 0, threshold: int = -1):
+        self.tokens = Tokens(tokenizer_source, max_length) if tokenizer_source else None
+        self.min_words, self.seed, self.threshold = min_words, seed, threshold
+
+    def paragraph(self, line: int, raw: bytes) -> str | tuple[str, bool]:
+        try:
+            text = decode(raw).strip()
+        except ValueError as e:
+            return str(e), True
+        if not text:
+            return "blank line", False
+        if HEADING.match(text):
+            return "heading", False
+        text = clean_wiki(text)
+        if len(text.split()) < self.min_words:
+            return f"fewer than {self.min_words} words (list item, caption)", False
+        return text
+
+    def parse(self, path, line, raw):
+        text = self.paragraph(line, raw)
+        if isinstance(text, tuple):
+            return text
+        source = f"{path}:{line}"
+        if paragraph_hash(self.seed, source) <= self.threshold:
+            return [{"kind": "mlm_val", "source": source, "text": text}]
+        rows = [{"kind": "mlm", "source": source, "text": text}]
+        for sentence in split_sentences(text):
+            rows.append({"kind": "simcse_unsup", "source": source, "text": sentence}
+                        if len(sentence.split()) >= self.min_words else
+                        {"kind": "_skipped", "source": source, "reason": SHORT_SENTENCE.format(self.min_words)})
+        return rows
+
+    def tokenize(self, rows):
+        mlm = [r for r in rows if r["kind"] in ("mlm", "mlm_val")]
+        for r, ids in zip(mlm, self.tokens.chunks([r["text"] for r in mlm])):
+            r["chunks"] = ids
+        sentences = [r for r in rows if r["kind"] == "simcse_unsup"]
+        for r, ids in zip(sentences, self.tokens.encode([r["text"] for r in sentences])):
+            r["ids_a"] = ids
+        return [c for r in rows for c in ([{**r, "ids_a": x} for x in r["chunks"]] if "chunks" in r else [r])]
 
 
-def file_fingerprint(path: str) -> str:
-    return path if path.startswith("hf:") else hashlib.sha256(read_bytes(path)).hexdigest()
+class NliParser(Parser):
+    """NLI JSON lines -> ``_nli`` rows (premise, hypothesis, label), grouped into triplets
+    later (``nli_triplets``); neutral hypotheses and blank lines are skipped by design."""
+    columns = {"premise": "", "hypothesis": "", "label_name": "", "line": 0}
+
+    def parse(self, path, line, raw):
+        if not raw.strip():
+            return "blank line", False
+        try:
+            premise, hypothesis, label = parse_nli(raw)
+        except ValueError as e:
+            return str(e), True
+        if label == "neutral":
+            return "neutral hypothesis (not used)", False
+        return [{"kind": "_nli", "source": f"{path}:{line}", "premise": premise, "hypothesis": hypothesis,
+                 "label_name": label, "line": line}]
+
+    def tokenize(self, rows):
+        return rows
+
+
+def nli_triplets(group: dict[str, np.ndarray]) -> dict[str, list]:
+    """One premise's hypotheses -> max(e, c) triplets, the shorter list reused in file order;
+    a premise lacking either kind gives none (each of its lines counted as skipped). Other
+    outcome rows (``_bad``, ``_skipped``: premise "") pass through."""
+    keep = ("kind", "source", "reason", "count")
+    out = {k: [] for k in (*keep, "text", "text_b", "text_c")}
+
+    def emit(**row):
+        for k in out:
+            out[k].append(row.get(k, 1 if k == "count" else ""))
+    rows = [dict(zip(group, v)) for v in zip(*group.values())]
+    for r in rows:
+        if r["kind"] != "_nli":
+            emit(**{k: r[k] for k in keep})
+    nli = sorted((r for r in rows if r["kind"] == "_nli"), key=lambda r: (str(r["source"]).rsplit(":", 1)[0], r["line"]))
+    pos = [r for r in nli if r["label_name"] == "entailment"]
+    neg = [r for r in nli if r["label_name"] == "contradiction"]
+    if nli and not (pos and neg):
+        for r in nli:
+            emit(kind="_skipped", source=r["source"],
+                 reason="premise has no " + ("contradiction" if pos else "entailment") + " hypothesis")
+    elif nli:
+        for j in range(max(len(pos), len(neg))):
+            p, c = pos[j % len(pos)], neg[j % len(neg)]
+            emit(kind="simcse_sup", source=p["source"], text=p["premise"], text_b=p["hypothesis"],
+                 text_c=c["hypothesis"])
+    return out
+
+
+def tokenize_triplets(batch: dict[str, np.ndarray], tokens: tuple[type, dict]) -> dict[str, list]:
+    """Ray Data ``map_batches`` function: the triplets' three texts -> ids; outcome rows pass."""
+    tok = per_process(tokens)
+    idx = [i for i, k in enumerate(batch["kind"]) if k == "simcse_sup"]
+    out = {k: list(batch[k]) for k in ("kind", "source", "reason", "count")}
+    for col, text in (("ids_a", "text"), ("ids_b", "text_b"), ("ids_c", "text_c")):
+        ids = dict(zip(idx, tok.encode([batch[text][i] for i in idx])))
+        out[col] = [ids.get(i, EMPTY) for i in range(len(batch["kind"]))]
+    return out
+
+
+# ------------------------------------------------------------------------------- the pass
+def heldout_threshold(ranges: list[dict], n: int, min_words: int, seed: int) -> int:
+    """The hash of the ``n``-th Wiki paragraph in hash order (a parse-only pass over every range)."""
+    def smallest(batch):
+        parser = WikiParser(min_words=min_words)
+        hashes = [paragraph_hash(seed, f"{path}:{line}") for path, s, e, f in zip(
+            batch["path"], batch["start"], batch["end"], batch["first_line"])
+            for line, raw in range_lines({"path": path, "start": s, "end": e, "first_line": f})
+            if not isinstance(parser.paragraph(line, raw), tuple)]
+        return {"h": np.asarray(heapq.nsmallest(n + 1, hashes), np.uint64)}
+    found = sorted(int(r["h"]) for r in ranges_dataset(ranges).map_batches(smallest, batch_size=1).take_all())
+    if len(found) <= n:
+        raise DataError(f"only {len(found)} Wiki paragraphs; heldout_paragraphs={n} leaves none to train on")
+    return found[n - 1]
 
 
 def cache_settings(cfg, tokenizer_source: str) -> dict:
     """Everything the shards depend on: inputs (by content), tokenizer, and settings."""
     p, d = cfg.pretrain, cfg.data
     files = [resolve(d.data_dir, f) for f in (*p.wiki_files, *p.nli_files)] + [resolve(d.data_dir, "sts/train.csv")]
-    return {"version": FORMAT_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer_source),
-            "files": [[f, file_fingerprint(f)] for f in files], "max_length": d.max_length,   # in order
+    return {"tokenizer": tokenizer_fingerprint(tokenizer_source),
+            "files": [[f, sha256_of(f)] for f in files], "max_length": d.max_length,   # in order
             "split_seed": d.split_seed, "val_fraction": d.val_fraction, "max_rows": d.max_rows,
             "max_bad_fraction": d.max_bad_fraction, "min_words": p.min_words, "max_lines": p.max_lines,
             "heldout_paragraphs": p.heldout_paragraphs, "rows_per_shard": p.rows_per_shard}
 
 
 def cache_key(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    from raymtl.data.prepare import FORMAT_VERSION
+    return hashlib.sha256(json.dumps({"version": FORMAT_VERSION, **settings}, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@dataclass
-class Shards:
-    """Tokenized Parquet shards on disk. ``tokenized_rows`` is 0 when the cache was reused."""
-    path: str
-    counts: dict[str, int]
-    reports: list[dict]
-    tokenized_rows: int
+class Shards(Prepared):
+    """The pre-training shards; ``dataset(kind)`` streams one kind."""
 
-    def summary(self) -> str:
-        lines = [LineReport(**r).summary() for r in self.reports]
-        how = "reused" if not self.tokenized_rows else f"written ({self.tokenized_rows} rows tokenized)"
-        return "\n".join(lines + [f"shards {how}: {self.path} {self.counts}"])
-
-    def dataset(self, kind: str):
-        """The shards of one kind, read into the object store before training starts: on 2
-        CPUs a streaming read would wait for the CPUs the training workers hold."""
-        import ray.data
-        return ray.data.read_parquet(f"{self.path}/{kind}").materialize()
+    def dataset(self, kind: str, seed: int | None = None, in_memory: bool = False):
+        return super().dataset(f"kind={kind}", columns=["source", *COLUMNS[kind]], seed=seed, in_memory=in_memory)
 
 
-def prepare_shards(cfg, tokenizer_source: str) -> Shards:
+def prepare_shards(cfg, tokenizer_source: str, force: bool = False) -> Shards:
     """Read, clean, tokenize and write the shards, or reuse them (see the module docstring)."""
-    settings = cache_settings(cfg, tokenizer_source)
-    key = cache_key(settings)
-    root = Path(cfg.pretrain.shard_cache).expanduser() / key
-    if (root / "manifest.json").is_file():
-        m = json.loads((root / "manifest.json").read_text())
-        return Shards(str(root), m["counts"], m["reports"], tokenized_rows=0)
-    items, reports = collect_rows(cfg)
-    tmp = root.with_name(f"{key}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    counts = write_shards(items, tokenizer_source, cfg.data.max_length, cfg.pretrain.rows_per_shard, tmp)
-    manifest = {"counts": counts, "reports": [asdict(r) for r in reports], "settings": settings}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    try:
-        tmp.rename(root)                               # atomic: a half-written cache never counts
-    except OSError:                                    # another run finished first: use its shards
-        shutil.rmtree(tmp, ignore_errors=True)
-    return Shards(str(root), counts, manifest["reports"], tokenized_rows=len(items))
+    p, d = cfg.pretrain, cfg.data
+
+    def build(tmp: Path, rejects: Path):
+        reports: dict[str, LineReport] = {}
+        wiki = []
+        for f in p.wiki_files:
+            path = resolve(d.data_dir, f)
+            ranges, lines = line_ranges(path, max_lines=p.max_lines)
+            reports[path] = LineReport(path, lines=lines)
+            wiki += ranges
+        threshold = heldout_threshold(wiki, p.heldout_paragraphs, p.min_words, d.split_seed)
+        wiki_parser = (WikiParser, {"tokenizer_source": tokenizer_source, "max_length": d.max_length,
+                                    "min_words": p.min_words, "seed": d.split_seed, "threshold": threshold})
+        write_parts(parse_pass(ranges_dataset(wiki), wiki_parser), tmp / "wiki", p.rows_per_shard)
+        nli = []
+        for f in p.nli_files:
+            path = resolve(d.data_dir, f)
+            ranges, lines = line_ranges(path, max_lines=p.max_lines)
+            reports[path] = LineReport(path, lines=lines)
+            nli += ranges
+        if nli:
+            triplets = (parse_pass(ranges_dataset(nli), (NliParser, {}))
+                        .groupby("premise").map_groups(nli_triplets, batch_format="numpy")
+                        .map_batches(tokenize_triplets, batch_size=1024, num_cpus=1, fn_kwargs={
+                            "tokens": (Tokens, {"tokenizer_source": tokenizer_source, "max_length": d.max_length})}))
+            write_parts(triplets, tmp / "nli", p.rows_per_shard)
+        for part in ("wiki", "nli"):
+            if (tmp / part).is_dir():
+                collect_reports(tmp / part, reports, rejects)
+        for path, r in reports.items():
+            r.rows = r.lines - r.n_bad() - sum(n for reason, (n, _) in r.skipped.items()
+                                               if reason != SHORT_SENTENCE.format(p.min_words))
+            check_bad_fraction(r, d.max_bad_fraction, str(rejects))
+        sts, sts_report = sts_rows(cfg, tokenizer_source)
+        reports[sts_report.path] = sts_report
+        write_table(tmp / "sts" / "kind=sts_val", sts)
+        for part in ("wiki", "nli", "sts"):              # one directory per kind at the top
+            for k in (tmp / part).glob("kind=*") if (tmp / part).is_dir() else []:
+                if not k.name.startswith("kind=_"):
+                    k.rename(tmp / k.name)
+        counts = {k: count_rows(tmp, k) for k in KINDS}
+        return counts, list(reports.values()), []
+
+    prepared = cached(d.cache_dir, "pretrain", cache_settings(cfg, tokenizer_source), force or d.force_prepare, build)
+    return Shards(**prepared.__dict__)
 
 
-def write_shards(items: list[dict], tokenizer_source: str, max_length: int, rows_per_shard: int,
-                 out: Path) -> dict[str, int]:
-    """One Ray Data pass: tokenize every row, then one Parquet directory per kind."""
-    import ray.data
-    from ray.data.expressions import col
-    blank = {"text_b": "", "text_c": "", "label": 0.0}
-    ds = ray.data.from_items([{**blank, **r} for r in items]).map_batches(
-        PretrainTokenize, fn_constructor_kwargs={"tokenizer_source": tokenizer_source, "max_length": max_length},
-        batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1), num_cpus=1).materialize()
-    counts = {}
-    for kind in KINDS:
-        part = ds.filter(expr=col("kind") == kind).select_columns(["source", *COLUMNS[kind]]).materialize()
-        counts[kind] = part.count()
-        if counts[kind]:
-            part.write_parquet(str(out / kind), max_rows_per_file=rows_per_shard)
-    return counts
+def write_table(out: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out / "part-0.parquet")
+
+
+def sts_rows(cfg, tokenizer_source: str) -> tuple[list[dict], LineReport]:
+    """The STS validation split, carved exactly as the multi-task stage carves it, tokenized."""
+    splits, (read,) = load_splits(replace(cfg.data, tasks=("sts",), related_sets=()))
+    train, val = splits["sts"]
+    report = LineReport(read.path, lines=read.rows + len(read.bad), rows=len(val))
+    report.add("row of the multi-task training split (not used here)", min(r["line"] for r in train),
+               count=len(train))
+    for line, reason in read.bad:
+        report.add(reason, line, malformed=True)
+    tokens = Tokens(tokenizer_source, cfg.data.max_length)
+    ids_a, ids_b = tokens.encode([r["text_a"] for r in val]), tokens.encode([r["text_b"] for r in val])
+    rows = [{"source": f"{read.path}:{r['line']}", "ids_a": a.tolist(), "ids_b": b.tolist(), "label": float(r["label"])}
+            for r, a, b in zip(val, ids_a, ids_b)]
+    return rows, report

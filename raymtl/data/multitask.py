@@ -4,7 +4,10 @@ by ``raymtl.data.readers``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,9 +15,29 @@ import torch
 if TYPE_CHECKING:
     from ray.data import Dataset
 
-from raymtl.data.readers import ReadReport, read_task_file, split_rows
-from raymtl.data.related import related_rows
+from raymtl.data.prepare import (
+    LineReport,
+    Parser,
+    Prepared,
+    cached,
+    check_bad_fraction,
+    collect_reports,
+    count_rows,
+    decode,
+    file_system,
+    line_ranges,
+    parse_pass,
+    per_process,
+    ranges_dataset,
+    sha256_of,
+    tokenizer_fingerprint,
+    write_parts,
+)
+from raymtl.data.readers import DataError, ReadReport, column_positions, read_task_file, split_rows
+from raymtl.data.related import get_related, related_rows
 from raymtl.tasks import TASKS, TaskSpec
+
+EMPTY = np.zeros(0, np.int32)
 
 
 # ---------------------------------------------------------------------------- tokenization
@@ -35,33 +58,6 @@ def encode(tokenizer, text_a: list[str], text_b: list[str], mode: str | None, ma
              if mode == "bi" else [[] for _ in text_a])
     return {"ids_a": enc_a["input_ids"], "tt_a": [[0] * len(x) for x in enc_a["input_ids"]],
             "ids_b": ids_b}
-
-
-class Tokenize:
-    """Ray Data ``map_batches`` callable: loads the tokenizer once per actor."""
-
-    def __init__(self, tokenizer_source: str, modes: dict[str, str | None], max_length: int,
-                 prefixes: dict[str, str]):
-        from transformers import AutoTokenizer
-        self.tok = AutoTokenizer.from_pretrained(tokenizer_source)
-        self.modes, self.max_length, self.prefixes = modes, max_length, prefixes
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        out = {"ids_a": [], "tt_a": [], "ids_b": []}
-        tasks = batch["task"]
-        # A batch may mix tasks; encode each task's rows with its own input mode.
-        idx_by_task: dict[str, list[int]] = {}
-        for i, t in enumerate(tasks):
-            idx_by_task.setdefault(str(t), []).append(i)
-        cols: dict[str, list] = {k: [None] * len(tasks) for k in out}
-        for task, idx in idx_by_task.items():
-            enc = encode(self.tok, [batch["text_a"][i] for i in idx], [batch["text_b"][i] for i in idx],
-                         self.modes[task], self.max_length, self.prefixes.get(task, ""))
-            for k in out:
-                for j, i in enumerate(idx):
-                    cols[k][i] = np.asarray(enc[k][j], dtype=np.int32)
-        kept = {k: v for k, v in batch.items() if k not in ("text_a", "text_b")}   # task, split, line, labels
-        return {**kept, "label": batch["label"].astype(np.float32), **cols}
 
 
 def _pad(seqs, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,28 +124,149 @@ def label_set_of(spec: TaskSpec, row: dict) -> int:
     return 1 << int(row["label"]) if spec.label_type == "class" else 0
 
 
-def tokenized_datasets(splits, tokenizer_source: str, modes: dict[str, str | None],
-                       max_length: int, prefixes: dict[str, str] | None = None) -> dict[str, "Dataset"]:
-    """One Ray Data pass tokenizes every task and split; returns ``{"train_sst": ds, "val_sst": ds, ...}``
-    (and ``train_<task>_related`` for a task with related rows).
+# ---------------------------------------------------------------------------- the prepare pass
+class TaskParser(Parser):
+    """The lines of one task file (after its header) -> checked, tokenized rows (as
+    ``raymtl.data.readers.read_task_file`` checks them), for the task's input mode."""
+    columns = {"line": 0, "text_a": "", "text_b": "", "label": 0.0, "label_set": 0,
+               "ids_a": EMPTY, "tt_a": EMPTY, "ids_b": EMPTY}
 
-    The result is materialized so that training workers, which hold the CPUs during
-    ``fit``, never wait on a streaming tokenizer (see RAY_NOTES: 2-CPU deadlock).
-    """
-    import ray
+    def __init__(self, task: str, fields: int, positions: dict[str, int], tokenizer_source: str,
+                 mode: str | None, max_length: int, prefix: str = ""):
+        from transformers import AutoTokenizer
+        self.spec, self.fields, self.col = TASKS[task], fields, positions
+        self.tok = AutoTokenizer.from_pretrained(tokenizer_source)
+        self.mode, self.max_length, self.prefix = mode, max_length, prefix
 
-    names = ("train", "val", "related")
-    items = [{"task": t, "split": s, "line": r["line"], "text_a": r["text_a"], "text_b": r["text_b"],
-              "label": r["label"], "label_set": label_set_of(TASKS[t], r)}
-             for t, parts in splits.items() for s, rows in zip(names, parts) for r in rows]
-    ds = ray.data.from_items(items).map_batches(
-        Tokenize, fn_constructor_kwargs={"tokenizer_source": tokenizer_source, "modes": modes,
-                                         "max_length": max_length, "prefixes": prefixes or {}},
-        batch_size=512, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).materialize()
-    out = {}
-    for t, parts in splits.items():
-        for s in names[:len(parts)]:
-            key = f"train_{t}_related" if s == "related" else f"{s}_{t}"
-            out[key] = ds.filter(
-                expr=f"task == '{t}' and split == '{s}'").drop_columns(["task", "split"]).materialize()
-    return out
+    def parse(self, path, line, raw):
+        spec = self.spec
+        try:
+            fields = decode(raw).split("\t")
+        except ValueError as e:
+            return str(e), True
+        if len(fields) != self.fields:
+            return f"expected {self.fields} TAB-separated fields, got {len(fields)}", True
+        texts = [fields[self.col[c]].strip() for c in spec.text_cols]
+        empty = [c for c, t in zip(spec.text_cols, texts) if not t]
+        if empty:
+            return f"empty text in column(s) {empty}", True
+        try:
+            label = float(spec.parse_label(fields[self.col[spec.label_col]]))
+        except ValueError as e:
+            return str(e), True
+        row = {"kind": "row", "line": line, "text_a": texts[0], "text_b": texts[1] if spec.is_pair else "",
+               "label": label}
+        return [{**row, "label_set": label_set_of(spec, row)}]
+
+    def tokenize(self, rows):
+        if rows:
+            enc = encode(self.tok, [r["text_a"] for r in rows], [r["text_b"] for r in rows], self.mode,
+                         self.max_length, self.prefix)
+            for i, r in enumerate(rows):
+                r.update({k: np.asarray(enc[k][i], np.int32) for k in ("ids_a", "tt_a", "ids_b")})
+        return rows
+
+
+def tokenize_rows(batch: dict[str, np.ndarray], parser: tuple[type, dict]) -> dict[str, list]:
+    """Ray Data ``map_batches`` function: rows read elsewhere (related sets) -> ids."""
+    rows = per_process(parser).tokenize([dict(zip(batch, v)) for v in zip(*batch.values())])
+    return {c: [r[c] for r in rows] for c in (*TaskParser.columns, "split")}
+
+
+def tag_split(batch: dict[str, np.ndarray], val: np.ndarray, rank: dict) -> dict[str, np.ndarray]:
+    """Each row's split and its place in the seeded order of ``split_rows``."""
+    lines = batch["line"]
+    return {**batch, "split": np.where(np.isin(lines, val), "val", "train"),
+            "rank": np.asarray([rank[int(x)] for x in lines], np.int64)}
+
+
+TRAIN_COLUMNS = ["line", "ids_a", "tt_a", "ids_b", "label", "label_set"]
+ROWS_PER_FILE = 2048     # task shards: many files, so a seeded file order reshuffles them every epoch
+
+
+def prepare_task(data_cfg, task: str, tokenizer_source: str, mode: str | None, prefix: str = "",
+                 force: bool = False) -> Prepared:
+    """One task's file through the prepare pass: ``split=train``, ``split=val`` (carved exactly
+    as ``split_rows`` carves the rows ``read_task_file`` reads) and ``split=related`` (the
+    task's related sets, read and mapped by ``raymtl.data.related``, minus validation overlap)."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    spec, d = TASKS[task], data_cfg
+    path = f"{d.data_dir.rstrip('/')}/{spec.path}"
+    related = d.related_of(task)
+    settings = {"task": task, "file": sha256_of(path), "tokenizer": tokenizer_fingerprint(tokenizer_source),
+                "mode": mode, "prefix": prefix, "max_length": d.max_length, "split_seed": d.split_seed,
+                "val_fraction": d.val_fraction, "max_rows": d.max_rows, "max_bad_fraction": d.max_bad_fraction,
+                "related": {n: [sha256_of(f"{d.data_dir.rstrip('/')}/{f}") for f in get_related(n).paths]
+                            for n in related}}
+
+    def build(tmp: Path, rejects: Path):
+        header = read_header(path)
+        col = column_positions(spec, header, [*([spec.id_col] if spec.id_col else []), *spec.text_cols,
+                                              spec.label_col], path)
+        ranges, lines = line_ranges(path, skip_lines=1, max_lines=d.max_rows)
+        parser = (TaskParser, {"task": task, "fields": len(header), "positions": col, "mode": mode,
+                               "tokenizer_source": tokenizer_source, "max_length": d.max_length, "prefix": prefix})
+        write_parts(parse_pass(ranges_dataset(ranges), parser), tmp / "rows", 1 << 20)
+        report = LineReport(path, lines=lines)
+        collect_reports(tmp / "rows", {path: report}, rejects)
+        report.rows = lines - report.n_bad()
+        check_bad_fraction(report, d.max_bad_fraction, str(rejects))
+        files = sorted((tmp / "rows" / "kind=row").glob("*.parquet"))
+        row_lines = sorted(int(x) for f in files for x in pq.read_table(f, columns=["line"]).column(0).to_pylist())
+        if not row_lines:
+            raise DataError(f"{path}: no usable rows\n" + report.summary())
+        order = list(range(len(row_lines)))           # exactly split_rows' seeded order
+        random.Random(d.split_seed).shuffle(order)
+        n_val = max(1, int(round(len(order) * d.val_fraction)))
+        val = np.asarray(sorted(row_lines[i] for i in order[:n_val]), np.int64)
+        rank = {row_lines[i]: r for r, i in enumerate(order)}
+        rows = (ray.data.read_parquet(str(tmp / "rows" / "kind=row"), partitioning=None)
+                .map_batches(tag_split, fn_kwargs={"val": val, "rank": rank}, batch_format="numpy")
+                .sort("rank").drop_columns(["rank"]))
+        write_parts(rows, tmp, ROWS_PER_FILE, by="split")
+        notes = []
+        if related:
+            val_rows = [r for f in sorted((tmp / "split=val").glob("*.parquet"))
+                        for r in pq.read_table(f, columns=["line", "text_a", "text_b"]).to_pylist()]
+            extra, notes = related_rows(task, related, d.data_dir, val_rows, d.max_rows, d.max_bad_fraction)
+            items = [{**{c: r.get(c, e) for c, e in TaskParser.columns.items() if not c.startswith(("ids", "tt"))},
+                      "label_set": label_set_of(spec, r), "split": "related"} for r in extra]
+            write_parts(ray.data.from_items(items).map_batches(tokenize_rows, fn_kwargs={"parser": parser}, batch_size=512),
+                        tmp, ROWS_PER_FILE, by="split")
+        shutil.rmtree(tmp / "rows" / "kind=row")        # now in split=train / split=val
+        counts = {s: count_rows(tmp, s, by="split") for s in ("train", "val", "related")}
+        return counts, [report], notes
+
+    return cached(d.cache_dir, f"task-{task}", settings, force or d.force_prepare, build)
+
+
+def read_header(path: str) -> list[str]:
+    fs, p = file_system(path)
+    try:
+        with fs.open_input_stream(p) as f:
+            first = f.read(1 << 16).split(b"\n", 1)[0]
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"cannot read data file {path}: {e}") from None
+    if not first.strip():
+        raise DataError(f"{path}: file is empty")
+    return first.decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r").split("\t")
+
+
+def tokenized_datasets(data_cfg, tokenizer_source: str, modes: dict[str, str | None], prefixes: dict[str, str],
+                       seed: int, verbose: bool = False) -> tuple[dict[str, "Dataset"], dict[str, int]]:
+    """Every task prepared (or read from the cache): ``train_<task>`` (and ``train_<task>_related``)
+    streamed from its shards, ``val_<task>`` read whole; and the training rows per stream."""
+    datasets, sizes = {}, {}
+    for t in data_cfg.tasks:
+        prep = prepare_task(data_cfg, t, tokenizer_source, modes[t], prefixes.get(t, ""))
+        if verbose:
+            print("[raymtl] data " + prep.summary(), flush=True)
+        datasets[f"train_{t}"] = prep.dataset("split=train", TRAIN_COLUMNS, seed=seed)
+        datasets[f"val_{t}"] = prep.dataset("split=val", TRAIN_COLUMNS, in_memory=True)
+        sizes[t] = prep.counts["train"]
+        if prep.counts.get("related"):
+            datasets[f"train_{t}_related"] = prep.dataset("split=related", TRAIN_COLUMNS, seed=seed)
+            sizes[f"{t}_related"] = prep.counts["related"]
+    return datasets, sizes

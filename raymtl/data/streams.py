@@ -48,6 +48,10 @@ def configure_ray_data(verbose: bool = True) -> None:
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", message=r".*exclude_resources.*is deprecated")
     ctx = ray.data.DataContext.get_current()
+    # Ray 2.60's V2 file reads list the files in a 1-CPU task at execution time, which waits
+    # forever beside training workers that hold every CPU; V1 lists them on the driver when
+    # the dataset is made, and its read tasks take the CPUs asked (none: Prepared.dataset).
+    ctx.use_datasource_v2 = False
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = True

@@ -81,7 +81,9 @@ def write_teacher_outputs(checkpoint: str, task: str, data_cfg, out_dir: str, ma
                                                            "max_length": max_length, "use_gpu": use_gpu,
                                                            "threads": max(1, int(cpus))},
                    batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1),
-                   num_cpus=cpus, num_gpus=1 if use_gpu else 0).write_parquet(str(out / "parquet"))
+                   # no actor restarts: a restartable actor whose constructor arguments sit in the
+                   # object store makes Ray's core worker print a warning on the console
+                   num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_restarts=0).write_parquet(str(out / "parquet"))
     meta = {"task": task, "checkpoint": str(checkpoint), "head_kind": kind, "rows": len(rows),
             "data_file": path, **split_settings(data_cfg)}
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -139,12 +141,12 @@ def attach_teacher_outputs(datasets: dict, cfg) -> dict:
         kind = head_kind(TASKS[task], cfg.model.mode_of(task) if TASKS[task].is_pair else None)
         lookup = load_teacher_outputs(out_dir, task, cfg.data, kind)
         missing = set()
-        for batch in datasets[f"train_{task}"].iter_batches(batch_size=4096, batch_format="numpy"):
+        for batch in datasets[f"train_{task}"].select_columns(["line"]).iter_batches(batch_size=4096, batch_format="numpy"):
             missing |= {int(n) for n in batch["line"]} - lookup.keys()
         if missing:
             raise DataError(f"teacher outputs {out_dir} have no row for {len(missing)} training line(s) of "
                             f"{task}, e.g. {sorted(missing)[:10]}")
         add = lambda b, lookup=lookup: {**b, "teacher": [lookup[int(n)] for n in b["line"]]}   # noqa: E731
-        datasets[f"train_{task}"] = datasets[f"train_{task}"].map_batches(
-            add, batch_size=1024, batch_format="numpy").materialize()   # every line checked above
+        datasets[f"train_{task}"] = datasets[f"train_{task}"].map_batches(   # streamed, beside the workers
+            add, batch_size=1024, batch_format="numpy", num_cpus=0)              # every line checked above
     return datasets

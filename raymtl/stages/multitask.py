@@ -11,7 +11,7 @@ import torch.distributed as dist
 from raymtl.analysis.evaluation import format_table, predict_batches
 from raymtl.analysis.metrics import overall, task_metric
 from raymtl.config import MTLConfig
-from raymtl.data.multitask import collate, load_splits, tokenized_datasets
+from raymtl.data.multitask import collate, tokenized_datasets
 from raymtl.data.streams import cycle_batches
 from raymtl.methods.weighting import make_weighting
 from raymtl.models.encoder import tokenizer_source
@@ -49,19 +49,14 @@ def stream_task(stream: str) -> str:
 
 
 def prepare_data(cfg: MTLConfig, verbose: bool = True) -> tuple[dict, dict[str, int]]:
-    """Read, validate, split and tokenize every task (one Ray Data pass); attach teacher
-    outputs. Returns the datasets and the training rows per stream (a task, or
-    ``<task>_related`` for its related rows)."""
-    splits, reports = load_splits(cfg.data, verbose)
-    if verbose:
-        for r in reports:
-            print("[raymtl] data " + r.summary(), flush=True)
-    modes = {t: (cfg.model.mode_of(t) if TASKS[t].is_pair else None) for t in splits}
-    prefixes = {t: text_prefix(t) for t in splits} if cfg.model.task_prefix == "text" else {}
-    datasets = tokenized_datasets(splits, tokenizer_source(cfg.model.init_from or cfg.model.encoder),
-                                  modes, cfg.data.max_length, prefixes)
-    sizes = {t: len(parts[0]) for t, parts in splits.items()}
-    sizes.update({f"{t}_related": len(parts[2]) for t, parts in splits.items() if len(parts) > 2})
+    """Every task through the prepare pass (``raymtl.data.multitask.prepare_task``: read,
+    checked, split and tokenized in Ray Data, cached); teacher outputs attached. Returns the
+    datasets (training streamed from the shards) and the training rows per stream (a task,
+    or ``<task>_related`` for its related rows)."""
+    modes = {t: (cfg.model.mode_of(t) if TASKS[t].is_pair else None) for t in cfg.data.tasks}
+    prefixes = {t: text_prefix(t) for t in cfg.data.tasks} if cfg.model.task_prefix == "text" else {}
+    datasets, sizes = tokenized_datasets(cfg.data, tokenizer_source(cfg.model.init_from or cfg.model.encoder),
+                                         modes, prefixes, seed=cfg.train.seed, verbose=verbose)
     if cfg.distill.teacher_outputs:
         datasets = attach_teacher_outputs(datasets, cfg)
     return datasets, sizes

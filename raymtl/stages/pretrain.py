@@ -8,7 +8,6 @@ task heads: ``jobs/mtl.py --init-from CKPT`` adds fresh heads to its encoder.
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -47,9 +46,6 @@ class PretrainConfig:
         "Hugging Face dataset's text column)", default=("wikitext-2/valid.txt", "wikitext-2/test.txt"))
     nli_files: tuple[str, ...] = _help("NLI JSON-lines files (premise, hypothesis, label) for "
                                        "supervised SimCSE", default=("nli/snli.jsonl", "nli/mnli.jsonl"))
-    shard_cache: str = _help("directory of the tokenized Parquet shards, keyed by tokenizer and settings "
-                             "(env RAYMTL_CACHE_DIR)", default_factory=lambda: os.environ.get(
-                                 "RAYMTL_CACHE_DIR", os.path.expanduser("~/.cache/raymtl/shards")))
     mlm_weight: float = _help("weight of the MLM loss (0 = off); SimCSE's auxiliary MLM used 0.1", default=0.1)
     simcse_unsup_weight: float = _help("weight of unsupervised SimCSE on Wiki sentences (0 = off)", default=1.0)
     simcse_sup_weight: float = _help("weight of supervised SimCSE on NLI triplets (0 = off)", default=1.0)
@@ -157,7 +153,6 @@ class PretrainStage(Stage):
     @classmethod
     def prepare(cls, cfg: PretrainJobConfig, verbose: bool = True) -> tuple[dict, dict[str, int]]:
         """Tokenized shards (cached) -> Ray datasets for the trainer and rows per training stream."""
-        """Tokenized shards (cached) -> Ray datasets for the trainer and rows per training stream."""
         shards = prepare_shards(cfg, tokenizer_source(cfg.model.init_from or cfg.model.encoder))
         if verbose:
             print("[raymtl] data " + shards.summary(), flush=True)
@@ -165,8 +160,8 @@ class PretrainStage(Stage):
         empty = [k for k in (*names, "mlm_val", "sts_val") if not shards.counts.get(k)]
         if empty:
             raise DataError(f"no rows of kind {empty} in {shards.path}; see the data report above")
-        datasets = {f"train_{n}": shards.dataset(n) for n in names}
-        datasets.update(val_mlm=shards.dataset("mlm_val"), val_sts=shards.dataset("sts_val"))
+        datasets = {f"train_{n}": shards.dataset(n, seed=cfg.train.seed) for n in names}     # streamed
+        datasets.update(val_mlm=shards.dataset("mlm_val", in_memory=True), val_sts=shards.dataset("sts_val", in_memory=True))
         return datasets, {n: shards.counts[n] for n in names}
 
     @classmethod

@@ -67,11 +67,11 @@ class Progress:
 
     @staticmethod
     def _empty() -> dict:
-        return {"s": 0.0, "rows": 0, "tokens": 0, "steps": 0}
+        return {"s": 0.0, "rows": 0, "tokens": 0, "steps": 0, "data_s": 0.0}
 
-    def update(self, seconds: float, batches: list[dict], losses: dict[str, float]):
+    def update(self, seconds: float, batches: list[dict], losses: dict[str, float], data_s: float = 0.0):
         """``batches``: this worker's collated batches of the step (``input_ids[_b|_c]`` and
-        their ``attention_mask``)."""
+        their ``attention_mask``); ``data_s``: of ``seconds``, the time spent waiting for them."""
         rows = sum(len(b["input_ids"]) for b in batches) * self.world
         tokens = sum(int(v.sum()) for b in batches for k, v in b.items()
                      if k.startswith("attention_mask")) * self.world
@@ -80,7 +80,7 @@ class Progress:
         in_startup = self.startup["steps"] < self.warmup
         self.train_s, self.rows, self.tokens = self.train_s + seconds, self.rows + rows, self.tokens + tokens
         window = self.startup if in_startup else self.window
-        for k, v in (("s", seconds), ("rows", rows), ("tokens", tokens), ("steps", 1)):
+        for k, v in (("s", seconds), ("rows", rows), ("tokens", tokens), ("steps", 1), ("data_s", data_s)):
             window[k] += v
         for t, v in losses.items():
             self.losses.setdefault(t, []).append(v)
@@ -97,7 +97,8 @@ class Progress:
         w = self.window if self.window["steps"] else self.startup
         s = max(w["s"], 1e-9)
         out = {"examples_per_s": w["rows"] / s, "tokens_per_s": w["tokens"] / s,
-               "s_per_step": s / max(w["steps"], 1), "padding_fraction": 1 - self.tokens / max(self.padded, 1),
+               "s_per_step": s / max(w["steps"], 1), "data_wait_fraction": w["data_s"] / s,
+               "padding_fraction": 1 - self.tokens / max(self.padded, 1),
                "worker_niceness": os.nice(0)}      # scale.worker_niceness, as the OS applied it
         self.window = self._empty()
         return out
@@ -232,11 +233,14 @@ def train_loop_per_worker(config: dict) -> None:
     while step < cfg.train.steps:
         t0 = time.perf_counter()
         chosen = sampler(stage.sizes, step, cfg.train.steps, rng)
-        window, seen = {t: 0.0 for t in chosen}, []
+        window, seen, data_s = {t: 0.0 for t in chosen}, [], 0.0
         for _ in range(cfg.train.grad_accum):
             losses = {}
             for t in chosen:
-                batch = to_device(next(streams[t]), device)
+                t_data = time.perf_counter()
+                batch = next(streams[t])                 # waits for the data stream, if at all
+                data_s += time.perf_counter() - t_data
+                batch = to_device(batch, device)
                 seen.append(batch)
                 losses[t] = stage.loss(forward, t, batch, step)
             diag = backward(engine, model, losses, step, shared, others, fuse, periodic)
@@ -249,7 +253,7 @@ def train_loop_per_worker(config: dict) -> None:
         loss_sum, loss_n = loss_sum + sum(window.values()), loss_n + 1
         for t, v in window.items():                      # (sum, count): sampling may skip a stream
             stream_sum[t] = (stream_sum.get(t, (0.0, 0))[0] + v, stream_sum.get(t, (0.0, 0))[1] + 1)
-        progress.update(time.perf_counter() - t0, seen, window)
+        progress.update(time.perf_counter() - t0, seen, window, data_s)
         losses_now = {f"loss_{t}": v for t, v in window.items()}
         run_log.scalars(step, losses_now, mlflow=False)
         if rank == 0:

@@ -204,7 +204,7 @@ def fit_once(cfg: MTLConfig, verbose: bool = False, **fit_kw) -> dict:
 IDENTITY_FIELDS = ("output", "name")     # where a run lives, not what it trains
 # Fields a resumed run may change freely: they decide what is printed, kept or retried, not what is trained.
 RUN_ONLY_FIELDS = ("log_every", "eval_every", "early_stop", "keep_checkpoints", "max_failures",
-                   "worker_niceness", "resume_changed", "verbose", "mlflow")
+                   "worker_niceness", "resume_changed", "verbose", "mlflow", "cache_dir", "force_prepare")
 
 
 class ConfigChanged(ValueError):

@@ -1,0 +1,135 @@
+"""`ray up cluster.local.yaml` for real on 127.0.0.1: the smoke job, submitted with `ray job
+submit`, makes the autoscaler add a gpu_worker node (the head has CPU 0), succeeds, and
+`ray down` leaves none of the cluster's processes behind.
+
+Runs its own cluster, so it must not share the machine with the session's in-process Ray:
+conftest orders it before every test that starts that one. HOME is a temporary directory
+(`ray up` writes ~/ray_bootstrap_config.yaml there; the token is ~/.ray/auth_token).
+"""
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from raymtl.cluster_local import _pids_with_env, _stop
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(600)
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def sh(*args, env, check=True, timeout=300):
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(args[:3])} ... exited {proc.returncode}:\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+def cluster_pids(cluster_dir: str) -> set[int]:
+    """This cluster's processes: the head's marker, or its temp dir on the command line."""
+    pids = _pids_with_env("RAYMTL_LOCAL_HEAD", cluster_dir)
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and cluster_dir in (proc / "cmdline").read_text(errors="replace"):
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture
+def local_cluster(tmp_path):
+    cluster_dir = tempfile.mkdtemp(prefix="ru", dir="/tmp")       # short: Ray's socket paths
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))  # the file cluster.local.yaml mounts
+    gcs_port, dashboard_port = free_ports(2)
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",   # the head's `python` is this venv's
+           "RAYMTL_GCS_PORT": str(gcs_port), "RAYMTL_DASHBOARD_PORT": str(dashboard_port),
+           "RAYMTL_CLUSTER_DIR": cluster_dir}
+    # DeepSpeed's compiled ops from the real home (not rebuilt, ~40 s); the session's shard cache
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    env.setdefault("RAYMTL_CACHE_DIR", str(Path.home() / ".cache" / "raymtl" / "shards"))
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(var, None)
+    try:
+        yield env, cluster_dir, f"http://127.0.0.1:{dashboard_port}"
+    finally:
+        sh(RAY, "down", "cluster.local.yaml", "-y", env=env, check=False, timeout=120)  # no-op if the test did it
+        _stop(cluster_pids(cluster_dir))
+        shutil.rmtree(cluster_dir, ignore_errors=True)
+
+
+def test_ray_up_autoscales_a_gpu_worker_for_the_smoke_job_and_ray_down_stops_it(local_cluster, data_dir,
+                                                                                 tmp_path):
+    env, cluster_dir, address = local_cluster
+    t0 = time.time()
+    up = sh(RAY, "up", "cluster.local.yaml", "-y", "--no-config-cache", env=env)
+    assert (Path(env["HOME"]) / "ray_bootstrap_config.yaml").is_file()     # ray up's own file mount
+    assert not Path(cluster_dir, "nodes.json").read_text().count('"gpu_worker"')   # none before the job
+
+    print(f"ray up: {time.time() - t0:.0f} s")
+    out = tmp_path / "out"
+    submit = (RAY, "job", "submit", f"--address={address}", "--working-dir=.", "--no-wait", "--", "python",
+              "jobs/mtl.py", "--smoke", f"--data-dir={data_dir}", f"--output={out}")
+    deadline = time.time() + 120
+    while True:   # a fresh head's job agent takes a while to come up on a busy machine
+        proc = sh(*submit, env=env, check=False)
+        if proc.returncode == 0 or "No available agent" not in proc.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, up.stdout[-2000:] + proc.stderr[-3000:]
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", proc.stdout + proc.stderr).group(0)
+    deadline, status = time.time() + 400, ""
+    while time.time() < deadline:
+        done = sh(RAY, "job", "status", f"--address={address}", job_id, env=env)
+        status = (done.stdout + done.stderr).upper()
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(3)
+    print(f"ray up + job: {time.time() - t0:.0f} s")
+    logs = sh(RAY, "job", "logs", f"--address={address}", job_id, env=env).stdout
+    assert "SUCCEEDED" in status, logs[-3000:]
+    assert "[raymtl] step 12/12" in logs and "[raymtl] best checkpoint:" in logs
+    best = logs.split("[raymtl] best checkpoint:")[1].split()[0]
+    assert Path(best).is_relative_to(out)
+    assert json.loads((Path(best) / "metrics.json").read_text())["step"] in (6, 12)
+
+    # the autoscaler added a gpu_worker node (2 CPUs) beside the CPU-0 head, and the run used it
+    nodes = json.loads(sh(RAY, "list", "nodes", f"--address={address}", "--format=json", "--detail",
+                          env=env).stdout)
+    workers = [n for n in nodes if not n["is_head_node"]]
+    assert workers and all(n["resources_total"].get("CPU") == 2 for n in workers), nodes
+    assert all(n["resources_total"].get("CPU", 0) == 0 for n in nodes if n["is_head_node"]), nodes
+    state = json.loads(Path(cluster_dir, "nodes.json").read_text())["nodes"]
+    launched = {i for i, n in state.items() if n["tags"]["ray-user-node-type"] == "gpu_worker"}
+    assert launched & {n["node_id"] for n in workers}, (state, nodes)
+    monitor_log = "".join(p.read_text(errors="replace")
+                          for p in Path(cluster_dir, "ray", "session_latest", "logs").glob("monitor*.log"))
+    assert "gpu_worker" in monitor_log
+
+    down = sh(RAY, "down", "cluster.local.yaml", "-y", env=env, timeout=120)
+    assert "No nodes remaining" in down.stdout + down.stderr
+    print(f"ray up + job + ray down: {time.time() - t0:.0f} s, {len(workers)} worker node(s)")
+    assert not cluster_pids(cluster_dir), "ray down left processes of this cluster running"
