@@ -166,20 +166,12 @@ def say(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def cache(cfg, directory: Path) -> dict:
-    """The override that puts a config's prepared shards in ``directory`` (``cache_dir``; older
-    configs: the pre-training section's ``shard_cache``)."""
-    if hasattr(cfg.data, "cache_dir"):
-        return {"cache_dir": str(directory)}
-    return {"shard_cache": str(directory)} if hasattr(cfg, "pretrain") else {}
-
-
 def pretrain_cfg(a, corpus: Path):
     from raymtl.stages.pretrain import PretrainJobConfig, pretrain_smoke
     cfg = pretrain_smoke() if a.smoke else PretrainJobConfig()
     nli = {} if a.nli else {"nli_files": (), "simcse_sup_weight": 0.0}
     return cfg.replace(wiki_files=(str(corpus),), max_lines=0, data_dir=a.data_dir,
-                       **cache(cfg, Path(a.work) / "shards" / corpus.stem), **nli)
+                       cache_dir=str(Path(a.work) / "shards" / corpus.stem), **nli)
 
 
 # ------------------------------------------------------------------------------ the children
@@ -241,7 +233,7 @@ def child_train(a, corpus: Path | None) -> None:
     try:
         mtl = smoke() if a.smoke else MTLConfig()
         mtl = mtl.replace(steps=a.train_steps, eval_every=a.train_steps, log_every=a.train_steps, output=runs,
-                          data_dir=a.data_dir, **cache(mtl, Path(a.work) / "shards" / "mtl"))
+                          data_dir=a.data_dir, cache_dir=str(Path(a.work) / "shards" / "mtl"))
         for r in range(a.rounds):
             for mode in ("streamed", "in memory")[::1 if r % 2 == 0 else -1]:
                 name = f"mtl-{mode.replace(' ', '-')}-r{r}"

@@ -258,9 +258,14 @@ def tokenized_datasets(data_cfg, tokenizer_source: str, modes: dict[str, str | N
                        seed: int, verbose: bool = False) -> tuple[dict[str, "Dataset"], dict[str, int]]:
     """Every task prepared (or read from the cache): ``train_<task>`` (and ``train_<task>_related``)
     streamed from its shards, ``val_<task>`` read whole; and the training rows per stream."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer  # noqa: F401 -- before the threads: transformers' lazy imports race
+    with ThreadPoolExecutor(len(data_cfg.tasks)) as pool:       # the tasks' passes run side by side
+        preps = list(pool.map(lambda t: prepare_task(data_cfg, t, tokenizer_source, modes[t], prefixes.get(t, "")),
+                              data_cfg.tasks))
     datasets, sizes = {}, {}
-    for t in data_cfg.tasks:
-        prep = prepare_task(data_cfg, t, tokenizer_source, modes[t], prefixes.get(t, ""))
+    for t, prep in zip(data_cfg.tasks, preps):
         if verbose:
             print("[raymtl] data " + prep.summary(), flush=True)
         datasets[f"train_{t}"] = prep.dataset("split=train", TRAIN_COLUMNS, seed=seed)
