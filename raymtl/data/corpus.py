@@ -285,22 +285,21 @@ def prepare_shards(cfg, tokenizer_source: str, force: bool = False) -> Shards:
 
     def build(tmp: Path, rejects: Path):
         reports: dict[str, LineReport] = {}
-        wiki = []
-        for f in p.wiki_files:
-            path = resolve(d.data_dir, f)
-            ranges, lines = line_ranges(path, max_lines=p.max_lines)
-            reports[path] = LineReport(path, lines=lines)
-            wiki += ranges
+
+        def ranges_of(files) -> list[dict]:              # every file's ranges; its line count reported
+            out = []
+            for f in files:
+                path = resolve(d.data_dir, f)
+                ranges, lines = line_ranges(path, max_lines=p.max_lines)
+                reports[path] = LineReport(path, lines=lines)
+                out += ranges
+            return out
+        wiki = ranges_of(p.wiki_files)
         threshold = heldout_threshold(wiki, p.heldout_paragraphs, p.min_words, d.split_seed)
         wiki_parser = (WikiParser, {"tokenizer_source": tokenizer_source, "max_length": d.max_length,
                                     "min_words": p.min_words, "seed": d.split_seed, "threshold": threshold})
         write_parts(parse_pass(ranges_dataset(wiki), wiki_parser), tmp / "wiki", p.rows_per_shard)
-        nli = []
-        for f in p.nli_files:
-            path = resolve(d.data_dir, f)
-            ranges, lines = line_ranges(path, max_lines=p.max_lines)
-            reports[path] = LineReport(path, lines=lines)
-            nli += ranges
+        nli = ranges_of(p.nli_files)
         if nli:
             triplets = (parse_pass(ranges_dataset(nli), (NliParser, {}))
                         .groupby("premise").map_groups(nli_triplets, batch_format="numpy")
