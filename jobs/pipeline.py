@@ -3,6 +3,7 @@
     python jobs/pipeline.py                          # default encoder, SST teacher; stages ~21 min on a 2-core CPU
     python jobs/pipeline.py --teacher-tasks sst,quora,sts   # a teacher per task, ~1 h
     python jobs/pipeline.py --baseline               # also the student without distillation
+    python jobs/pipeline.py --preset hour            # the student trained by the one-hour recipe
     python jobs/pipeline.py --smoke                  # same code path, tiny model, a few minutes
     python jobs/pipeline.py --force teacher-sst      # redo one stage (and so everything after it)
     python jobs/pipeline.py --output runs/distill    # every stage's runs under this directory
@@ -20,17 +21,23 @@ import sys
 
 from raymtl.cli import add_config_args, config_from_args
 from raymtl.config import MTLConfig
+from raymtl.recipes import RECIPES
 from raymtl.stages.pipeline import TEACHER_MARGIN, PipelinePlan, StageFailed, results_table
 
+STUDENT_PRESETS = ["mtl", "hour"]       # the multi-task recipes (raymtl/recipes.py) a student can start from
 
-def pipeline_defaults() -> MTLConfig:
-    """The student's defaults, with ``--output`` the directory of every stage's runs."""
-    return MTLConfig().replace(output=PipelinePlan.output)
+
+def pipeline_defaults(preset: str = "mtl") -> MTLConfig:
+    """The student's defaults (recipe ``preset``), with ``--output`` the directory of every stage's runs."""
+    return RECIPES[preset]().replace(output=PipelinePlan.output, name=MTLConfig().run.name)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument_group("pipeline")
+    p.add_argument("--preset", default="mtl", choices=STUDENT_PRESETS,
+                   help="the student's recipe (raymtl/recipes.py; teachers share its settings but their own "
+                        "--teacher-steps); flags apply on top; default mtl")
     p.add_argument("--pipeline-output", dest="output", default=None, help="the older name of --output")
     p.add_argument("--pretrain-steps", type=int, default=None, help="steps of further pre-training (0 = skip "
                    "the stage); default 40 (smoke: 6)")
@@ -51,7 +58,7 @@ def main(argv=None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
-        student = config_from_args(args, defaults=pipeline_defaults)
+        student = config_from_args(args, defaults=lambda: pipeline_defaults(args.preset))
         plan = PipelinePlan(
             student, output=student.run.output,
             pretrain_steps=args.pretrain_steps if args.pretrain_steps is not None else (6 if args.smoke else 40),

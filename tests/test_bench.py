@@ -159,6 +159,15 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
         assert meta_of(f"single-{t}-s1")["pals"] is None and meta_of(f"single-{t}-s1")["task_layers"] == {}
 
 
+def test_sampling_smoke_gives_every_sampler_the_same_batches(ray_cluster, tmp_path, capsys):
+    bench("sampling").main(["--smoke", "--samplers", "round_robin,proportional", "--output", str(tmp_path)])
+    table = [row.split("|")[1:-1] for row in capsys.readouterr().out.splitlines() if row.startswith("| ")][1:]
+    assert [(r[0].strip(), int(r[1])) for r in table] == [("round_robin", 12), ("proportional", 36)]
+    assert sum(int(n) for n in table[1][2].split("/")) == 36            # 3 x 12 batches, drawn per step
+    assert json.loads((tmp_path / "proportional-s42" / "best_metrics.json").read_text())["config"]["train"][
+        "sampling"] == "proportional"
+
+
 def test_quality_setups_parse_and_bad_ones_fail_before_training(capsys):
     quality = bench("quality")
     assert quality.parse_setup("sum") == ("sum", "sum", {"fusion": "sum", "fusion_every": 1, "pals": False,

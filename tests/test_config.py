@@ -109,6 +109,29 @@ def test_the_pipeline_job_writes_under_output(flags, tmp_path, monkeypatch):
     assert seen == [str(tmp_path / "OUT") if flags else "runs/pipeline"]
 
 
+def test_the_pipeline_student_starts_from_its_preset(monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    from raymtl.recipes import RECIPES
+    from raymtl.stages.pipeline import PipelinePlan
+    students = []
+
+    def run(plan, force=False):                                  # the stages' runs: not here
+        students.append(plan.student)
+        return {"mtl": {"checkpoint": "CKPT", "metrics": {}}}
+    monkeypatch.setattr(PipelinePlan, "run", run)
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "pipeline.py"), run_name="job")["main"]
+    assert main(["--preset", "hour", "--lr", "3e-5"]) == 0 and main([]) == 0
+    hour, default = students
+    assert (hour.train.steps, hour.train.early_stop, hour.scale.precision) == (1800, 4, "bf16") == (
+        RECIPES["hour"]().train.steps, RECIPES["hour"]().train.early_stop, RECIPES["hour"]().scale.precision)
+    assert hour.train.lr == 3e-5 and hour.run.output == default.run.output == "runs/pipeline"   # flags on top
+    assert default.train.steps == RECIPES["mtl"]().train.steps
+    with pytest.raises(SystemExit):
+        main(["--preset", "single-sst"])                         # a student is multi-task
+
+
 def test_a_config_file_sets_its_own_fields_over_a_stage_default(tmp_path):
     import argparse
 

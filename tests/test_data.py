@@ -1,5 +1,6 @@
 """Readers on the real files and on hand-made bad rows."""
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,45 @@ def test_prepared_task_shards_hold_the_split_and_a_seed_streams_the_same_rows(ra
     assert first == [lines(again["train_sst"], seed) for seed in (1, 2)]    # run after run: the same epochs
     assert ingest_options().preserve_order                  # the workers' shards too
 
+
+
+def test_related_sets_go_through_the_parallel_pass_as_the_reader_reads_them(ray_cluster, data_dir, tmp_path,
+                                                                             monkeypatch):
+    """A task's related sets are cut into ranges and parsed in Ray Data: the rows, mapped
+    labels and label sets are exactly the driver-side reader's (``related_rows``: held-out
+    overlap dropped), the overlap is counted in the report, a bad line goes to the rejects
+    file, and a line file (MR) is read too."""
+    import raymtl.data.prepare as prepare
+    from raymtl.config import DataConfig, MTLConfig
+    from raymtl.data.multitask import load_splits, prepare_task
+    from raymtl.models.encoder import tokenizer_source
+    monkeypatch.setattr(prepare, "CHUNK_BYTES", 4096)                       # many ranges per file
+    src_dir = Path(data_dir)
+    for rel, n in (("sst/train.csv", 400), ("sick/SICK_train.txt", 300), ("sick/SICK_trial.txt", 60),
+                   ("mr/rt-polarity.neg", 80), ("mr/rt-polarity.pos", 80)):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(b"".join((src_dir / rel).read_bytes().splitlines(keepends=True)[:n]))
+    sst_rows = (tmp_path / "sst/train.csv").read_bytes().splitlines(keepends=True)
+    mr = (tmp_path / "mr/rt-polarity.pos").read_bytes()
+    sentences = b"\n".join(r.split(b"\t")[2].strip().lower() for r in sst_rows[1:])   # some are validation rows
+    (tmp_path / "mr/rt-polarity.pos").write_bytes(mr + b"\n" + sentences + b"\n")        # and a blank line
+    (tmp_path / "sick/SICK_train.txt").write_bytes((tmp_path / "sick/SICK_train.txt").read_bytes()
+                                                   + b"9999\ta\tb\t7.5\tNEUTRAL\n")        # score outside 1-5
+    src, summaries = tokenizer_source(MTLConfig().model.encoder), {}
+    for task, related in (("sst", ("mr",)), ("sts", ("sick",))):
+        if task == "sts":
+            (tmp_path / "sts").mkdir(exist_ok=True)
+            (tmp_path / "sts/train.csv").write_bytes(b"".join(
+                (src_dir / "sts/train.csv").read_bytes().splitlines(keepends=True)[:300]))
+        d = DataConfig(data_dir=str(tmp_path), tasks=(task,), related_sets=related, cache_dir=str(tmp_path / "cache"))
+        prep = prepare_task(d, task, src, None if task == "sst" else "bi")
+        summaries[task] = prep.summary()
+        expected = sorted((r["line"], round(r["label"], 4), r["label_set"]) for r in load_splits(d)[0][task][2])
+        got = prep.dataset("split=related", ["line", "label", "label_set", "ids_a"]).take_all()
+        assert sorted((int(r["line"]), round(float(r["label"]), 4), int(r["label_set"])) for r in got) == expected
+        assert all(len(r["ids_a"]) > 2 for r in got) and prep.counts["related"] == len(expected)
+        assert f"{related[0]} -> {task}: {len(expected)} rows" in prep.summary()
+    dropped = re.search(r"skipped (\d+) x text also in sst's validation split or test file", summaries["sst"])
+    assert dropped and int(dropped.group(1)) >= 40              # the 40 validation sentences, at least
+    rejects = Path(prep.path + ".rejects.tsv").read_text()
+    assert "SICK_train.txt:301: score '7.5' in column 'relatedness_score' is outside [1.0, 5.0]" in rejects

@@ -27,14 +27,13 @@ from raymtl.data.prepare import (
     file_system,
     line_ranges,
     parse_pass,
-    per_process,
     ranges_dataset,
     sha256_of,
     tokenizer_fingerprint,
     write_parts,
 )
 from raymtl.data.readers import DataError, ReadReport, column_positions, read_task_file, split_rows
-from raymtl.data.related import get_related, related_rows
+from raymtl.data.related import Overlap, get_related, held_out_rows, map_row, overlap_reason, related_rows
 from raymtl.tasks import TASKS, TaskSpec
 
 EMPTY = np.zeros(0, np.int32)
@@ -139,24 +138,8 @@ class TaskParser(Parser):
         self.mode, self.max_length, self.prefix = mode, max_length, prefix
 
     def parse(self, path, line, raw):
-        spec = self.spec
-        try:
-            fields = decode(raw).split("\t")
-        except ValueError as e:
-            return str(e), True
-        if len(fields) != self.fields:
-            return f"expected {self.fields} TAB-separated fields, got {len(fields)}", True
-        texts = [fields[self.col[c]].strip() for c in spec.text_cols]
-        empty = [c for c, t in zip(spec.text_cols, texts) if not t]
-        if empty:
-            return f"empty text in column(s) {empty}", True
-        try:
-            label = float(spec.parse_label(fields[self.col[spec.label_col]]))
-        except ValueError as e:
-            return str(e), True
-        row = {"kind": "row", "line": line, "text_a": texts[0], "text_b": texts[1] if spec.is_pair else "",
-               "label": label}
-        return [{**row, "label_set": label_set_of(spec, row)}]
+        out = check_line(self.spec, self.fields, self.col, line, raw)
+        return out if isinstance(out, tuple) else [{**out, "label_set": label_set_of(self.spec, out)}]
 
     def tokenize(self, rows):
         if rows:
@@ -167,10 +150,99 @@ class TaskParser(Parser):
         return rows
 
 
-def tokenize_rows(batch: dict[str, np.ndarray], parser: tuple[type, dict]) -> dict[str, list]:
-    """Ray Data ``map_batches`` function: rows read elsewhere (related sets) -> ids."""
-    rows = per_process(parser).tokenize([dict(zip(batch, v)) for v in zip(*batch.values())])
-    return {c: [r[c] for r in rows] for c in (*TaskParser.columns, "split")}
+def check_line(spec: TaskSpec, fields: int, col: dict[str, int], line: int, raw: bytes) -> dict | tuple[str, bool]:
+    """One line of a TAB-separated file of ``spec``'s format (``fields`` columns, ``col`` their
+    positions), checked as ``read_task_file`` checks it: a row, or ``(reason, True)``."""
+    try:
+        values = decode(raw).split("\t")
+    except ValueError as e:
+        return str(e), True
+    if len(values) != fields:
+        return f"expected {fields} TAB-separated fields, got {len(values)}", True
+    texts = [values[col[c]].strip() for c in spec.text_cols]
+    empty = [c for c, t in zip(spec.text_cols, texts) if not t]
+    if empty:
+        return f"empty text in column(s) {empty}", True
+    try:
+        label = float(spec.parse_label(values[col[spec.label_col]]))
+    except ValueError as e:
+        return str(e), True
+    return {"kind": "row", "line": line, "text_a": texts[0], "text_b": texts[1] if spec.is_pair else "",
+            "label": label}
+
+
+class RelatedParser(TaskParser):
+    """The lines of a task's related sets (``raymtl.data.related``) -> rows in the task's label
+    space. ``files``: per path, its set and format (a TAB file's ``fields`` and column
+    ``positions``, or a line file's ``label``); labels are mapped by ``map_row``; a row whose
+    text is held out (``Overlap``: the task's validation split and test file) is skipped and counted."""
+
+    def __init__(self, task: str, files: dict[str, dict], held_out: list[list[str]], tokenizer_source: str,
+                 mode: str | None, max_length: int, prefix: str = ""):
+        super().__init__(task, 0, {}, tokenizer_source, mode, max_length, prefix)
+        self.files, self.reason = files, overlap_reason(task)
+        self.overlap = Overlap([{"text_a": a, "text_b": b} for a, b in held_out])
+
+    def parse(self, path, line, raw):
+        f = self.files[path]
+        rs = get_related(f["set"])
+        if rs.source is None:                          # one text per line, the file's label
+            try:
+                text = decode(raw).strip()
+            except ValueError as e:
+                return str(e), True
+            if not text:
+                return "blank line", False
+            row = {"kind": "row", "line": line, "text_a": text, "text_b": "", "label": float(f["label"])}
+        else:
+            row = check_line(rs.source, f["fields"], f["positions"], line, raw)
+            if isinstance(row, tuple):
+                return row
+        return (self.reason, False) if row in self.overlap else [map_row(rs, row)]
+
+
+def prepare_related(tmp: Path, rejects: Path, d, task: str, held_out: list[dict],
+                    parser: dict) -> tuple[list[LineReport], list[str]]:
+    """A task's related sets through one parse pass (every file cut into ranges) into
+    ``tmp/split=related``; their line reports and a row count per set. ``parser``: the
+    tokenization settings of the task's own pass."""
+    files, ranges, reports, per_set = {}, [], {}, {}
+    for name in d.related_of(task):
+        rs = get_related(name)
+        if rs.target != task:
+            raise ValueError(f"related set {name!r} is for task {rs.target!r}, not {task!r}")
+        for i, rel in enumerate(rs.paths):
+            path = f"{d.data_dir.rstrip('/')}/{rel}"
+            if rs.source is None:
+                files[path] = {"set": name, "label": rs.line_labels[i]}
+                got, lines = line_ranges(path, max_lines=d.max_rows)
+            else:
+                header = read_header(path)
+                required = [*([rs.source.id_col] if rs.source.id_col else []), *rs.source.text_cols, rs.source.label_col]
+                files[path] = {"set": name, "fields": len(header),
+                               "positions": column_positions(rs.source, header, required, path)}
+                got, lines = line_ranges(path, skip_lines=1, max_lines=d.max_rows)
+            ranges += got
+            reports[path] = LineReport(path, lines=lines)
+            per_set.setdefault(name, []).append(path)
+    kwargs = {k: parser[k] for k in ("task", "tokenizer_source", "mode", "max_length", "prefix")}
+    write_parts(parse_pass(ranges_dataset(ranges), (RelatedParser, {
+        **kwargs, "files": files, "held_out": [[r["text_a"], r["text_b"]] for r in held_out]})),
+        tmp / "related", ROWS_PER_FILE)
+    collect_reports(tmp / "related", reports, rejects)
+    notes = []
+    for name, paths in per_set.items():
+        for path in paths:
+            r = reports[path]
+            r.rows = r.lines - r.n_bad() - sum(n for n, _ in r.skipped.values())
+            check_bad_fraction(r, d.max_bad_fraction, str(rejects))
+        notes.append(f"{name} -> {task}: {sum(reports[p].rows for p in paths)} rows")
+    if not (tmp / "related" / "kind=row").is_dir():
+        raise DataError(f"related sets {list(per_set)} of task {task!r} left no rows\n"
+                        + "\n".join(r.summary() for r in reports.values()))
+    (tmp / "related" / "kind=row").rename(tmp / "split=related")
+    shutil.rmtree(tmp / "related")
+    return list(reports.values()), notes
 
 
 def tag_split(batch: dict[str, np.ndarray], val: np.ndarray, rank: dict) -> dict[str, np.ndarray]:
@@ -188,7 +260,7 @@ def prepare_task(data_cfg, task: str, tokenizer_source: str, mode: str | None, p
                  force: bool = False) -> Prepared:
     """One task's file through the prepare pass: ``split=train``, ``split=val`` (carved exactly
     as ``split_rows`` carves the rows ``read_task_file`` reads) and ``split=related`` (the
-    task's related sets, read and mapped by ``raymtl.data.related``, minus validation overlap)."""
+    task's related sets through their own parse pass, ``prepare_related``)."""
     import pyarrow.parquet as pq
     import ray.data
 
@@ -226,18 +298,15 @@ def prepare_task(data_cfg, task: str, tokenizer_source: str, mode: str | None, p
                 .map_batches(tag_split, fn_kwargs={"val": val, "rank": rank}, batch_format="numpy")
                 .sort("rank").drop_columns(["rank"]))
         write_parts(rows, tmp, ROWS_PER_FILE, by="split")
-        notes = []
+        reports, notes = [report], []
         if related:
             val_rows = [r for f in sorted((tmp / "split=val").glob("*.parquet"))
-                        for r in pq.read_table(f, columns=["line", "text_a", "text_b"]).to_pylist()]
-            extra, notes = related_rows(task, related, d.data_dir, val_rows, d.max_rows, d.max_bad_fraction)
-            items = [{**{c: r.get(c, e) for c, e in TaskParser.columns.items() if not c.startswith(("ids", "tt"))},
-                      "label_set": label_set_of(spec, r), "split": "related"} for r in extra]
-            write_parts(ray.data.from_items(items).map_batches(tokenize_rows, fn_kwargs={"parser": parser}, batch_size=512),
-                        tmp, ROWS_PER_FILE, by="split")
+                        for r in pq.read_table(f, columns=["text_a", "text_b"]).to_pylist()]
+            more, notes = prepare_related(tmp, rejects, d, task, held_out_rows(task, d.data_dir, val_rows), parser[1])
+            reports += more
         shutil.rmtree(tmp / "rows" / "kind=row")        # now in split=train / split=val
         counts = {s: count_rows(tmp, s, by="split") for s in ("train", "val", "related")}
-        return counts, [report], notes
+        return counts, reports, notes
 
     return cached(d.cache_dir, f"task-{task}", settings, force or d.force_prepare, build)
 

@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 from raymtl.data.readers import DataError
 
 CHUNK_BYTES = 4 << 20                   # bytes of text per prepare task
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 # ------------------------------------------------------------------------------ reports

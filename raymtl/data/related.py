@@ -127,28 +127,47 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text.lower()).strip()
 
 
-def drop_overlap(rows: list[dict], held_out: list[dict], min_words: int = 3) -> tuple[list[dict], int]:
-    """Rows minus those whose text occurs in a held-out row: the same pair, or (single
+class Overlap:
+    """Membership test against held-out rows: the same pair (either order), or (single
     sentences) a phrase of ``min_words`` or more words inside a held-out sentence."""
-    pairs = {(_norm(r["text_a"]), _norm(r["text_b"])) for r in held_out}
-    haystack = "\n".join(_norm(r["text_a"]) for r in held_out)
-    kept = []
-    for r in rows:
-        a, b = _norm(r["text_a"]), _norm(r["text_b"])
-        if (a, b) in pairs or (b, a) in pairs or (not b and len(a.split()) >= min_words and a in haystack):
-            continue
-        kept.append(r)
+
+    def __init__(self, held_out: list[dict], min_words: int = 3):
+        self.pairs = {(_norm(r["text_a"]), _norm(r["text_b"])) for r in held_out}
+        self.haystack = "\n".join(_norm(r["text_a"]) for r in held_out)
+        self.min_words = min_words
+
+    def __contains__(self, row: dict) -> bool:
+        a, b = _norm(row["text_a"]), _norm(row["text_b"])
+        return ((a, b) in self.pairs or (b, a) in self.pairs
+                or (not b and len(a.split()) >= self.min_words and a in self.haystack))
+
+
+def drop_overlap(rows: list[dict], held_out: list[dict], min_words: int = 3) -> tuple[list[dict], int]:
+    """Rows minus those whose text occurs in a held-out row (``Overlap``)."""
+    overlap = Overlap(held_out, min_words)
+    kept = [r for r in rows if r not in overlap]
     return kept, len(rows) - len(kept)
+
+
+def held_out_rows(task: str, data_dir: str, val: list[dict]) -> list[dict]:
+    """What a related row must not repeat: the task's validation rows and, when the data
+    directory has it, its unlabelled test file."""
+    test = Path(data_dir) / Path(TASKS[task].path).parent / "test-unlabeled.csv"
+    if "://" not in data_dir and test.is_file():
+        val = val + read_task_file(TASKS[task], str(test), with_labels=False,
+                                   max_bad_fraction=1.0, allow_empty_text=True)[0]
+    return val
+
+
+def overlap_reason(task: str) -> str:
+    return f"text also in {task}'s validation split or test file"
 
 
 def related_rows(task: str, names: tuple[str, ...], data_dir: str, held_out: list[dict], max_rows: int = 0,
                  max_bad_fraction: float = 0.01) -> tuple[list[dict], list[str]]:
     """Training rows for ``task`` from its related sets, minus overlap with ``held_out``
     (its validation split, and its unlabelled test file when present); report lines."""
-    test = Path(data_dir) / Path(TASKS[task].path).parent / "test-unlabeled.csv"
-    if "://" not in data_dir and test.is_file():
-        held_out = held_out + read_task_file(TASKS[task], str(test), with_labels=False,
-                                             max_bad_fraction=1.0, allow_empty_text=True)[0]
+    held_out = held_out_rows(task, data_dir, held_out)
     out, lines = [], []
     for name in names:
         rs = get_related(name)

@@ -61,7 +61,7 @@ def stage_result(summary, what: str, **extra) -> dict:
 
 def run_teacher(cfg: MTLConfig, verbose: bool = True) -> dict:
     """Train a teacher (``cfg.data.tasks`` is its one task), then write its outputs on every
-    row of the task's train file to ``<run dir>/outputs``. Returns checkpoint, outputs, metrics."""
+    training row of the task (from its prepared shards) to ``<run dir>/outputs``. Returns checkpoint, outputs, metrics."""
     (task,) = cfg.data.tasks
     summary = fit(cfg, verbose=verbose)
     result = stage_result(summary, f"teacher {task}")
