@@ -41,13 +41,13 @@ from raymtl.data.prepare import (
     check_bad_fraction,
     collect_reports,
     count_rows,
-    decode,
     line_ranges,
     parse_pass,
     per_process,
     range_lines,
     ranges_dataset,
     sha256_of,
+    text_line,
     tokenizer_fingerprint,
     write_parts,
 )
@@ -142,12 +142,9 @@ class WikiParser(Parser):
         self.min_words, self.seed, self.threshold = min_words, seed, threshold
 
     def paragraph(self, line: int, raw: bytes) -> str | tuple[str, bool]:
-        try:
-            text = decode(raw).strip()
-        except ValueError as e:
-            return str(e), True
-        if not text:
-            return "blank line", False
+        text = text_line(raw)
+        if isinstance(text, tuple):
+            return text
         if HEADING.match(text):
             return "heading", False
         text = clean_wiki(text)

@@ -29,6 +29,7 @@ from raymtl.data.prepare import (
     parse_pass,
     ranges_dataset,
     sha256_of,
+    text_line,
     tokenizer_fingerprint,
     write_parts,
 )
@@ -187,12 +188,9 @@ class RelatedParser(TaskParser):
         f = self.files[path]
         rs = get_related(f["set"])
         if rs.source is None:                          # one text per line, the file's label
-            try:
-                text = decode(raw).strip()
-            except ValueError as e:
-                return str(e), True
-            if not text:
-                return "blank line", False
+            text = text_line(raw)
+            if isinstance(text, tuple):
+                return text
             row = {"kind": "row", "line": line, "text_a": text, "text_b": "", "label": float(f["label"])}
         else:
             row = check_line(rs.source, f["fields"], f["positions"], line, raw)
