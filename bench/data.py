@@ -24,8 +24,11 @@ Training: one child process trains the default multi-task run (``MTLConfig()``, 
 ``python jobs/mtl.py`` trains; ``smoke()`` with ``--smoke``) for ``--train-steps`` steps, twice
 per round: streamed (the datasets as ``stage.prepare`` returns them) and in memory (each
 ``.materialize()``d before ``build_trainer``), alternating which goes first; then the
-pre-training stage streamed from the largest corpus. From each run's last report:
-``s_per_step`` and ``data_wait_fraction`` (both after the 3 warm-up steps).
+pre-training stage streamed from the largest corpus. A multi-task run validates half-way and
+at the end, so its history (``metrics_history.json``) has two windows: the first half (the
+run's start-up: Ray Data's first reads, worker processes starting) and the second (its steady
+state). From them: ``s_per_step`` and ``data_wait_fraction`` per window and for the whole run
+(weighted by the timed steps; the 3 warm-up steps left out).
 
 The table is printed and written, with the date, the command and the machine, to
 ``--results`` (default ``docs/results/data.md``; ``--smoke`` writes nothing unless given
@@ -204,7 +207,8 @@ def child_prepare(a, corpus: Path) -> None:
 
 
 def train_run(cfg, stage, in_memory: bool) -> dict:
-    from raymtl.train.trainer import build_trainer, run_dir_of, summarize
+    from raymtl.train.loop import HISTORY
+    from raymtl.train.trainer import build_trainer, run_dir_of
     shutil.rmtree(run_dir_of(cfg), ignore_errors=True)                  # a fresh run, never a resumed one
     say(f"{cfg.run.name}: preparing the data")
     t0 = time.perf_counter()
@@ -215,11 +219,28 @@ def train_run(cfg, stage, in_memory: bool) -> dict:
     say(f"{cfg.run.name}: data ready in {prepare_s:.1f} s; training {cfg.train.steps} steps")
     with StorePeak() as store:
         t0 = time.perf_counter()
-        metrics = summarize(build_trainer(cfg, datasets, sizes, stage=stage).fit(), stage.score).metrics
+        result = build_trainer(cfg, datasets, sizes, stage=stage).fit()
         fit_s = time.perf_counter() - t0
     say(f"{cfg.run.name}: trained in {fit_s:.1f} s")
     return {"prepare_s": prepare_s, "fit_s": fit_s, "steps": cfg.train.steps, **store.result(),
-            **{k: metrics.get(k) for k in ("s_per_step", "data_wait_fraction", "tokens_per_s")}}
+            **step_windows(Path(result.checkpoint.path) / HISTORY)}
+
+
+def step_windows(history: Path) -> dict:
+    """s/step and data wait per validation window of a run (its checkpoint's history), and for
+    the whole run (weighted by the timed steps: each window's, the first's minus the warm-up)."""
+    from raymtl.train.loop import Progress
+    reports, out, start = json.loads(history.read_text()), {}, 0
+    timed = []
+    for i, m in enumerate(reports):
+        n = max(0, m["step"] - start - (Progress.warmup if i == 0 else 0))
+        timed.append((n, m["s_per_step"], m["data_wait_fraction"]))
+        out[f"s_per_step_{i}"], start = m["s_per_step"], m["step"]
+    total = sum(n for n, _, _ in timed)
+    out["s_per_step"] = sum(n * s for n, s, _ in timed) / total if total else timed[-1][1]
+    out["data_wait_fraction"] = (sum(n * s * w for n, s, w in timed) / sum(n * s for n, s, _ in timed)
+                                 if total else timed[-1][2])
+    return out
 
 
 def child_train(a, corpus: Path | None) -> None:
@@ -232,7 +253,8 @@ def child_train(a, corpus: Path | None) -> None:
     runs = str(Path(a.work) / "runs")
     try:
         mtl = smoke() if a.smoke else MTLConfig()
-        mtl = mtl.replace(steps=a.train_steps, eval_every=a.train_steps, log_every=a.train_steps, output=runs,
+        # validated half-way too: the first window holds the run's start-up, the second its steady state
+        mtl = mtl.replace(steps=a.train_steps, eval_every=a.train_steps // 2, log_every=a.train_steps, output=runs,
                           data_dir=a.data_dir, cache_dir=str(Path(a.work) / "shards" / "mtl"))
         for r in range(a.rounds):
             for mode in ("streamed", "in memory")[::1 if r % 2 == 0 else -1]:
@@ -323,8 +345,9 @@ def median(runs: list[dict], key: str):
 
 
 def train_table(runs: list[dict], ratio) -> list[str]:
-    out = ["| run | data | rounds | s/step | data wait (share of step time) | streamed ÷ in memory (s/step) "
-           "| fit wall | object store peak |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| run | data | rounds | s/step | first half, second half | data wait (share of step time) "
+           "| streamed ÷ in memory (s/step): run, first half, second half | fit wall | object store peak |",
+           "|---|---|---|---|---|---|---|---|---|"]
     groups = {}
     for r in runs:
         groups.setdefault((r["run"], r["mode"]), []).append(r)
@@ -332,9 +355,12 @@ def train_table(runs: list[dict], ratio) -> list[str]:
         what = ("multi-task, default run" if run == "mtl" else f"pre-training, {mb(rs[0]['corpus_bytes'])} corpus")
         data = "in memory (materialized before fit)" if mode == "in memory" else "streamed"
         s = median(rs, "s_per_step")
-        out.append(f"| {what} | {data} | {len(rs)} | {'n/a' if s is None else f'{s:.3f}'} "
+        halves = ", ".join(f"{h:.3f}" for h in (median(rs, "s_per_step_0"), median(rs, "s_per_step_1"))
+                           if h is not None and "s_per_step_1" in rs[0])
+        ratios = [step_ratio(runs, k) for k in ("s_per_step", "s_per_step_0", "s_per_step_1")]
+        out.append(f"| {what} | {data} | {len(rs)} | {'n/a' if s is None else f'{s:.3f}'} | {halves} "
                    f"| {pct(median(rs, 'data_wait_fraction'))} "
-                   f"| {f'{ratio:.3f}' if run == 'mtl' and mode == 'streamed' and ratio else ''} "
+                   f"| {', '.join(f'{x:.3f}' for x in ratios if x) if run == 'mtl' and mode == 'streamed' else ''} "
                    f"| {median(rs, 'fit_s'):.0f} s | {mb(max(r['store_peak'] for r in rs))} |")
     return out
 
@@ -366,9 +392,10 @@ def targets(prep: list[tuple[float, dict, str]], runs: list[dict], ratio) -> lis
     return lines
 
 
-def step_ratio(runs: list[dict]):
-    """Median over rounds of streamed ÷ in-memory s/step on the default run."""
-    by = {(r["round"], r["mode"]): r.get("s_per_step") for r in runs if r["run"] == "mtl"}
+def step_ratio(runs: list[dict], key: str = "s_per_step"):
+    """Median over rounds of streamed ÷ in-memory s/step (``key``: the run's, or a window's) on
+    the default run."""
+    by = {(r["round"], r["mode"]): r.get(key) for r in runs if r["run"] == "mtl"}
     ratios = [by[(k, "streamed")] / by[(k, "in memory")] for k in {k for k, _ in by}
               if by.get((k, "streamed")) and by.get((k, "in memory"))]
     return statistics.median(ratios) if ratios else None
@@ -461,13 +488,13 @@ def main(argv=None) -> int:
                 "dataset." if p0 else ""), ""]
     if not a.skip_training:
         lines += [f"Training: {a.train_steps} steps per multi-task run ({'smoke config' if a.smoke else 'MTLConfig()'}"
-                  f", validation at the end only), {a.rounds} round(s) of streamed and in-memory, alternating which "
+                  f", validated half-way and at the end), {a.rounds} round(s) of streamed and in-memory, alternating which "
                   f"runs first; {a.pretrain_steps} pre-training steps streamed from the largest corpus.", "",
                   *train_table(runs, ratio), ""]
         if train_err:
             lines += [f"Training child failed: {train_err}", ""]
         lines += ["s/step: training time per step after the 3 warm-up steps (validation excluded), median over "
-                  "rounds; data wait: of that time, the share spent in `next(stream)` waiting for the data stream "
+                  "rounds, for the whole run and for each half (the multi-task runs); data wait: of that time, the share spent in `next(stream)` waiting for the data stream "
                   "(`data_wait_fraction`); fit wall: `TorchTrainer.fit` including worker start-up and validation; "
                   "object store peak: as above, while fit ran.", ""]
     met = targets(prep, runs, ratio)

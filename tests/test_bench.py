@@ -168,6 +168,14 @@ def test_sampling_smoke_gives_every_sampler_the_same_batches(ray_cluster, tmp_pa
         "sampling"] == "proportional"
 
 
+def test_sam_smoke_runs_the_default_then_sam_on_half_the_steps(ray_cluster, tmp_path, capsys):
+    bench("sam").main(["--smoke", "--output", str(tmp_path)])
+    table = [row.split("|")[1:-1] for row in capsys.readouterr().out.splitlines() if row.startswith("| ")][1:]
+    assert [(r[0].strip(), int(r[1])) for r in table] == [("default", 12), ("SAM rho 0.05", 6)]
+    sam = json.loads((tmp_path / "sam0.05-6steps-s42" / "best_metrics.json").read_text())
+    assert sam["config"]["train"]["sam_rho"] == 0.05 and sam["sam_grad_norm"] > 0
+
+
 def test_quality_setups_parse_and_bad_ones_fail_before_training(capsys):
     quality = bench("quality")
     assert quality.parse_setup("sum") == ("sum", "sum", {"fusion": "sum", "fusion_every": 1, "pals": False,
@@ -220,7 +228,9 @@ def test_data_bench_smoke(ray_cluster, tmp_path):
             if line.startswith(("| multi-task", "| pre-training"))]
     assert [(r[0].split(",")[0].strip(), r[1].strip().split()[0]) for r in runs] == [
         ("multi-task", "streamed"), ("multi-task", "in"), ("pre-training", "streamed")]
-    assert all(float(r[3]) > 0 and r[4].strip().endswith("%") for r in runs)   # s/step, data wait
+    assert all(float(r[3]) > 0 and r[5].strip().endswith("%") for r in runs)   # s/step, data wait
+    halves = [float(x) for x in runs[0][4].split(",")]                  # the multi-task run's two windows
+    assert len(halves) == 2 and min(halves) > 0 and runs[2][4].strip() == ""
     assert "joined a Ray instance already running" in proc.stdout       # the session's: never a second Ray
     assert "Targets of issue 28:" in proc.stdout and "written to" not in proc.stdout   # --smoke writes nothing
     assert sorted(p.name for p in (tmp_path / "corpora").glob("*.txt")) == ["wikitext2-x-0.5MB-seed0.txt",

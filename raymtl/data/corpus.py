@@ -47,11 +47,10 @@ from raymtl.data.prepare import (
     range_lines,
     ranges_dataset,
     sha256_of,
-    text_line,
     tokenizer_fingerprint,
     write_parts,
 )
-from raymtl.data.readers import DataError
+from raymtl.data.readers import DataError, text_line
 
 KINDS = ("mlm", "mlm_val", "simcse_unsup", "simcse_sup", "sts_val")
 COLUMNS = {"mlm": ["ids_a"], "mlm_val": ["ids_a"], "simcse_unsup": ["ids_a"],

@@ -23,18 +23,33 @@ from raymtl.data.prepare import (
     check_bad_fraction,
     collect_reports,
     count_rows,
-    decode,
     file_system,
     line_ranges,
     parse_pass,
     ranges_dataset,
     sha256_of,
-    text_line,
     tokenizer_fingerprint,
     write_parts,
 )
-from raymtl.data.readers import DataError, ReadReport, column_positions, read_task_file, split_rows
-from raymtl.data.related import Overlap, get_related, held_out_rows, map_row, overlap_reason, related_rows
+from raymtl.data.readers import (
+    DataError,
+    ReadReport,
+    check_line,
+    column_positions,
+    read_task_file,
+    split_rows,
+    text_line,
+)
+from raymtl.data.related import (
+    Overlap,
+    get_related,
+    held_out_rows,
+    map_row,
+    overlap_reason,
+    related_rows,
+    sets_of,
+    test_file,
+)
 from raymtl.tasks import TASKS, TaskSpec
 
 EMPTY = np.zeros(0, np.int32)
@@ -140,7 +155,7 @@ class TaskParser(Parser):
 
     def parse(self, path, line, raw):
         out = check_line(self.spec, self.fields, self.col, line, raw)
-        return out if isinstance(out, tuple) else [{**out, "label_set": label_set_of(self.spec, out)}]
+        return out if isinstance(out, tuple) else [{**out, "kind": "row", "label_set": label_set_of(self.spec, out)}]
 
     def tokenize(self, rows):
         if rows:
@@ -149,27 +164,6 @@ class TaskParser(Parser):
             for i, r in enumerate(rows):
                 r.update({k: np.asarray(enc[k][i], np.int32) for k in ("ids_a", "tt_a", "ids_b")})
         return rows
-
-
-def check_line(spec: TaskSpec, fields: int, col: dict[str, int], line: int, raw: bytes) -> dict | tuple[str, bool]:
-    """One line of a TAB-separated file of ``spec``'s format (``fields`` columns, ``col`` their
-    positions), checked as ``read_task_file`` checks it: a row, or ``(reason, True)``."""
-    try:
-        values = decode(raw).split("\t")
-    except ValueError as e:
-        return str(e), True
-    if len(values) != fields:
-        return f"expected {fields} TAB-separated fields, got {len(values)}", True
-    texts = [values[col[c]].strip() for c in spec.text_cols]
-    empty = [c for c, t in zip(spec.text_cols, texts) if not t]
-    if empty:
-        return f"empty text in column(s) {empty}", True
-    try:
-        label = float(spec.parse_label(values[col[spec.label_col]]))
-    except ValueError as e:
-        return str(e), True
-    return {"kind": "row", "line": line, "text_a": texts[0], "text_b": texts[1] if spec.is_pair else "",
-            "label": label}
 
 
 class RelatedParser(TaskParser):
@@ -196,6 +190,7 @@ class RelatedParser(TaskParser):
             row = check_line(rs.source, f["fields"], f["positions"], line, raw)
             if isinstance(row, tuple):
                 return row
+            row["kind"] = "row"
         return (self.reason, False) if row in self.overlap else [map_row(rs, row)]
 
 
@@ -205,10 +200,8 @@ def prepare_related(tmp: Path, rejects: Path, d, task: str, held_out: list[dict]
     ``tmp/split=related``; their line reports and a row count per set. ``parser``: the
     tokenization settings of the task's own pass."""
     files, ranges, reports, per_set = {}, [], {}, {}
-    for name in d.related_of(task):
-        rs = get_related(name)
-        if rs.target != task:
-            raise ValueError(f"related set {name!r} is for task {rs.target!r}, not {task!r}")
+    for rs in sets_of(task, d.related_of(task)):
+        name = rs.name
         for i, rel in enumerate(rs.paths):
             path = f"{d.data_dir.rstrip('/')}/{rel}"
             if rs.source is None:
@@ -265,11 +258,13 @@ def prepare_task(data_cfg, task: str, tokenizer_source: str, mode: str | None, p
     spec, d = TASKS[task], data_cfg
     path = f"{d.data_dir.rstrip('/')}/{spec.path}"
     related = d.related_of(task)
+    test = test_file(task, d.data_dir) if related else None      # the overlap filter reads it too
     settings = {"task": task, "file": sha256_of(path), "tokenizer": tokenizer_fingerprint(tokenizer_source),
                 "mode": mode, "prefix": prefix, "max_length": d.max_length, "split_seed": d.split_seed,
                 "val_fraction": d.val_fraction, "max_rows": d.max_rows, "max_bad_fraction": d.max_bad_fraction,
                 "related": {n: [sha256_of(f"{d.data_dir.rstrip('/')}/{f}") for f in get_related(n).paths]
-                            for n in related}}
+                            for n in related},
+                "held_out_test": sha256_of(test) if test else None}
 
     def build(tmp: Path, rejects: Path):
         header = read_header(path)

@@ -168,23 +168,6 @@ class Parser:
         raise NotImplementedError
 
 
-def decode(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8").rstrip("\r")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"not valid UTF-8 (byte {e.start})") from None
-
-
-def text_line(raw: bytes) -> str | tuple[str, bool]:
-    """One line as stripped text, or a parser's outcome: ``(reason, True)`` for bytes that are
-    not UTF-8, ``("blank line", False)`` for a blank one."""
-    try:
-        text = decode(raw).strip()
-    except ValueError as e:
-        return str(e), True
-    return text or ("blank line", False)
-
-
 _INSTANCES: dict[str, Any] = {}
 
 

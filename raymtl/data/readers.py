@@ -53,6 +53,50 @@ def read_bytes(path: str) -> bytes:
         raise DataError(f"cannot read data file {path}: {e}") from None
 
 
+def decode(raw: bytes) -> str:
+    """One line's bytes as text (a trailing CR dropped); ValueError names the first bad byte."""
+    try:
+        return raw.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 (byte {e.start})") from None
+
+
+def text_line(raw: bytes) -> str | tuple[str, bool]:
+    """One line as stripped text, or a parser's outcome: ``(reason, True)`` for bytes that are
+    not UTF-8, ``("blank line", False)`` for a blank one."""
+    try:
+        text = decode(raw).strip()
+    except ValueError as e:
+        return str(e), True
+    return text or ("blank line", False)
+
+
+def check_line(spec: TaskSpec, fields: int, col: dict[str, int], line: int, raw: bytes, *,
+               with_labels: bool = True, allow_empty_text: bool = False) -> dict[str, Any] | tuple[str, bool]:
+    """One line of a TAB-separated file of ``spec``'s format (``fields`` columns, ``col`` the
+    positions of its columns), checked against the task table: the row ``{"id", "line",
+    "text_a", "text_b", "label"}``, or ``(reason, True)`` for a bad line. The one definition of a
+    valid row: ``read_task_file`` and the prepare pass's parsers (``raymtl.data.multitask``) call it."""
+    try:
+        values = decode(raw).split("\t")
+    except ValueError as e:
+        return str(e), True
+    if len(values) != fields:
+        return f"expected {fields} TAB-separated fields, got {len(values)}", True
+    texts = [values[col[c]].strip() for c in spec.text_cols]
+    empty = [c for c, t in zip(spec.text_cols, texts) if not t]
+    if empty and not allow_empty_text:
+        return f"empty text in column(s) {empty}", True
+    label = 0.0
+    if with_labels:
+        try:
+            label = float(spec.parse_label(values[col[spec.label_col]]))
+        except ValueError as e:
+            return str(e), True
+    return {"id": values[col[spec.id_col]].strip() if spec.id_col else str(line), "line": line,
+            "text_a": texts[0], "text_b": texts[1] if spec.is_pair else "", "label": label}
+
+
 def column_positions(spec: TaskSpec, header: list[str], required: list[str], path: str) -> dict[str, int]:
     """Position of each required column in ``header``, under its task-table name or its other layout's."""
     col, missing = {}, []
@@ -89,28 +133,11 @@ def read_task_file(spec: TaskSpec, path: str, *, with_labels: bool = True, max_r
     for lineno, raw in enumerate(raw_lines[1:], start=2):
         if max_rows and report.rows + len(report.bad) >= max_rows:
             break
-        try:
-            text = raw.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError as e:
-            report.bad.append((lineno, f"not valid UTF-8 (byte {e.start})"))
+        row = check_line(spec, len(header), col, lineno, raw, with_labels=with_labels,
+                         allow_empty_text=allow_empty_text)
+        if isinstance(row, tuple):
+            report.bad.append((lineno, row[0]))
             continue
-        fields = text.split("\t")
-        if len(fields) != len(header):
-            report.bad.append((lineno, f"expected {len(header)} TAB-separated fields, got {len(fields)}"))
-            continue
-        texts = [fields[col[c]].strip() for c in spec.text_cols]
-        empty = [c for c, t in zip(spec.text_cols, texts) if not t]
-        if empty and not allow_empty_text:
-            report.bad.append((lineno, f"empty text in column(s) {empty}"))
-            continue
-        row = {"id": fields[col[spec.id_col]].strip() if spec.id_col else str(lineno), "line": lineno,
-               "text_a": texts[0], "text_b": texts[1] if spec.is_pair else "", "label": 0.0}
-        if with_labels:
-            try:
-                row["label"] = float(spec.parse_label(fields[col[spec.label_col]]))
-            except ValueError as e:
-                report.bad.append((lineno, str(e)))
-                continue
         rows.append(row)
         report.rows += 1
     total = report.rows + len(report.bad)

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raymtl.data.readers import DataError, ReadReport, read_bytes, read_task_file
+from raymtl.data.readers import DataError, ReadReport, read_bytes, read_task_file, text_line
 from raymtl.tasks import TASKS, TaskSpec
 
 
@@ -97,13 +97,12 @@ def _read_lines(path: str, label: int, max_rows: int) -> tuple[list[dict], ReadR
     for lineno, raw in enumerate(read_bytes(path).split(b"\n"), start=1):
         if max_rows and len(rows) >= max_rows:
             break
-        try:
-            text = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            report.bad.append((lineno, f"not valid UTF-8 (byte {e.start})"))
+        text = text_line(raw)
+        if isinstance(text, tuple):
+            if text[1]:                                # bad bytes; a blank line is no row
+                report.bad.append((lineno, text[0]))
             continue
-        if text:
-            rows.append({"id": str(lineno), "line": lineno, "text_a": text, "text_b": "", "label": float(label)})
+        rows.append({"id": str(lineno), "line": lineno, "text_a": text, "text_b": "", "label": float(label)})
     report.rows = len(rows)
     return rows, report
 
@@ -149,14 +148,31 @@ def drop_overlap(rows: list[dict], held_out: list[dict], min_words: int = 3) -> 
     return kept, len(rows) - len(kept)
 
 
+def test_file(task: str, data_dir: str) -> str | None:
+    """The task's unlabelled test file, when the (local) data directory has it."""
+    test = Path(data_dir) / Path(TASKS[task].path).parent / "test-unlabeled.csv"
+    return str(test) if "://" not in data_dir and test.is_file() else None
+
+
 def held_out_rows(task: str, data_dir: str, val: list[dict]) -> list[dict]:
     """What a related row must not repeat: the task's validation rows and, when the data
     directory has it, its unlabelled test file."""
-    test = Path(data_dir) / Path(TASKS[task].path).parent / "test-unlabeled.csv"
-    if "://" not in data_dir and test.is_file():
-        val = val + read_task_file(TASKS[task], str(test), with_labels=False,
+    test = test_file(task, data_dir)
+    if test:
+        val = val + read_task_file(TASKS[task], test, with_labels=False,
                                    max_bad_fraction=1.0, allow_empty_text=True)[0]
     return val
+
+
+def sets_of(task: str, names) -> list[RelatedSet]:
+    """The related sets ``names`` of ``task``; a set made for another task is refused."""
+    out = []
+    for name in names:
+        rs = get_related(name)
+        if rs.target != task:
+            raise ValueError(f"related set {name!r} is for task {rs.target!r}, not {task!r}")
+        out.append(rs)
+    return out
 
 
 def overlap_reason(task: str) -> str:
@@ -169,10 +185,8 @@ def related_rows(task: str, names: tuple[str, ...], data_dir: str, held_out: lis
     (its validation split, and its unlabelled test file when present); report lines."""
     held_out = held_out_rows(task, data_dir, held_out)
     out, lines = [], []
-    for name in names:
-        rs = get_related(name)
-        if rs.target != task:
-            raise ValueError(f"related set {name!r} is for task {rs.target!r}, not {task!r}")
+    for rs in sets_of(task, names):
+        name = rs.name
         rows, reports = read_related(name, data_dir, max_rows, max_bad_fraction)
         kept, dropped = drop_overlap(rows, held_out)
         lines += [r.summary() for r in reports]
