@@ -12,7 +12,7 @@ training rows (Quora gets most), ``temperature`` (p ∝ n^(1/T)), ``annealed`` (
 proportional towards uniform). Every run validates three times and keeps its best
 checkpoint, as the default does. It reports the best validation scores, the batches each
 task got (from the sampler's own draws) and the wall time, and writes
-``docs/results/sampling.md``. A run that finished before under --output is read back.
+``docs/results/sampling-s<seed>.md``. A run that finished before under --output is read back.
 """
 import argparse
 import random
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                      + f" | {overall({t: m[f'val_{t}'] for t in tasks}):.4f} | {m['step']} | {wall / 60:.1f} |")
     print("\n" + "\n".join(lines))
     if not a.smoke:
-        print(f"[bench] written to {report.write('sampling', 'Task sampling at equal compute (bench/sampling.py)', 'bench/sampling.py', argv if argv is not None else sys.argv[1:], started, lines)}")
+        print(f"[bench] written to {report.write(f'sampling-s{a.seed}', 'Task sampling at equal compute (bench/sampling.py)', 'bench/sampling.py', argv if argv is not None else sys.argv[1:], started, lines)}")
     return 0
 
 

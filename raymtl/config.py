@@ -211,6 +211,10 @@ class TrainConfig:
     cagrad_c: float = _help(
         "c of fusion='cagrad': how far the update may move from the average gradient to raise the "
         "worst-off task's improvement (0 = the average gradient; Liu et al. 2021)", default=CAGRAD_C)
+    sam_rho: float = _help(
+        "sharpness-aware minimisation (raymtl.methods.sam): take each step's gradient at the weights "
+        "moved rho along the normalised gradient of the summed losses (0 = off; Foret et al. use 0.05; "
+        "one more forward and backward per step)", default=0.0)
     weighting: str = _help("loss weighting: fixed, uncertainty, dwa, softmax (raymtl.methods.weighting)",
                            default="fixed")
     dwa_window: int = _help(
@@ -234,6 +238,7 @@ class TrainConfig:
                      "fusion_every", "sampling_temperature", "dwa_window", "dwa_temperature"):
             _positive(name, getattr(self, name))
         _positive("cagrad_c", self.cagrad_c, allow_zero=True)
+        _positive("sam_rho", self.sam_rho, allow_zero=True)
         _positive("early_stop", self.early_stop, allow_zero=True)
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _positive("grad_clip", self.grad_clip, allow_zero=True)
@@ -380,6 +385,10 @@ class MTLConfig:
                 f"fusion={self.train.fusion!r} (diagnostics={self.train.diagnostics}) needs each task's full "
                 "gradient of every shared parameter, which ZeRO-3 partitions across workers; use "
                 "zero_stage 0-2 with gradient fusion, or fusion='sum' (--fusion sum) with ZeRO-3")
+        if self.train.sam_rho > 0 and self.scale.zero_stage == 3:
+            raise ValueError(
+                f"sam_rho={self.train.sam_rho} moves every weight of the model, which ZeRO-3 partitions "
+                "across workers; use zero_stage 0-2 with SAM, or sam_rho=0 (--sam-rho 0) with ZeRO-3")
         if self.train.batch_size % self.micro_divisor():
             raise ValueError(
                 f"batch_size={self.train.batch_size} must be divisible by num_workers x grad_accum "

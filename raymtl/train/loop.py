@@ -29,6 +29,7 @@ import torch.distributed as dist
 import raymtl.train.engine as eng
 from raymtl.data.streams import configure_ray_data
 from raymtl.methods.fusion import PeriodicFusion, fused_surrogate, make_fusion
+from raymtl.methods.sam import SAM
 from raymtl.methods.sampling import get_sampler
 from raymtl.methods.weighting import Fixed
 from raymtl.models.device import to_device
@@ -197,8 +198,10 @@ def train_loop_per_worker(config: dict) -> None:
         say(f"[raymtl] training on {world} worker(s), {device.type}, precision {precision} ({why})")
     # With per-stream gradients the loop calls torch.autograd.grad itself, which DeepSpeed's
     # output hooks (engine.__call__) refuse; the plain module forward is equivalent for
-    # ZeRO 0-2 (the only stages fusion allows), and engine.backward still does the rest.
-    forward = engine.module if fuse is not None else engine
+    # ZeRO 0-2 (the only stages fusion and SAM allow), and engine.backward still does the rest.
+    forward = engine.module if fuse is not None or cfg.train.sam_rho > 0 else engine
+    sam = (SAM((p for n, p in engine.module.named_parameters() if not n.startswith("weighting.")),
+               cfg.train.sam_rho) if cfg.train.sam_rho > 0 else None)
 
     # 3. resume from the last checkpoint of this run, if any -----------------------------
     step, initial, history = 0, {}, []
@@ -235,15 +238,20 @@ def train_loop_per_worker(config: dict) -> None:
         chosen = sampler(stage.sizes, step, cfg.train.steps, rng)
         window, seen, data_s = {t: 0.0 for t in chosen}, [], 0.0
         for _ in range(cfg.train.grad_accum):
-            losses = {}
+            batches = {}
             for t in chosen:
                 t_data = time.perf_counter()
-                batch = next(streams[t])                 # waits for the data stream, if at all
+                batches[t] = next(streams[t])            # waits for the data stream, if at all
                 data_s += time.perf_counter() - t_data
-                batch = to_device(batch, device)
-                seen.append(batch)
-                losses[t] = stage.loss(forward, t, batch, step)
+                batches[t] = to_device(batches[t], device)
+                seen.append(batches[t])
+            if sam is not None:                          # to w + e, the gradient is taken there
+                sam_norm = sam.ascend(sum(stage.loss(forward, t, b, step) for t, b in batches.items()))
+            losses = {t: stage.loss(forward, t, b, step) for t, b in batches.items()}
             diag = backward(engine, model, losses, step, shared, others, fuse, periodic)
+            if sam is not None:                          # back to w before the optimizer steps
+                sam.restore()
+                diag["sam_grad_norm"] = sam_norm
             for k, v in diag.items():                    # (sum, count): periodic fusion measures
                 diag_sum[k] = (diag_sum.get(k, (0.0, 0))[0] + v, diag_sum.get(k, (0.0, 0))[1] + 1)
             engine.step()
