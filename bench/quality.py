@@ -1,6 +1,6 @@
 """Multi-task vs single-task quality on the same budget: is one model as good as three?
 
-    .venv/bin/python bench/quality.py                          # 3 seeds x 5 runs, ~12-15 min per run here
+    .venv/bin/python bench/quality.py                          # 3 seeds x 6 runs, ~12-15 min per run here, ~1 h the hour preset's
     .venv/bin/python bench/quality.py --seeds 1 --steps 150    # a cheaper look
     .venv/bin/python bench/quality.py --smoke                  # tiny model, ~3 min
 
@@ -18,6 +18,8 @@ examples in every run:
   gives every task PALs, ``+pals=sts`` (``+pals=sst/sts``) those tasks only, ``+layers``
   (``+layers=sst``) own copies of the encoder's top half, ``+prefix`` a learned task prefix;
   several setups, comma-separated),
+* the multi-task model of each ``--presets`` recipe (default ``hour``, the one-hour recipe of
+  ``raymtl.recipes``: its own steps, validation and early stop, not ``--steps``),
 
 and prints each task's validation metric and the overall score as mean ± half-range over
 seeds. A run that finished before under --output is read back, not retrained.
@@ -32,7 +34,7 @@ from raymtl.analysis.metrics import overall
 from raymtl.config import MTLConfig, smoke
 from raymtl.data.multitask import load_splits
 from raymtl.methods.merging import MERGE_METHODS, merge
-from raymtl.recipes import PLAIN_ENCODER, SUM_LOSS
+from raymtl.recipes import PLAIN_ENCODER, SUM_LOSS, preset
 from raymtl.train.trainer import fit_once
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))    # bench/report.py, also when loaded by path
@@ -87,9 +89,10 @@ def merged_scores(seeded: MTLConfig, checkpoints: list[str], method: str, out: P
     return raymtl.load(out, device="cpu").evaluate({t: val for t, (_, val) in splits.items()})
 
 
-def runs_for_seed(base: MTLConfig, seed: int, setups: list[tuple[str, str, dict]]) -> dict[str, dict[str, float]]:
-    """Scores per setup (single-task, the single-task models merged, then each multi-task
-    ``parse_setup``) for one seed."""
+def runs_for_seed(base: MTLConfig, seed: int, setups: list[tuple[str, str, dict]],
+                  presets: dict[str, MTLConfig]) -> dict[str, dict[str, float]]:
+    """Scores per setup (single-task, the single-task models merged, each multi-task
+    ``parse_setup``, then each preset's multi-task run) for one seed."""
     seeded = base.replace(seed=seed, split_seed=seed)
     single, checkpoints = {}, []
     for t in TASKS:
@@ -102,6 +105,9 @@ def runs_for_seed(base: MTLConfig, seed: int, setups: list[tuple[str, str, dict]
     for tag, label, over in setups:
         m = fit_once(seeded.replace(name=f"mtl-{tag}-s{seed}", **over))
         out[f"multi-task, {label}"] = {t: m[f"val_{t}"] for t in TASKS}
+    for name, cfg in presets.items():
+        m = fit_once(cfg.replace(output=base.run.output, seed=seed, split_seed=seed, name=f"preset-{name}-s{seed}"))
+        out[f"multi-task, --preset {name}"] = {t: m[f"val_{t}"] for t in TASKS}
     return out
 
 
@@ -118,7 +124,9 @@ def main(argv=None) -> int:
                         "+pals / +layers / +prefix add PALs / own top half of the encoder / a learned "
                         "task prefix for every task (e.g. imtl_g:10+pals); +pals=sts gives PALs to STS "
                         "only (several tasks: +pals=sst/sts), +layers=sst SST its own top half")
-    p.add_argument("--steps", type=int, help="steps per run (default: the config's)")
+    p.add_argument("--presets", default="hour",
+                   help="multi-task recipes (raymtl.recipes) run as they are, comma-separated; '' for none")
+    p.add_argument("--steps", type=int, help="steps per run (default: the config's; not the presets')")
     p.add_argument("--output", default="runs/bench-quality")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
@@ -130,10 +138,16 @@ def main(argv=None) -> int:
         setups = [parse_setup(spec) for spec in dict.fromkeys(["sum", *a.best.split(",")])]
         for _, _, over in setups:
             base.replace(**over)
+        presets = {name: preset(name) for name in filter(None, a.presets.split(","))}
+        for name, cfg in presets.items():
+            if set(cfg.data.tasks) != set(TASKS):
+                raise ValueError(f"--presets {name}: trains {list(cfg.data.tasks)}, not the three tasks")
     except ValueError as e:
         p.error(str(e))
+    if a.smoke:
+        presets = {name: smoke(cfg) for name, cfg in presets.items()}
     started = report.now()
-    per_seed = [runs_for_seed(base, s, setups) for s in seeds]
+    per_seed = [runs_for_seed(base, s, setups, presets) for s in seeds]
     lines = [f"{base.model.encoder} encoder, {base.train.steps} steps x {base.train.batch_size} rows per task "
              f"({base.train.steps * base.train.batch_size} training rows per task in every run), "
              f"seeds {seeds}; validation scores, mean ± half-range", "",

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         p.error("--rhos must be > 0 and --steps-factor in (0, 1]")
     base = (smoke() if a.smoke else MTLConfig()).replace(output=str(Path(a.output).resolve()), seed=a.seed)
     tasks, steps = base.data.tasks, base.train.steps
-    runs = [("default", base.replace(name=f"round_robin-s{a.seed}"))]      # = bench/sampling.py's
+    runs = [("default", base.replace(name=f"round_robin-s{a.seed}", eval_every=max(1, steps // 3)))]   # = bench/sampling.py's
     for rho in rhos:
         n = max(3, round(steps * a.steps_factor))
         runs.append((f"SAM rho {rho:g}", base.replace(sam_rho=rho, steps=n, eval_every=max(1, n // 3),

@@ -140,40 +140,63 @@ def test_fusion_quality_smoke_reuses_finished_runs(ray_cluster, tmp_path, capsys
 
 
 def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
-    bench("quality").main(["--smoke", "--seeds", "1", "--output", str(tmp_path)])    # --best: raymtl's default
+    # --best sum: the default setup trains as the hour preset's run (the preset is the default's
+    # method, longer), so the smoke trains each kind of row once
+    bench("quality").main(["--smoke", "--seeds", "1", "--best", "sum", "--presets", "hour", "--output", str(tmp_path)])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     setups = [row.split("|")[1].strip() for row in table[1:]]   # after the header row
     assert setups == ["single-task (3 models)", "single-task models merged (task_arithmetic)",
-                      "single-task models merged (ties)", "multi-task, sum",
-                      "multi-task, imtl_g, fused every 10 steps, PALs (sts only), own top half (sst only)"]
+                      "single-task models merged (ties)", "multi-task, sum", "multi-task, --preset hour"]
     merged = json.loads((tmp_path / "merged-ties-s1" / "merge.json").read_text())
     assert merged["method"] == "ties" and sorted(merged["checkpoints"]) == ["quora", "sst", "sts"]
 
     def meta_of(run):
         best = json.loads((tmp_path / run / "best_metrics.json").read_text())["best_checkpoint"]
         return json.loads((Path(best) / "raymtl.json").read_text())
-    best = meta_of("mtl-imtl_g-every10-pals-sts-layers-sst-s1")                 # the addons reached the model
+    hour = json.loads((tmp_path / "preset-hour-s1" / "best_metrics.json").read_text())["config"]
+    assert hour["scale"]["precision"] == "bf16" and hour["train"]["early_stop"] == 4   # the preset, shrunk
+    assert (hour["train"]["seed"], hour["data"]["split_seed"]) == (1, 1)                # ... on the bench's seed
+    best = meta_of("preset-hour-s1")                                     # the default's addons reached the model
     assert best["pals"]["tasks"] == ["sts"] and best["task_layers"] == {"sst": 1}
     assert meta_of("mtl-sum-s1")["pals"] is None and meta_of("mtl-sum-s1")["task_layers"] == {}
     for t in ("sst", "quora", "sts"):                     # one plain single-task run per task, same budget
         assert meta_of(f"single-{t}-s1")["pals"] is None and meta_of(f"single-{t}-s1")["task_layers"] == {}
 
 
-def test_sampling_smoke_gives_every_sampler_the_same_batches(ray_cluster, tmp_path, capsys):
+def test_sampling_smoke_gives_every_sampler_the_same_batches_and_sam_reads_its_default_back(
+        ray_cluster, tmp_path, capsys):
     bench("sampling").main(["--smoke", "--samplers", "round_robin,proportional", "--output", str(tmp_path)])
     table = [row.split("|")[1:-1] for row in capsys.readouterr().out.splitlines() if row.startswith("| ")][1:]
     assert [(r[0].strip(), int(r[1])) for r in table] == [("round_robin", 12), ("proportional", 36)]
     assert sum(int(n) for n in table[1][2].split("/")) == 36            # 3 x 12 batches, drawn per step
     assert json.loads((tmp_path / "proportional-s42" / "best_metrics.json").read_text())["config"]["train"][
         "sampling"] == "proportional"
-
-
-def test_sam_smoke_runs_the_default_then_sam_on_half_the_steps(ray_cluster, tmp_path, capsys):
-    bench("sam").main(["--smoke", "--output", str(tmp_path)])
+    default = (tmp_path / "round_robin-s42" / "best_metrics.json").read_text()
+    bench("sam").main(["--smoke", "--output", str(tmp_path)])          # SAM on half the steps, the default read back
     table = [row.split("|")[1:-1] for row in capsys.readouterr().out.splitlines() if row.startswith("| ")][1:]
     assert [(r[0].strip(), int(r[1])) for r in table] == [("default", 12), ("SAM rho 0.05", 6)]
+    assert (tmp_path / "round_robin-s42" / "best_metrics.json").read_text() == default     # not retrained
     sam = json.loads((tmp_path / "sam0.05-6steps-s42" / "best_metrics.json").read_text())
     assert sam["config"]["train"]["sam_rho"] == 0.05 and sam["sam_grad_norm"] > 0
+
+
+def test_cross_bi_smoke_distils_a_cross_teacher_into_the_bi_student(ray_cluster, tmp_path, capsys):
+    bench("cross_bi").main(["--smoke", "--tasks", "quora", "--output", str(tmp_path)])
+    rows = [row.split("|")[1:-1] for row in capsys.readouterr().out.splitlines() if row.startswith("| quora ")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0]]
+    assert cells[:3] == ["quora", "12", "accuracy"] and all(0 <= float(c) <= 1 for c in cells[3:6])
+
+    def config(run):
+        return json.loads((tmp_path / run / "best_metrics.json").read_text())["config"]
+    assert config("cross-quora-s42")["model"]["pair_mode"]["quora"] == "cross"
+    student = config("bi-quora-from-cross-s42")
+    assert student["model"]["pair_mode"]["quora"] == "bi" and student["data"]["tasks"] == ["quora"]
+    assert student["distill"]["teacher_outputs"] == {"quora": str(tmp_path / "cross-quora-s42" / "outputs")}
+    assert config("bi-quora-s42")["distill"]["teacher_outputs"] == {}
+    with pytest.raises(SystemExit):                                 # before any Ray or training
+        bench("cross_bi").main(["--smoke", "--tasks", "sst", "--output", str(tmp_path)])
+    assert "--tasks 'sst': choose from ['quora', 'sts']" in capsys.readouterr().err
 
 
 def test_quality_setups_parse_and_bad_ones_fail_before_training(capsys):
@@ -197,6 +220,11 @@ def test_quality_setups_parse_and_bad_ones_fail_before_training(capsys):
                       ("nosuch:10", "fusion='nosuch' is not valid")):
         with pytest.raises(SystemExit):     # argparse's error exit, no Ray started, nothing trained
             quality.main(["--smoke", "--seeds", "1", "--best", bad, "--output", "/nonexistent/never-written"])
+        assert says in capsys.readouterr().err
+    for bad, says in (("single-sst", "--presets single-sst: trains ['sst'], not the three tasks"),
+                      ("hour,nosuch", "preset 'nosuch': valid are mtl, hour")):
+        with pytest.raises(SystemExit):
+            quality.main(["--smoke", "--seeds", "1", "--presets", bad, "--output", "/nonexistent/never-written"])
         assert says in capsys.readouterr().err
 
 
