@@ -165,10 +165,16 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
 
 def test_sampling_smoke_gives_every_sampler_the_same_batches_and_sam_reads_its_default_back(
         ray_cluster, tmp_path, capsys):
-    bench("sampling").main(["--smoke", "--samplers", "round_robin,proportional", "--output", str(tmp_path)])
+    bench("sampling").main(["--smoke", "--samplers", "round_robin,proportional", "--single-task",
+                            "--output", str(tmp_path)])
     table = [row.split("|")[1:-1] for row in capsys.readouterr().out.splitlines() if row.startswith("| ")][1:]
-    assert [(r[0].strip(), int(r[1])) for r in table] == [("round_robin", 12), ("proportional", 36)]
+    assert [(r[0].strip(), int(r[1])) for r in table] == [("round_robin", 12), ("proportional", 36),
+                                                        ("single-task (3 models)", 12)]
     assert sum(int(n) for n in table[1][2].split("/")) == 36            # 3 x 12 batches, drawn per step
+    for t in ("sst", "quora", "sts"):                                   # one plain model per task, same seed
+        single = json.loads((tmp_path / f"single-{t}-s42" / "best_metrics.json").read_text())["config"]
+        assert single["data"]["tasks"] == [t] and single["train"]["seed"] == 42 and single["train"]["steps"] == 12
+        assert single["train"]["fusion"] == "sum" and single["model"]["task_layers"] == {}
     assert json.loads((tmp_path / "proportional-s42" / "best_metrics.json").read_text())["config"]["train"][
         "sampling"] == "proportional"
     default = (tmp_path / "round_robin-s42" / "best_metrics.json").read_text()

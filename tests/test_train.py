@@ -122,6 +122,14 @@ def test_rerun_with_same_name_resumes_from_last_checkpoint(ray_cluster, data_dir
     assert second.metrics["start_step"] == 10 and second.metrics["step"] == 20
     assert sorted(p.name for p in (tmp_path / "resume").glob("checkpoint_0*")) == ["checkpoint_000015",
                                                                                   "checkpoint_000020"]
+    # a finished run run again trains nothing and reports its last metrics again (as a Tune trial
+    # restored as unfinished after its driver died must: Tune requires the metric in a result)
+    again = fit(smoke_cfg(tmp_path, data_dir, steps=20, eval_every=5, name="resume", log_every=5))
+    assert again.metrics["step"] == 20 and again.metrics["val_sst"] == second.metrics["val_sst"]
+    assert again.best_checkpoint == second.best_checkpoint
+    assert "[raymtl] nothing left to train at step 20 of 20" in (tmp_path / "resume" / "train.log").read_text()
+    assert sorted(p.name for p in (tmp_path / "resume").glob("checkpoint_0*")) == ["checkpoint_000015",
+                                                                                  "checkpoint_000020"]
     # the newest checkpoint carries every report, those of the first run included (Ray keeps 2)
     history = load_curve(tmp_path / "resume")
     assert history["step"].tolist() == [5, 10, 15, 20]

@@ -204,7 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
                cfg.train.sam_rho) if cfg.train.sam_rho > 0 else None)
 
     # 3. resume from the last checkpoint of this run, if any -----------------------------
-    step, initial, history = 0, {}, []
+    step, initial, history, last = 0, {}, [], {}
     # (Train V2 deprecates resume_from_checkpoint: another run's checkpoint comes in the config)
     checkpoint = ray.train.get_checkpoint() or (Checkpoint.from_directory(config["start_from"])
                                                 if config.get("start_from") else None)
@@ -217,6 +217,7 @@ def train_loop_per_worker(config: dict) -> None:
             if hasattr(weighting, "load_client_state") and "weighting" in client:
                 weighting.load_client_state(client["weighting"])
             initial, history = start_metrics(Path(d)), start_history(Path(d))
+            last = json.loads((Path(d) / "metrics.json").read_text()) if (Path(d) / "metrics.json").is_file() else {}
         if rank == 0:
             say(f"[raymtl] resumed from checkpoint at step {step}")
     elif stage.validate_at_start:
@@ -300,4 +301,12 @@ def train_loop_per_worker(config: dict) -> None:
                     say(f"[raymtl] early stop at step {step}: {stage.score} has not improved for "
                         f"{cfg.train.early_stop} validations (best checkpoint kept)")
                 break
+    if step == start_step and last:
+        # Resumed after its last step (a driver that died after the run's last report, e.g. a
+        # Tune trial restored as unfinished): nothing to train; report the last checkpoint's
+        # metrics again, so the caller (and Tune's metric check) gets the run's result.
+        if rank == 0:
+            say(f"[raymtl] nothing left to train at step {step} of {cfg.train.steps}; "
+                "reporting the last checkpoint's metrics")
+        ray.train.report(last)
     run_log.close()
