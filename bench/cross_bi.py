@@ -10,7 +10,8 @@ For each pair task, three single-task runs on the same rows, steps and plain enc
 * **bi alone**: the student as raymtl trains it (``pair_mode`` bi: SBERT features for Quora,
   the cosine for STS), no teacher;
 * **cross teacher**: the same task read with cross attention (``--pair-mode <task>=cross``:
-  ``[CLS] a [SEP] b``), then its outputs on every training row (``raymtl.stages.pipeline.run_teacher``);
+  ``[CLS] a [SEP] b``), then its outputs on every training row (``write_teacher_outputs``, as
+  ``raymtl.stages.pipeline.run_teacher`` writes them, but on a run read back by ``fit_once``);
 * **bi from cross**: the bi student again, distilled from those outputs (Distilled Sentence
   Embedding; Trans-Encoder's cross -> bi): KL on the logits with the temperature (Quora), MSE
   on the teacher's score mapped onto the cosine (STS), mixed with the gold labels by
