@@ -215,6 +215,10 @@ class TrainConfig:
         "sharpness-aware minimisation (raymtl.methods.sam): take each step's gradient at the weights "
         "moved rho along the normalised gradient of the summed losses (0 = off; Foret et al. use 0.05; "
         "one more forward and backward per step)", default=0.0)
+    smart_weight: float = _help(
+        "SMART smoothness regularisation (raymtl.methods.smart): add this weight x the divergence of "
+        "each task's output under an adversarial perturbation of its word embeddings (0 = off; Jiang et "
+        "al. use 1-5; about three times a step's time)", default=0.0)
     weighting: str = _help("loss weighting: fixed, uncertainty, dwa, softmax (raymtl.methods.weighting)",
                            default="fixed")
     dwa_window: int = _help(
@@ -239,6 +243,7 @@ class TrainConfig:
             _positive(name, getattr(self, name))
         _positive("cagrad_c", self.cagrad_c, allow_zero=True)
         _positive("sam_rho", self.sam_rho, allow_zero=True)
+        _positive("smart_weight", self.smart_weight, allow_zero=True)
         _positive("early_stop", self.early_stop, allow_zero=True)
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _positive("grad_clip", self.grad_clip, allow_zero=True)
@@ -389,6 +394,11 @@ class MTLConfig:
             raise ValueError(
                 f"sam_rho={self.train.sam_rho} moves every weight of the model, which ZeRO-3 partitions "
                 "across workers; use zero_stage 0-2 with SAM, or sam_rho=0 (--sam-rho 0) with ZeRO-3")
+        if self.train.smart_weight > 0 and self.scale.zero_stage == 3:
+            raise ValueError(
+                f"smart_weight={self.train.smart_weight} takes the gradient of the perturbed output with "
+                "torch.autograd.grad, which ZeRO-3's partitioned parameters do not allow; use zero_stage 0-2 "
+                "with SMART, or smart_weight=0 (--smart-weight 0) with ZeRO-3")
         if self.train.batch_size % self.micro_divisor():
             raise ValueError(
                 f"batch_size={self.train.batch_size} must be divisible by num_workers x grad_accum "

@@ -163,7 +163,7 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
         assert meta_of(f"single-{t}-s1")["pals"] is None and meta_of(f"single-{t}-s1")["task_layers"] == {}
 
 
-def test_sampling_smoke_gives_every_sampler_the_same_batches_and_sam_reads_its_default_back(
+def test_sampling_smoke_gives_every_sampler_the_same_batches_and_smoothness_reads_its_default_back(
         ray_cluster, tmp_path, capsys):
     bench("sampling").main(["--smoke", "--samplers", "round_robin,proportional", "--single-task",
                             "--output", str(tmp_path)])
@@ -178,12 +178,15 @@ def test_sampling_smoke_gives_every_sampler_the_same_batches_and_sam_reads_its_d
     assert json.loads((tmp_path / "proportional-s42" / "best_metrics.json").read_text())["config"]["train"][
         "sampling"] == "proportional"
     default = (tmp_path / "round_robin-s42" / "best_metrics.json").read_text()
-    bench("sam").main(["--smoke", "--output", str(tmp_path)])          # SAM on half the steps, the default read back
+    bench("smoothness").main(["--smoke", "--output", str(tmp_path)])   # SAM, SMART on fewer steps, the default read back
     table = [row.split("|")[1:-1] for row in capsys.readouterr().out.splitlines() if row.startswith("| ")][1:]
-    assert [(r[0].strip(), int(r[1])) for r in table] == [("default", 12), ("SAM rho 0.05", 6)]
+    assert [(r[0].strip(), int(r[1])) for r in table] == [("default", 12), ("SAM rho 0.05", 6), ("SMART weight 1", 4)]
     assert (tmp_path / "round_robin-s42" / "best_metrics.json").read_text() == default     # not retrained
     sam = json.loads((tmp_path / "sam0.05-6steps-s42" / "best_metrics.json").read_text())
     assert sam["config"]["train"]["sam_rho"] == 0.05 and sam["sam_grad_norm"] > 0
+    smart = json.loads((tmp_path / "smart1-4steps-s42" / "best_metrics.json").read_text())
+    assert smart["config"]["train"]["smart_weight"] == 1 and smart["config"]["train"]["sam_rho"] == 0
+    assert all(0 <= smart[f"val_{t}"] <= 1 for t in ("sst", "quora")) and -1 <= smart["val_sts"] <= 1
 
 
 def test_cross_bi_smoke_distils_a_cross_teacher_into_the_bi_student(ray_cluster, tmp_path, capsys):
@@ -191,7 +194,7 @@ def test_cross_bi_smoke_distils_a_cross_teacher_into_the_bi_student(ray_cluster,
     rows = [row.split("|")[1:-1] for row in capsys.readouterr().out.splitlines() if row.startswith("| quora ")]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0]]
-    assert cells[:3] == ["quora", "12", "accuracy"] and all(0 <= float(c) <= 1 for c in cells[3:6])
+    assert cells[:4] == ["quora", "12", "12", "accuracy"] and all(0 <= float(c) <= 1 for c in cells[4:7])
 
     def config(run):
         return json.loads((tmp_path / run / "best_metrics.json").read_text())["config"]

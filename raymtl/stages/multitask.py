@@ -13,6 +13,7 @@ from raymtl.analysis.metrics import overall, task_metric
 from raymtl.config import MTLConfig
 from raymtl.data.multitask import collate, tokenized_datasets
 from raymtl.data.streams import cycle_batches
+from raymtl.methods.smart import SMART
 from raymtl.methods.weighting import make_weighting
 from raymtl.models.encoder import tokenizer_source
 from raymtl.models.heads import head_kind
@@ -75,6 +76,7 @@ class MTLStage(Stage):
         self.tasks = list(cfg.data.tasks)
         # the head kind per task, as the data was tokenized for it (build_model checks the model agrees)
         self.kinds = {t: head_kind(TASKS[t], cfg.model.mode_of(t) if TASKS[t].is_pair else None) for t in self.tasks}
+        self.smart: SMART | None = None          # build_model hooks it into the model's embeddings
 
     @classmethod
     def prepare(cls, cfg: MTLConfig, verbose: bool = True) -> tuple[dict, dict[str, int]]:
@@ -102,6 +104,8 @@ class MTLStage(Stage):
         model.weighting = make_weighting(cfg.train.weighting, names,
                                          {n: cfg.train.task_weights.get(stream_task(n), 1.0) for n in names},
                                          cfg.train.dwa_window, cfg.train.dwa_temperature)
+        self.smart = (SMART(model.encoder.get_input_embeddings(), cfg.train.smart_weight)
+                      if cfg.train.smart_weight > 0 else None)
         return model
 
     def streams(self, rank: int, seed: int) -> dict:
@@ -113,7 +117,11 @@ class MTLStage(Stage):
     def loss(self, forward, stream: str, batch: dict, step: int):
         task, d = stream_task(stream), self.cfg.distill
         alpha = get_distill_schedule(d.distill_schedule)(d.distill_alpha, step, self.cfg.train.steps)
-        return task_loss(self.kinds[task], forward(task, batch).float(), batch, alpha, d.distill_temperature)
+        output = forward(task, batch).float()
+        loss = task_loss(self.kinds[task], output, batch, alpha, d.distill_temperature)
+        if self.smart is None:
+            return loss
+        return loss + self.smart.regulariser(lambda: forward(task, batch).float(), output, self.kinds[task])
 
     def validate(self, module, rank: int, world: int) -> dict[str, float]:
         scores = validate(module, self.tasks, rank, world, shard_eval=self.cfg.scale.zero_stage < 3)

@@ -32,7 +32,7 @@ from raymtl.recipes import PLAIN_ENCODER, SUM_LOSS
 from raymtl.stages.distill import write_teacher_outputs
 from raymtl.stages.pretrain import pretrain_smoke
 from raymtl.tasks import TASKS
-from raymtl.train.trainer import fit, storage_path
+from raymtl.train.trainer import fit, fit_once, storage_path
 
 TEACHER_MARGIN = 0.05       # PipelinePlan.teacher_margin
 
@@ -59,15 +59,23 @@ def stage_result(summary, what: str, **extra) -> dict:
             "metrics": {k: v for k, v in summary.best_metrics.items() if isinstance(v, (int, float))}}
 
 
-def run_teacher(cfg: MTLConfig, verbose: bool = True) -> dict:
+def run_teacher(cfg: MTLConfig, verbose: bool = True, once: bool = False) -> dict:
     """Train a teacher (``cfg.data.tasks`` is its one task), then write its outputs on every
-    training row of the task (from its prepared shards) to ``<run dir>/outputs``. Returns checkpoint, outputs, metrics."""
+    training row of the task (from its prepared shards) to ``<run dir>/outputs``. Returns
+    checkpoint, outputs, metrics. ``once``: a teacher run that finished before with the same
+    config is read back (``fit_once``), and its outputs, once written, are kept (benchmarks)."""
     (task,) = cfg.data.tasks
-    summary = fit(cfg, verbose=verbose)
-    result = stage_result(summary, f"teacher {task}")
+    if once:
+        metrics = fit_once(cfg, verbose=verbose)
+        result = {"checkpoint": metrics["best_checkpoint"],
+                  "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    else:
+        result = stage_result(fit(cfg, verbose=verbose), f"teacher {task}")
     out = Path(storage_path(cfg.run.output)) / cfg.run.name / "outputs"
+    if once and (out / "meta.json").is_file():
+        return {**result, "outputs": str(out)}
     t0 = time.perf_counter()
-    meta = write_teacher_outputs(summary.best_checkpoint, task, cfg.data, str(out), cfg.data.max_length,
+    meta = write_teacher_outputs(result["checkpoint"], task, cfg.data, str(out), cfg.data.max_length,
                                  cfg.scale.use_gpu, cpus=cfg.scale.cpus_per_worker)
     if verbose:
         print(f"[raymtl] teacher outputs: {meta['rows']} rows of {meta['data_file']} in "

@@ -99,6 +99,9 @@ class PretrainJobConfig(MTLConfig):
         if m.pals or m.task_prefix != "none" or m.train_only_adapters or m.task_layers:
             raise ValueError("pals, task_prefix, task_layers and train_only_adapters belong to the multi-task stage; "
                              "pre-training trains the whole encoder")
+        if self.train.smart_weight > 0:
+            raise ValueError(f"smart_weight={self.train.smart_weight}: SMART regularises task heads' outputs, "
+                             "which pre-training has none of; it belongs to the multi-task stage")
         for name in ("mlm_batch_size", "unsup_batch_size", "sup_batch_size"):
             if getattr(self.pretrain, name) % self.micro_divisor():
                 raise ValueError(f"{name}={getattr(self.pretrain, name)} must be divisible by "

@@ -198,8 +198,8 @@ def train_loop_per_worker(config: dict) -> None:
         say(f"[raymtl] training on {world} worker(s), {device.type}, precision {precision} ({why})")
     # With per-stream gradients the loop calls torch.autograd.grad itself, which DeepSpeed's
     # output hooks (engine.__call__) refuse; the plain module forward is equivalent for
-    # ZeRO 0-2 (the only stages fusion and SAM allow), and engine.backward still does the rest.
-    forward = engine.module if fuse is not None or cfg.train.sam_rho > 0 else engine
+    # ZeRO 0-2 (the only stages fusion, SAM and SMART allow), and engine.backward still does the rest.
+    forward = engine.module if fuse is not None or cfg.train.sam_rho > 0 or cfg.train.smart_weight > 0 else engine
     sam = (SAM((p for n, p in engine.module.named_parameters() if not n.startswith("weighting.")),
                cfg.train.sam_rho) if cfg.train.sam_rho > 0 else None)
 
