@@ -21,7 +21,8 @@ For each pair task, three single-task runs on the same rows, steps and plain enc
 
 It prints each run's validation score and the share of the teacher-student gap the
 distillation closes, ``(from cross - alone) / (cross - alone)`` (the issue's target: at least
-half), and writes ``docs/results/cross-bi-s<seed>.md``. Runs that finished before under
+half), and writes ``docs/results/cross-bi-s<seed>.md`` (``cross-bi-teacher<N>-s<seed>.md`` with
+``--teacher-steps N``). Runs that finished before under
 --output are read back, not retrained.
 """
 import argparse
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
              f"runs on the plain encoder, {base.train.batch_size} rows per step; distillation alpha "
              f"{a.distill_alpha}, temperature {a.distill_temperature}; the best of the runs' validations; "
              "gap closed = (bi from cross - bi alone) / (cross teacher - bi alone), when the teacher is above the "
-             "bi-encoder alone", "",
+             "bi-encoder alone; wall min: this invocation's minutes per task (runs read back take none)", "",
              "| task | steps | teacher steps | metric | bi alone | cross teacher | bi from cross | gap closed | wall min |",
              "|---|---|---|---|---|---|---|---|---|"]
     for task, steps, teacher_steps, score, closed, wall in rows:
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
                      f"{score['cross teacher']:.4f} | {score['bi from cross']:.4f} | {closed} | {wall:.1f} |")
     print("\n" + "\n".join(lines))
     if not a.smoke:
-        print(f"[bench] written to {report.write(f'cross-bi-s{a.seed}', 'Cross-encoder teachers distilled into the bi-encoder (bench/cross_bi.py)', 'bench/cross_bi.py', argv if argv is not None else sys.argv[1:], started, lines)}")
+        print(f"[bench] written to {report.write(f'cross-bi-s{a.seed}' if not a.teacher_steps else f'cross-bi-teacher{a.teacher_steps}-s{a.seed}', 'Cross-encoder teachers distilled into the bi-encoder (bench/cross_bi.py)', 'bench/cross_bi.py', argv if argv is not None else sys.argv[1:], started, lines)}")
     return 0
 
 

@@ -158,3 +158,17 @@ def test_samplers():
     assert draws.count("quora") > 180
     late = [SAMPLERS["annealed"](sizes, 9, 10, random.Random(i))[0] for i in range(300)]
     assert late.count("quora") < 200  # annealed towards uniform
+
+
+def test_a_field_added_after_a_run_matches_that_run_only_at_its_default():
+    """A run saved before a field existed trained as the field's default does: reading it back
+    (fit_once) or resuming it with the default matches; any other value is a difference."""
+    from raymtl.train.trainer import config_differences, default_dict
+    cfg = MTLConfig()
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    del saved["train"]["smart_weight"]                       # written before SMART was built
+    asked = json.loads(json.dumps(cfg.to_dict()))
+    assert config_differences(saved, asked, default_dict(cfg)) == []
+    on = json.loads(json.dumps(cfg.replace(smart_weight=1.0).to_dict()))
+    assert config_differences(saved, on, default_dict(cfg)) == ["smart_weight: saved '(absent)', asked 1.0"]
+    assert config_differences(saved, asked) == ["smart_weight: saved '(absent)', asked 0.0"]   # no defaults given

@@ -188,7 +188,7 @@ def fit_once(cfg: MTLConfig, verbose: bool = False, **fit_kw) -> dict:
     asked = json.loads(json.dumps(cfg.to_dict()))               # tuples as lists, as saved
     if "://" not in cfg.run.output and record.is_file():
         metrics = json.loads(record.read_text())
-        differ = config_differences(metrics.pop("config", {}), asked)
+        differ = config_differences(metrics.pop("config", {}), asked, default_dict(cfg))
         if differ:
             raise ValueError(f"{record.parent} finished with another config ({'; '.join(differ[:6])}"
                              f"{'; ...' if len(differ) > 6 else ''}): remove that run or choose another "
@@ -238,7 +238,8 @@ def check_resume(cfg: MTLConfig, verbose: bool = True) -> None:
         return
     path, saved = found
     asked = json.loads(json.dumps(cfg.to_dict()))               # tuples as lists, as saved
-    differ = [d for d in config_differences(saved, asked) if d.split(":")[0] not in RUN_ONLY_FIELDS]
+    differ = [d for d in config_differences(saved, asked, default_dict(cfg))
+              if d.split(":")[0] not in RUN_ONLY_FIELDS]
     if not differ:
         return
     listed = "; ".join(differ[:8]) + ("; ..." if len(differ) > 8 else "")
@@ -259,15 +260,24 @@ def check_resume(cfg: MTLConfig, verbose: bool = True) -> None:
               "with the new config (--resume-changed continue)", flush=True)
 
 
-def config_differences(saved: dict, asked: dict) -> list[str]:
+def config_differences(saved: dict, asked: dict, defaults: dict | None = None) -> list[str]:
     """'field: saved X, asked Y' for every field (besides where the run lives) that differs
-    between two ``to_dict()`` configs; a record without a config cannot be matched."""
+    between two ``to_dict()`` configs; a record without a config cannot be matched. A field
+    the saved config lacks (added to raymtl after that run) matches when asked at its value in
+    ``defaults`` (the ``to_dict()`` of the config class's defaults): the run trained as that
+    default does."""
     if not saved:
         return ["the record keeps no config (written before raymtl kept one)"]
-    old, new = ({k: v for part in d.values() for k, v in part.items() if k not in IDENTITY_FIELDS}
-                for d in (saved, asked))
+    old, new, default = ({k: v for part in d.values() for k, v in part.items() if k not in IDENTITY_FIELDS}
+                         for d in (saved, asked, defaults or {}))
     return [f"{k}: saved {old.get(k, '(absent)')!r}, asked {new.get(k, '(absent)')!r}"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+            and not (k not in old and k in default and new.get(k) == default[k])]
+
+
+def default_dict(cfg: MTLConfig) -> dict:
+    """The ``to_dict()`` of ``cfg``'s class at its defaults, as saved (tuples as lists)."""
+    return json.loads(json.dumps(type(cfg)().to_dict()))
 
 
 def summarize(result, score: str) -> FitSummary:
