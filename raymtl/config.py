@@ -218,7 +218,7 @@ class TrainConfig:
     smart_weight: float = _help(
         "SMART smoothness regularisation (raymtl.methods.smart): add this weight x the divergence of "
         "each task's output under an adversarial perturbation of its word embeddings (0 = off; Jiang et "
-        "al. use 1-5; about three times a step's time)", default=0.0)
+        "al. use 1-5; about four times a step's time; lost at equal wall-clock, docs/methods.md)", default=0.0)
     weighting: str = _help("loss weighting: fixed, uncertainty, dwa, softmax (raymtl.methods.weighting)",
                            default="fixed")
     dwa_window: int = _help(

@@ -13,8 +13,8 @@ and cosine heads. The paper's settings (its Table 8): noise 1e-5, step 1e-3, one
 The perturbation is added by a forward hook on the encoder's input-embedding module, so it
 reaches every path that embeds tokens (padded or packed encoder, learned prefixes, the two
 sentences of a bi-encoder, which get a ``delta`` each). A task batch runs three forwards (clean,
-noisy, adversarial) and, with the ascent's input gradient, about 2.5 backwards: about three
-times a plain step's time. It needs the plain module forward (``torch.autograd.grad``), so
+noisy, adversarial) and, with the ascent's input gradient, about 2.5 backwards: 4.0x a plain
+step's time measured in the default multi-task run (docs/results/smoothness-s1.md). It needs the plain module forward (``torch.autograd.grad``), so
 ZeRO-3 is refused by the config, as for SAM.
 """
 from __future__ import annotations
