@@ -69,14 +69,14 @@ def main(argv=None) -> int:
         runs = {}
         t0 = time.perf_counter()
         runs["bi alone"] = fit_once(base.replace(name=f"bi-{task}-s{a.seed}"))
-        cross = base.replace(pair_mode={**base.model.pair_mode, task: "cross"}, name=f"cross-{task}-s{a.seed}")
-        if a.teacher_steps and a.teacher_steps != base.train.steps:
-            n = a.teacher_steps
-            cross = cross.replace(steps=n, eval_every=max(1, n // 3), name=f"cross-{task}-{n}steps-s{a.seed}")
+        budget = f"-{a.teacher_steps}steps" if a.teacher_steps and a.teacher_steps != base.train.steps else ""
+        cross = base.replace(pair_mode={**base.model.pair_mode, task: "cross"}, name=f"cross-{task}{budget}-s{a.seed}")
+        if budget:
+            cross = cross.replace(steps=a.teacher_steps, eval_every=max(1, a.teacher_steps // 3))
         teacher = run_teacher(cross, verbose=False, once=True)
         runs["cross teacher"] = teacher["metrics"]
         runs["bi from cross"] = fit_once(student.replace(teacher_outputs={task: teacher["outputs"]},
-                                                         name=f"bi-{task}-from-cross-s{a.seed}"))
+                                                         name=f"bi-{task}-from-cross{budget}-s{a.seed}"))
         score = {k: m[f"val_{task}"] for k, m in runs.items()}
         gap = score["cross teacher"] - score["bi alone"]
         # a teacher at or below the student alone leaves no gap to close
