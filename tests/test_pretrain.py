@@ -2,6 +2,7 @@
 raw files, cross-worker negatives under real Ray Train, the shard cache, and an end-to-end
 smoke run whose checkpoint the multi-task stage loads."""
 import dataclasses
+import json
 import math
 import runpy
 from pathlib import Path
@@ -15,7 +16,7 @@ from raymtl.data.corpus import NliParser, WikiParser, clean_wiki, nli_triplets
 from raymtl.data.prepare import LineReport, check_bad_fraction
 from raymtl.data.readers import DataError
 from raymtl.objectives.pretrain import IGNORE, info_nce, mask_tokens, simcse_sup_loss, simcse_unsup_loss
-from raymtl.stages.pretrain import PretrainJobConfig, PretrainStage, pretrain_smoke
+from raymtl.stages.pretrain import PretrainJobConfig, PretrainStage, head_warmup_config, pretrain_smoke
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,12 @@ def test_config_section_names_are_unique_and_bad_values_name_the_field():
                                ({"mlm_mask_prob": 1.0}, r"mlm_mask_prob=1.0 must be in \(0, 1\)"),
                                ({"num_workers": 2, "sup_batch_size": 5}, "sup_batch_size=5 must be divisible"),
                                ({"pals": True}, "pals, task_prefix, task_layers and train_only_adapters belong"),
-                               ({"task_layers": {"sst": 1}}, "task_layers and train_only_adapters belong")]:
+                               ({"task_layers": {"sst": 1}}, "task_layers and train_only_adapters belong"),
+                               ({"head_warmup_steps": 2, "mlm_weight": 0.0}, "head_warmup_steps=2 warms up the MLM head"),
+                               ({"head_warmup_steps": -1}, "head_warmup_steps=-1 must be >= 0"),
+                               ({"train_only_head": True}, "train_only_head=True freezes the encoder, which SimCSE"),
+                               ({"train_only_head": True, "simcse_unsup_weight": 0.0, "simcse_sup_weight": 0.0,
+                                 "precision": "bf16"}, "train_only_head=True needs precision='fp32'")]:
         with pytest.raises(ValueError, match=message):
             pretrain_smoke().replace(**overrides)
     import argparse
@@ -43,6 +49,19 @@ def test_config_section_names_are_unique_and_bad_values_name_the_field():
                            defaults=pretrain_defaults, shrink=pretrain_smoke)
     assert cfg.model.encoder == "tiny-random" and cfg.pretrain.mlm_weight == 0.5
     assert cfg.pretrain.nli_files == ("a.jsonl",) and cfg.run.name == "pretrain"
+
+
+def test_the_head_warmup_config_trains_only_the_head_of_its_own_run():
+    cfg = pretrain_smoke().replace(head_warmup_steps=5, name="pt", precision="bf16")
+    warm = head_warmup_config(cfg)
+    assert (warm.run.name, warm.train.steps, warm.train.eval_every, warm.scale.precision) == ("pt-head", 5, 5, "fp32")
+    assert warm.pretrain.weights() == {"mlm": 1.0, "simcse_unsup": 0.0, "simcse_sup": 0.0}
+    assert warm.pretrain.train_only_head and warm.pretrain.head_warmup_steps == 0
+    model = PretrainStage(warm, {"mlm": 1}).build_model()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("mlm_head.") for n in trainable)
+    assert not model.encoder.get_input_embeddings().weight.requires_grad     # the tied output matrix
+    assert all(p.requires_grad for p in PretrainStage(cfg, {"mlm": 1}).build_model().parameters())
 
 
 # ------------------------------------------------------------------------------- masking
@@ -248,7 +267,8 @@ def test_a_saved_hugging_face_dataset_goes_through_the_same_prepare_pass(ray_clu
 
 
 # ------------------------------------------------------------------------------- end to end
-def test_smoke_stage_runs_and_its_checkpoint_starts_the_multitask_stage(ray_cluster, data_dir, tmp_path):
+def test_smoke_stage_runs_after_its_head_warmup_and_its_checkpoint_starts_the_multitask_stage(ray_cluster, data_dir,
+                                                                                              tmp_path):
     from transformers import AutoTokenizer
 
     from raymtl.analysis.evaluation import evaluate_rows
@@ -256,9 +276,18 @@ def test_smoke_stage_runs_and_its_checkpoint_starts_the_multitask_stage(ray_clus
     from raymtl.models.multitask import MultiTaskModel
     from raymtl.train.trainer import fit
     cfg = pretrain_smoke().replace(data_dir=data_dir, output=str(tmp_path / "runs"), cpus_per_worker=1.0,
-                                   cache_dir=str(tmp_path / "cache"))
+                                   cache_dir=str(tmp_path / "cache"), head_warmup_steps=4)
     summary = fit(cfg, verbose=False)
     m = summary.metrics
+    # the head warm-up ran first, in its own run: the head learned, the frozen encoder embeds as before,
+    # and the stage started from exactly its weights
+    warm = json.loads((tmp_path / "runs" / "pretrain-head" / "best_metrics.json").read_text())
+    assert warm["step"] == 4 and warm["mlm_loss"] < warm["mlm_loss_step0"]
+    assert warm["sts_zero_shot"] == pytest.approx(warm["sts_zero_shot_step0"], abs=1e-6)
+    assert m["mlm_loss_step0"] == pytest.approx(warm["mlm_loss"], abs=1e-4)
+    assert m["sts_zero_shot_step0"] == pytest.approx(warm["sts_zero_shot"], abs=1e-6)
+    assert json.loads((Path(summary.best_checkpoint) / "config.json").read_text())["model"]["init_from"] == \
+        warm["best_checkpoint"]
     assert m["step"] == 12 and m["start_step"] == 0
     assert {"mlm_loss", "mlm_perplexity", "sts_zero_shot", "mlm_loss_step0", "sts_zero_shot_step0",
             "train_loss_mlm", "train_loss_simcse_unsup", "train_loss_simcse_sup"} <= set(m)
@@ -281,8 +310,11 @@ def test_smoke_stage_runs_and_its_checkpoint_starts_the_multitask_stage(ray_clus
                  "--steps", "2", "--eval-every", "2", "--max-rows", "120", "--cpus-per-worker", "1"]) == 0
 
     # re-running with the same output and name resumes (more steps: on purpose), keeping the before-training scores
+    # (the finished head warm-up is read back, not trained again)
+    warm_checkpoints = sorted((tmp_path / "runs" / "pretrain-head").glob("checkpoint_*"))
     more = fit(cfg.replace(steps=14, resume_changed="continue"), verbose=False).metrics
     assert more["start_step"] == 12 and more["step"] == 14
+    assert sorted((tmp_path / "runs" / "pretrain-head").glob("checkpoint_*")) == warm_checkpoints
     assert more["sts_zero_shot_step0"] == m["sts_zero_shot_step0"]
 
 

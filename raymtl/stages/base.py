@@ -48,6 +48,12 @@ class Stage(abc.ABC):
         """Read, validate and tokenize the stage's data -> (Ray datasets, training rows per stream)."""
 
     @classmethod
+    def upstream(cls, cfg: MTLConfig, verbose: bool = True) -> MTLConfig:
+        """Runs that must finish before this one (trained, or read back when finished), and the
+        config to train, pointing at their checkpoints; ``fit`` calls it first. None by default."""
+        return cfg
+
+    @classmethod
     def print_summary(cls, summary) -> None:
         """What the driver prints when the run ends (``summary``: ``raymtl.train.trainer.FitSummary``)."""
         print(f"[raymtl] best checkpoint: {summary.best_checkpoint}")

@@ -59,13 +59,18 @@ class PretrainConfig:
     min_words: int = _help("skip Wiki paragraphs and sentences with fewer words (counted)", default=4)
     max_lines: int = _help("read at most this many lines per Wiki/NLI file (0 = all); smoke runs", default=0)
     rows_per_shard: int = _help("rows per Parquet file", default=4096)
+    head_warmup_steps: int = _help(
+        "steps that train only the MLM head (encoder frozen, MLM alone, at head_lr) before the stage, in a run "
+        "of its own (<name>-head, read back when finished); 0 = none. A head created fresh starts at perplexity "
+        "~40,000, and its gradients through the encoder are noise until it has learned", default=0)
+    train_only_head: bool = _help("train only the MLM head, the encoder frozen (the head warm-up's run)", default=False)
 
     def __post_init__(self):
         self.wiki_files, self.nli_files = tuple(self.wiki_files), tuple(self.nli_files)
         if not self.wiki_files:
             raise ValueError("wiki_files must name at least one file (MLM validation reads Wiki text)")
         for name in ("mlm_weight", "simcse_unsup_weight", "simcse_sup_weight", "mlm_batch_size",
-                     "unsup_batch_size", "sup_batch_size", "max_lines"):
+                     "unsup_batch_size", "sup_batch_size", "max_lines", "head_warmup_steps"):
             _positive(name, getattr(self, name), allow_zero=True)
         for name in ("simcse_temperature", "heldout_paragraphs", "min_words", "rows_per_shard"):
             _positive(name, getattr(self, name))
@@ -76,6 +81,12 @@ class PretrainConfig:
                              "at least one objective must be on")
         if self.simcse_sup_weight and not self.nli_files:
             raise ValueError("simcse_sup_weight > 0 needs nli_files")
+        if self.head_warmup_steps and not self.mlm_weight:
+            raise ValueError(f"head_warmup_steps={self.head_warmup_steps} warms up the MLM head, but mlm_weight=0 "
+                             "turns MLM off: set mlm_weight > 0 or head_warmup_steps=0")
+        if self.train_only_head and (self.simcse_unsup_weight or self.simcse_sup_weight or self.head_warmup_steps):
+            raise ValueError("train_only_head=True freezes the encoder, which SimCSE trains: set "
+                             "simcse_unsup_weight=0, simcse_sup_weight=0 and head_warmup_steps=0")
 
     def weights(self) -> dict[str, float]:
         """Loss weight per objective (stream name)."""
@@ -99,6 +110,9 @@ class PretrainJobConfig(MTLConfig):
         if m.pals or m.task_prefix != "none" or m.train_only_adapters or m.task_layers:
             raise ValueError("pals, task_prefix, task_layers and train_only_adapters belong to the multi-task stage; "
                              "pre-training trains the whole encoder")
+        if self.pretrain.train_only_head and self.scale.precision != "fp32":
+            raise ValueError(f"train_only_head=True needs precision='fp32' (asked {self.scale.precision!r}): a bf16 "
+                             "run keeps no fp32 copy of frozen weights, so the encoder it saves would be rounded")
         if self.train.smart_weight > 0:
             raise ValueError(f"smart_weight={self.train.smart_weight}: SMART regularises task heads' outputs, "
                              "which pre-training has none of; it belongs to the multi-task stage")
@@ -112,6 +126,14 @@ class PretrainJobConfig(MTLConfig):
         own = {"mlm": self.pretrain.mlm_batch_size, "simcse_unsup": self.pretrain.unsup_batch_size,
                "simcse_sup": self.pretrain.sup_batch_size}[name]
         return (own or self.train.batch_size) // self.micro_divisor()
+
+
+def head_warmup_config(cfg: PretrainJobConfig) -> PretrainJobConfig:
+    """The MLM head's warm-up run of ``cfg``: MLM alone, the encoder frozen, its own name."""
+    steps = cfg.pretrain.head_warmup_steps
+    return cfg.replace(name=f"{cfg.run.name}-head", steps=steps, eval_every=steps, early_stop=0, mlm_weight=1.0,
+                       simcse_unsup_weight=0.0, simcse_sup_weight=0.0, head_warmup_steps=0, train_only_head=True,
+                       precision="fp32")
 
 
 def pretrain_smoke(cfg: PretrainJobConfig | None = None) -> PretrainJobConfig:
@@ -168,6 +190,23 @@ class PretrainStage(Stage):
         return datasets, {n: shards.counts[n] for n in names}
 
     @classmethod
+    def upstream(cls, cfg: PretrainJobConfig, verbose: bool = True) -> PretrainJobConfig:
+        """With ``head_warmup_steps``: the head's warm-up run (``head_warmup_config``), trained
+        or read back, and the stage's config starting from its checkpoint."""
+        if not cfg.pretrain.head_warmup_steps:
+            return cfg
+        from raymtl.train.trainer import fit_once, run_dir_of      # the trainer imports the stages
+        warm = head_warmup_config(cfg)
+        if verbose:
+            print(f"[raymtl] MLM head warm-up: {warm.train.steps} steps with the encoder frozen -> {run_dir_of(warm)}",
+                  flush=True)
+        m = fit_once(warm, verbose=verbose)
+        if verbose:
+            print(f"[raymtl] MLM head warmed up: held-out perplexity {m['mlm_perplexity_step0']:.0f} -> "
+                  f"{m['mlm_perplexity']:.1f}; the stage starts from {m['best_checkpoint']}", flush=True)
+        return cfg.replace(init_from=m["best_checkpoint"])
+
+    @classmethod
     def print_summary(cls, summary) -> None:
         """Zero-shot STS and held-out MLM before and after, and how to fine-tune the result."""
         m = summary.best_metrics
@@ -184,8 +223,14 @@ class PretrainStage(Stage):
         cfg = self.cfg
         model = PretrainModel(cfg.model.init_from or cfg.model.encoder, cfg.model.pooling, seed=cfg.train.seed,
                               unpad=cfg.model.unpad)
-        if model.created_head and dist.is_initialized() and dist.get_rank() == 0:
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if model.created_head and rank0:
             say("[raymtl] the encoder has no MLM head: created one, tied to the word embeddings")
+        if cfg.pretrain.train_only_head:      # the tied output matrix is the word embeddings: frozen too
+            model.encoder.requires_grad_(False)
+            if rank0:
+                say(f"[raymtl] training only the MLM head ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+                    "parameters); the encoder is frozen")
         weights = cfg.pretrain.weights()
         model.weighting = make_weighting(cfg.train.weighting, list(self.sizes), {n: weights[n] for n in self.sizes},
                                          cfg.train.dwa_window, cfg.train.dwa_temperature)

@@ -162,6 +162,7 @@ def fit(cfg: MTLConfig, verbose: bool = True, callbacks=None, stage: type[Stage]
     checkpoint of another run to continue from (weights, optimizer, step), when this run has
     none of its own yet."""
     stage = stage or stage_of(cfg)
+    cfg = stage.upstream(cfg, verbose)
     check_resume(cfg, verbose)
     ensure_ray(verbose=cfg.run.verbose)
     datasets, sizes = stage.prepare(cfg, verbose)
