@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     out = str(Path(a.output).resolve())
     base = pretrain_smoke(recipes.pretrain()) if a.smoke else recipes.pretrain()
     steps = min(a.pretrain_steps, base.train.steps) if a.smoke else a.pretrain_steps
+    warmup = min(a.head_warmup_steps, 4) if a.smoke else a.head_warmup_steps
     started, rows = report.now(), []
     for choice in choices:
         t0 = time.perf_counter()
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         if fields is None:
             mtl = mtl.replace(name=f"temperature-s{a.seed}")        # bench/sampling.py's name for this run
         else:
-            fields = {k: a.head_warmup_steps if v == "WARMUP" else v for k, v in fields.items()}
+            fields = {k: warmup if v == "WARMUP" else v for k, v in fields.items()}
             try:
                 cfg = base.replace(steps=steps, eval_every=steps, seed=a.seed, output=out,
                                    name=f"pretrain-{choice}-{steps}steps-s{a.seed}", **fields)

@@ -5,6 +5,7 @@ multi-task fine-tuning. Same training loop, reporting and checkpoints as jobs/mt
     python jobs/pretrain.py --smoke              # same code path, tiny random BERT, ~1 min
     python jobs/pretrain.py --steps 40 --eval-every 20 --log-every 5 --output /tmp/pretrain_run
                                                  # the README's run: 12.5 min, zero-shot STS 0.833 -> 0.840
+    python jobs/pretrain.py --head-warmup-steps 100   # train the fresh MLM head alone first (encoder frozen)
     python jobs/mtl.py --init-from CKPT          # fine-tune the result (fresh task heads)
 
 First run: reads wikitext-2/{valid,test}.txt and nli/{snli,mnli}.jsonl from the data

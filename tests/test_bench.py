@@ -208,6 +208,26 @@ def test_cross_bi_smoke_distils_a_cross_teacher_into_the_bi_student(ray_cluster,
     assert "--tasks 'sst': choose from ['quora', 'sts']" in capsys.readouterr().err
 
 
+def test_pretrain_smoke_warms_the_head_pretrains_and_fine_tunes_from_the_stage(ray_cluster, tmp_path, capsys):
+    bench("pretrain").main(["--smoke", "--choices", "mlm-sup", "--output", str(tmp_path)])
+    rows = [row.split("|")[1:-1] for row in capsys.readouterr().out.splitlines() if row.startswith("| mlm-sup ")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0]]
+    assert cells[1] == "12" and re.fullmatch(r"-?[01]\.\d{4} -> -?[01]\.\d{4}", cells[3]) and cells[-2] == "-"
+    assert all(0 <= float(c) <= 1 for c in cells[5:7]) and -1 <= float(cells[7]) <= 1
+
+    def record(run):
+        return json.loads((tmp_path / run / "best_metrics.json").read_text())
+    warm, pre = record("pretrain-mlm-sup-12steps-s1-head"), record("pretrain-mlm-sup-12steps-s1")
+    assert warm["step"] == 4 and warm["config"]["pretrain"]["train_only_head"]
+    assert pre["config"]["pretrain"]["head_warmup_steps"] == 4 and pre["config"]["pretrain"]["simcse_unsup_weight"] == 0
+    assert pre["mlm_loss_step0"] == pytest.approx(warm["mlm_loss"], abs=1e-4)        # it started from the warm head
+    assert record("mtl-from-mlm-sup-12steps-s1")["config"]["model"]["init_from"] == pre["best_checkpoint"]
+    with pytest.raises(SystemExit):                                 # before any Ray or training
+        bench("pretrain").main(["--smoke", "--choices", "mlm", "--output", str(tmp_path)])
+    assert "--choices 'mlm': choose from" in capsys.readouterr().err
+
+
 def test_quality_setups_parse_and_bad_ones_fail_before_training(capsys):
     quality = bench("quality")
     assert quality.parse_setup("sum") == ("sum", "sum", {"fusion": "sum", "fusion_every": 1, "pals": False,

@@ -51,12 +51,15 @@ def teacher_config(base: MTLConfig, task: str, related: tuple[str, ...] | None =
                         task_weights={}, **asdict(DistillConfig()), **overrides)
 
 
-def stage_result(summary, what: str, **extra) -> dict:
-    """A stage's JSON-able result: best checkpoint, its numeric metrics, and ``extra``."""
-    if not summary.best_checkpoint:
+def stage_result(run, what: str, **extra) -> dict:
+    """A stage's JSON-able result: best checkpoint, its numeric metrics, and ``extra``. ``run``:
+    ``fit``'s summary, or ``fit_once``'s metrics (which name the best checkpoint)."""
+    checkpoint, metrics = ((run.get("best_checkpoint"), run) if isinstance(run, dict)
+                           else (run.best_checkpoint, run.best_metrics))
+    if not checkpoint:
         raise RuntimeError(f"{what} produced no checkpoint")
-    return {"checkpoint": summary.best_checkpoint, **extra,
-            "metrics": {k: v for k, v in summary.best_metrics.items() if isinstance(v, (int, float))}}
+    return {"checkpoint": checkpoint, **extra,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
 
 def run_teacher(cfg: MTLConfig, verbose: bool = True, once: bool = False) -> dict:
@@ -65,12 +68,7 @@ def run_teacher(cfg: MTLConfig, verbose: bool = True, once: bool = False) -> dic
     checkpoint, outputs, metrics. ``once``: a teacher run that finished before with the same
     config is read back (``fit_once``), and its outputs, once written, are kept (benchmarks)."""
     (task,) = cfg.data.tasks
-    if once:
-        metrics = fit_once(cfg, verbose=verbose)
-        result = {"checkpoint": metrics["best_checkpoint"],
-                  "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-    else:
-        result = stage_result(fit(cfg, verbose=verbose), f"teacher {task}")
+    result = stage_result((fit_once if once else fit)(cfg, verbose=verbose), f"teacher {task}")
     out = Path(storage_path(cfg.run.output)) / cfg.run.name / "outputs"
     if once and (out / "meta.json").is_file():
         return {**result, "outputs": str(out)}

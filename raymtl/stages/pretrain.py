@@ -195,7 +195,7 @@ class PretrainStage(Stage):
         or read back, and the stage's config starting from its checkpoint."""
         if not cfg.pretrain.head_warmup_steps:
             return cfg
-        from raymtl.train.trainer import fit_once, run_dir_of      # the trainer imports the stages
+        from raymtl.train.trainer import fit_once, run_dir_of  # the trainer imports the stages
         warm = head_warmup_config(cfg)
         if verbose:
             print(f"[raymtl] MLM head warm-up: {warm.train.steps} steps with the encoder frozen -> {run_dir_of(warm)}",

@@ -183,13 +183,14 @@ def fit_once(cfg: MTLConfig, verbose: bool = False, **fit_kw) -> dict:
     """The best checkpoint's metrics of the run ``cfg.run.output/cfg.run.name``, training it
     only if that run has not finished before (benchmarks and sweeps re-run step by step).
     The record, ``best_metrics.json`` in the run directory, names the best checkpoint and
-    keeps the run's config: a finished run is read back only for the same config (the run
-    settings ``output`` and ``name`` aside), else the call fails naming the fields that differ."""
+    keeps the run's config: a finished run is read back only for the same config (``output``,
+    ``name`` and ``OUTCOME_FREE_FIELDS`` aside), else the call fails naming the fields that differ."""
     record = Path(storage_path(cfg.run.output)) / cfg.run.name / "best_metrics.json"
     asked = json.loads(json.dumps(cfg.to_dict()))               # tuples as lists, as saved
     if "://" not in cfg.run.output and record.is_file():
         metrics = json.loads(record.read_text())
-        differ = config_differences(metrics.pop("config", {}), asked, default_dict(cfg))
+        differ = [d for d in config_differences(metrics.pop("config", {}), asked, default_dict(cfg))
+                  if d.split(":")[0] not in OUTCOME_FREE_FIELDS]
         if differ:
             raise ValueError(f"{record.parent} finished with another config ({'; '.join(differ[:6])}"
                              f"{'; ...' if len(differ) > 6 else ''}): remove that run or choose another "
@@ -206,6 +207,8 @@ IDENTITY_FIELDS = ("output", "name")     # where a run lives, not what it trains
 # Fields a resumed run may change freely: they decide what is printed, kept or retried, not what is trained.
 RUN_ONLY_FIELDS = ("log_every", "eval_every", "early_stop", "keep_checkpoints", "max_failures",
                    "worker_niceness", "resume_changed", "verbose", "mlflow", "cache_dir", "force_prepare")
+# Of those, the ones that do not choose the best checkpoint either: ``fit_once`` reads a finished run back whatever they are.
+OUTCOME_FREE_FIELDS = tuple(f for f in RUN_ONLY_FIELDS if f not in ("eval_every", "early_stop"))
 
 
 class ConfigChanged(ValueError):
