@@ -137,8 +137,10 @@ def head_warmup_config(cfg: PretrainJobConfig) -> PretrainJobConfig:
 
 
 def pretrain_smoke(cfg: PretrainJobConfig | None = None) -> PretrainJobConfig:
-    """The same code path on a tiny random BERT, a few hundred lines, a dozen steps."""
-    return smoke(cfg or PretrainJobConfig()).replace(max_lines=300, heldout_paragraphs=16)
+    """The same code path on a tiny random BERT, a few hundred lines, a dozen steps (a head
+    warm-up, if any, of 4)."""
+    cfg = smoke(cfg or PretrainJobConfig())
+    return cfg.replace(max_lines=300, heldout_paragraphs=16, head_warmup_steps=min(cfg.pretrain.head_warmup_steps, 4))
 
 
 def collate_pretrain(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
