@@ -84,7 +84,10 @@ def main(argv=None) -> int:
                 p.error(str(e))
             pre = fit_once(cfg)
             warm = Path(out) / f"{cfg.run.name}-head" / "best_metrics.json"       # the head warm-up's run
-            pre["warmup_minutes"] = pretrain_minutes(json.loads(warm.read_text())) if warm.is_file() else 0.0
+            warm = json.loads(warm.read_text()) if warm.is_file() else {}
+            pre["warmup_minutes"] = pretrain_minutes(warm)
+            pre["perplexities"] = [warm["mlm_perplexity_step0"]] if warm else []    # the fresh head's
+            pre["perplexities"] += [pre["mlm_perplexity_step0"], pre["mlm_perplexity"]]
             mtl = mtl.replace(init_from=pre["best_checkpoint"], name=f"mtl-from-{choice}-{steps}steps-s{a.seed}")
         m = fit_once(mtl)
         rows.append((choice, pre, m, (time.perf_counter() - t0) / 60))
@@ -97,7 +100,7 @@ def main(argv=None) -> int:
              f"`recipes.pretrain()` ({base.train.batch_size} rows per objective per step, "
              f"{steps} steps, the choice's objective weights), then `python jobs/mtl.py`'s recipe from its "
              "checkpoint; scores: the multi-task run's best validation; zero-shot STS: cosine Pearson on the STS "
-             "validation split before -> after pre-training; MLM perplexity on held-out Wiki paragraphs; pre-train "
+             "validation split before -> after pre-training; MLM perplexity on held-out Wiki paragraphs (before -> after the head warm-up, if any, -> after); pre-train "
              "min: training minutes of the stage (with the head warm-up); wall min: this invocation's minutes "
              "per choice (runs read back take none)", "",
              "| choice | pre-train steps | pre-train min | zero-shot STS | MLM perplexity | "
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
         if pre:
             cells = [str(pre["step"]), f"{pretrain_minutes(pre) + pre['warmup_minutes']:.1f}",
                      f"{pre['sts_zero_shot_step0']:.4f} -> {pre['sts_zero_shot']:.4f}",
-                     f"{pre['mlm_perplexity_step0']:.0f} -> {pre['mlm_perplexity']:.1f}"]
+                     " -> ".join(f"{x:.0f}" for x in pre["perplexities"])]
         else:
             cells = ["0", "0", "-", "-"]
         delta = f"{m['overall'] - base_overall:+.4f}" if base_overall is not None else "-"
