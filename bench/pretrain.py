@@ -5,7 +5,7 @@
     .venv/bin/python bench/pretrain.py --smoke                   # tiny model, ~2 min
 
 Per choice, one further pre-training run (``jobs/pretrain.py``: ``recipes.pretrain()`` with the
-choice's objective weights, ``--pretrain-steps`` steps, validated at its start and end), then
+choice's objective weights and head warm-up, ``--pretrain-steps`` steps, validated at its start and end), then
 the default multi-task run (``python jobs/mtl.py``: ``recipes.mtl()``) from its checkpoint,
 same seed. Choices (``CHOICES``):
 
@@ -13,9 +13,9 @@ same seed. Choices (``CHOICES``):
   ``bench/sampling.py`` its ``temperature-s<seed>`` run is read back);
 * ``sup``: supervised SimCSE on the NLI triplets alone;
 * ``mlm-sup``: MLM (weight 0.1) with its head warmed up first (``--head-warmup-steps``, encoder
-  frozen) + supervised SimCSE;
+  frozen) + supervised SimCSE (``python jobs/pretrain.py``'s recipe);
 * ``stage``: the stage's own defaults (a fresh MLM head at weight 0.1, unsupervised SimCSE on
-  Wiki sentences, supervised SimCSE).
+  Wiki sentences, supervised SimCSE; the recipe before 2026-12-03).
 
 It prints zero-shot STS Pearson and held-out MLM perplexity before and after pre-training, the
 pre-training minutes and the multi-task validation scores, and writes
@@ -36,11 +36,12 @@ from raymtl.train.trainer import fit_once
 sys.path.insert(0, str(Path(__file__).resolve().parent))    # bench/report.py, also when loaded by path
 import report  # noqa: E402
 
-CHOICES = {                           # PretrainConfig fields per choice; None: no pre-training
+OBJECTIVES = ("mlm_weight", "simcse_unsup_weight", "simcse_sup_weight", "head_warmup_steps")
+CHOICES = {                           # those PretrainConfig fields per choice; None: no pre-training
     "none": None,
-    "sup": {"mlm_weight": 0.0, "simcse_unsup_weight": 0.0},
-    "mlm-sup": {"simcse_unsup_weight": 0.0, "head_warmup_steps": "WARMUP"},
-    "stage": {},
+    "sup": (0.0, 0.0, 1.0, 0),
+    "mlm-sup": (0.1, 0.0, 1.0, "WARMUP"),       # recipes.pretrain()
+    "stage": (0.1, 1.0, 1.0, 0),                # PretrainConfig's own defaults
 }
 
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         if fields is None:
             mtl = mtl.replace(name=f"temperature-s{a.seed}")        # bench/sampling.py's name for this run
         else:
-            fields = {k: warmup if v == "WARMUP" else v for k, v in fields.items()}
+            fields = {k: warmup if v == "WARMUP" else v for k, v in zip(OBJECTIVES, fields)}
             try:
                 cfg = base.replace(steps=steps, eval_every=steps, seed=a.seed, output=out,
                                    name=f"pretrain-{choice}-{steps}steps-s{a.seed}", **fields)

@@ -1,6 +1,7 @@
-"""The whole recipe as one job: further pre-training -> teachers -> distilled multi-task student.
+"""The whole recipe as one job: [further pre-training ->] teachers -> distilled multi-task student.
 
-    python jobs/pipeline.py                          # default encoder, SST teacher; stages ~21 min on a 2-core CPU
+    python jobs/pipeline.py                          # default encoder, SST teacher, plain and distilled student
+    python jobs/pipeline.py --pretrain-steps 200     # with further pre-training first (measured: no gain)
     python jobs/pipeline.py --teacher-tasks sst,quora,sts   # a teacher per task, ~1 h
     python jobs/pipeline.py --baseline               # also the student without distillation
     python jobs/pipeline.py --preset hour            # the student trained by the one-hour recipe
@@ -8,7 +9,7 @@
     python jobs/pipeline.py --force teacher-sst      # redo one stage (and so everything after it)
     python jobs/pipeline.py --output runs/distill    # every stage's runs under this directory
 
-Stages, each also runnable alone: pretrain (jobs/pretrain.py), teacher-<task> per task
+Stages, each also runnable alone: pretrain (jobs/pretrain.py; off unless --pretrain-steps), teacher-<task> per task
 (jobs/teacher.py), mtl (jobs/mtl.py --init-from PRETRAINED --teacher-outputs ...). Each
 stage's checkpoint feeds the next. Every stage's runs go under --output (default
 runs/pipeline); a stage already done for the same inputs and config (OUTPUT/<stage>/stage.json)
@@ -39,8 +40,10 @@ def main(argv=None) -> int:
                    help="the student's recipe (raymtl/recipes.py; teachers share its settings but their own "
                         "--teacher-steps); flags apply on top; default mtl")
     p.add_argument("--pipeline-output", dest="output", default=None, help="the older name of --output")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="steps of further pre-training (0 = skip "
-                   "the stage); default 40 (smoke: 6)")
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="steps of further pre-training (raymtl/recipes.py: pretrain, its MLM head warmed up "
+                        "first); default 0: no stage, since no pre-training choice measured raised the student "
+                        "(bench/pretrain.py, docs/results/pretrain-s*.md); e.g. 200")
     p.add_argument("--teacher-steps", type=int, default=None, help="steps per teacher; default 300 (smoke: 12)")
     p.add_argument("--teacher-tasks", default=None,
                    help="tasks that get a teacher and are distilled (comma-separated; default sst, the one "
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
         student = config_from_args(args, defaults=lambda: pipeline_defaults(args.preset))
         plan = PipelinePlan(
             student, output=student.run.output,
-            pretrain_steps=args.pretrain_steps if args.pretrain_steps is not None else (6 if args.smoke else 40),
+            pretrain_steps=min(args.pretrain_steps, 6) if args.smoke else args.pretrain_steps,
             teacher_steps=args.teacher_steps or (student.train.steps if args.smoke else 300),
             teacher_tasks=(tuple(args.teacher_tasks.split(",")) if args.teacher_tasks else
                            tuple(t for t in ("sst",) if t in student.data.tasks) or student.data.tasks),

@@ -142,6 +142,8 @@ def test_pipeline_runs_every_stage_and_feeds_checkpoints(pipeline_run):
         assert cfg["key"] and cfg["result"]["checkpoint"]
     used = json.loads(open(f"{results['mtl']['checkpoint']}/config.json").read())
     assert used["model"]["init_from"] == pre                              # pretrain -> student
+    (warm,) = (out / "pretrain").glob("*/pretrain-head/best_metrics.json")   # the recipe warms the MLM head first
+    assert json.loads(warm.read_text())["config"]["pretrain"]["train_only_head"]
     assert set(used["distill"]["teacher_outputs"]) == {"sst", "sts"}      # teachers -> student
     teacher_cfg = json.loads(open(f"{results['teacher-sst']['checkpoint']}/config.json").read())
     assert teacher_cfg["model"]["init_from"] == pre and teacher_cfg["data"]["related_sets"] == ["sst2", "cfimdb"]

@@ -147,7 +147,9 @@ def run_stages(stages: list[Step], output: str, force: set[str] | bool = False, 
 class PipelinePlan:
     student: MTLConfig                 # the multi-task stage (its encoder/data/scale are shared)
     output: str = "runs/pipeline"
-    pretrain_steps: int = 40           # 0: no pre-training stage
+    # 0: no pre-training stage (the default: no pre-training choice measured raises the student,
+    # docs/results/pretrain-s*.md); N: recipes.pretrain() for N steps
+    pretrain_steps: int = 0
     teacher_steps: int = 300
     # The teachers trained (docs/pipeline.md: the SST teacher, +SST-2 and CFIMDB, beat the
     # student on SST; the Quora +MRPC and STS +SICK teachers did not).
