@@ -2,7 +2,7 @@
 multi-task fine-tuning. Same training loop, reporting and checkpoints as jobs/mtl.py.
 
     python jobs/pretrain.py                      # default encoder: MLM head warm-up (100 steps), then MLM +
-                                                 # supervised SimCSE, 200 steps; ~14 min on a 2-core CPU
+                                                 # supervised SimCSE, 200 steps; ~12 min on a 2-core CPU
     python jobs/pretrain.py --mlm-weight 0 --head-warmup-steps 0   # supervised SimCSE alone: 3.5 min, the same zero-shot STS
     python jobs/pretrain.py --smoke              # same code path, tiny random BERT, ~1 min
     python jobs/mtl.py --init-from CKPT          # fine-tune the result (fresh task heads)

@@ -94,7 +94,7 @@ RECIPES: dict[str, Recipe] = {
                                     ("sts", "3 min", "validation, 5 seeds: STS 0.873"))},
     "teacher": Recipe(teacher, "python jobs/teacher.py --task sst", "8-9 min (300 steps)",
                       "SST teacher (+SST-2, CFIMDB) above the student on SST (docs/pipeline.md)"),
-    "pretrain": Recipe(pretrain, "python jobs/pretrain.py", "about 14 min (head warm-up 1.5 min, 200 steps 10.4 min)",
+    "pretrain": Recipe(pretrain, "python jobs/pretrain.py", "about 12 min (head warm-up and 200 steps: 10.4 training min)",
                        "seed 1: zero-shot STS 0.833 -> 0.852, MLM perplexity 52,389 -> 899 (warm-up) -> 607; the "
                        "default multi-task run from it: -0.003 overall (docs/results/pretrain-s1.md)"),
     "relations": Recipe(relations, "raymtl relations", "about 3 min", "affinity and gradient cosines (docs/relations.md)"),
