@@ -48,9 +48,14 @@ class Stage(abc.ABC):
         """Read, validate and tokenize the stage's data -> (Ray datasets, training rows per stream)."""
 
     @classmethod
-    def upstream(cls, cfg: MTLConfig, verbose: bool = True) -> MTLConfig:
-        """Runs that must finish before this one (trained, or read back when finished), and the
-        config to train, pointing at their checkpoints; ``fit`` calls it first. None by default."""
+    def upstream(cls, cfg: MTLConfig) -> MTLConfig | None:
+        """The config of a run that must finish before this one, or None (the default). ``fit``
+        trains it first (or reads it back when finished) and hands its best metrics to ``after_upstream``."""
+        return None
+
+    @classmethod
+    def after_upstream(cls, cfg: MTLConfig, metrics: dict) -> MTLConfig:
+        """The config to train, given the upstream run's best metrics (``best_checkpoint`` among them)."""
         return cfg
 
     @classmethod

@@ -192,21 +192,15 @@ class PretrainStage(Stage):
         return datasets, {n: shards.counts[n] for n in names}
 
     @classmethod
-    def upstream(cls, cfg: PretrainJobConfig, verbose: bool = True) -> PretrainJobConfig:
-        """With ``head_warmup_steps``: the head's warm-up run (``head_warmup_config``), trained
-        or read back, and the stage's config starting from its checkpoint."""
-        if not cfg.pretrain.head_warmup_steps:
-            return cfg
-        from raymtl.train.trainer import fit_once, run_dir_of  # the trainer imports the stages
-        warm = head_warmup_config(cfg)
-        if verbose:
-            print(f"[raymtl] MLM head warm-up: {warm.train.steps} steps with the encoder frozen -> {run_dir_of(warm)}",
-                  flush=True)
-        m = fit_once(warm, verbose=verbose)
-        if verbose:
-            print(f"[raymtl] MLM head warmed up: held-out perplexity {m['mlm_perplexity_step0']:.0f} -> "
-                  f"{m['mlm_perplexity']:.1f}; the stage starts from {m['best_checkpoint']}", flush=True)
-        return cfg.replace(init_from=m["best_checkpoint"])
+    def upstream(cls, cfg: PretrainJobConfig) -> PretrainJobConfig | None:
+        """With ``head_warmup_steps``: the head's warm-up run (``head_warmup_config``)."""
+        return head_warmup_config(cfg) if cfg.pretrain.head_warmup_steps else None
+
+    @classmethod
+    def after_upstream(cls, cfg: PretrainJobConfig, metrics: dict) -> PretrainJobConfig:
+        """The stage starts from the warmed-up head's checkpoint (its summary, with the held-out
+        perplexity before and after, was printed when it trained)."""
+        return cfg.replace(init_from=metrics["best_checkpoint"])
 
     @classmethod
     def print_summary(cls, summary) -> None:

@@ -162,7 +162,11 @@ def fit(cfg: MTLConfig, verbose: bool = True, callbacks=None, stage: type[Stage]
     checkpoint of another run to continue from (weights, optimizer, step), when this run has
     none of its own yet."""
     stage = stage or stage_of(cfg)
-    cfg = stage.upstream(cfg, verbose)
+    before = stage.upstream(cfg)
+    if before is not None:                   # e.g. the MLM head's warm-up: trained once, then read back
+        if verbose:
+            print(f"[raymtl] {stage.name} first needs the run {run_dir_of(before)}", flush=True)
+        cfg = stage.after_upstream(cfg, fit_once(before, verbose=verbose))
     check_resume(cfg, verbose)
     ensure_ray(verbose=cfg.run.verbose)
     datasets, sizes = stage.prepare(cfg, verbose)
