@@ -238,6 +238,14 @@ def test_the_last_checkpoints_are_averaged_validated_and_ranked_with_the_others(
     assert ours["sts"] == pytest.approx(metrics["val_sts"], abs=1e-4)
     best = max([*history, metrics], key=lambda h: h["overall"])
     assert summary.best_metrics["overall"] == pytest.approx(best["overall"])
+    # bench/average.py averages the same checkpoints after the fact to the same weights
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_average", Path(__file__).parents[1] / "bench" / "average.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([str(run / f"checkpoint_{s:06d}") for s in (6, 9, 12)] + ["--output", str(tmp_path / "after")]) == 0
+    for k, v in load_file(str(tmp_path / "after" / "heads.safetensors")).items():
+        torch.testing.assert_close(v, load_file(str(averaged / "heads.safetensors"))[k])
     # a re-run finds the run finished: the averaged checkpoint carries the last step's training state
     again = fit(cfg)
     assert again.metrics["step"] == 12 and again.metrics["averaged_steps"] == [6, 9, 12]
