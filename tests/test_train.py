@@ -279,3 +279,17 @@ def test_per_step_losses_go_to_tensorboard_and_mlflow_gets_them_per_log_interval
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss_sst")] == [1, 2, 3, 4]
     assert RunLog(str(tmp_path / "other"), 1, uri, run_id).writer is None    # rank 0 only
+
+
+def test_a_build_lock_left_by_a_killed_build_is_named(tmp_path):
+    import os
+    import time
+
+    from raymtl.train.engine import stale_build_locks
+    old, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "other" / "lock"
+    for f in (old, fresh):
+        f.parent.mkdir(parents=True)
+        f.touch()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert stale_build_locks(tmp_path) == [old]             # a build running now holds a fresh one
+    assert stale_build_locks(tmp_path / "missing") == []

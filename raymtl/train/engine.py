@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -103,9 +105,28 @@ def weights_only_loading(checkpoint_engine) -> None:
     checkpoint_engine.load = load
 
 
+STALE_BUILD_LOCK_S = 600       # a torch extension build takes about a minute here
+
+
+def stale_build_locks(root: str | Path | None = None, older_than_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Lock files of torch extension builds (DeepSpeed JIT-builds its CPU ops into
+    ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) older than ``older_than_s``:
+    a build killed midway leaves its ``lock``, and every later build waits on it forever."""
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+    base = Path(root or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    return sorted(f for f in base.glob("*/*/lock") if now - f.stat().st_mtime > older_than_s) if base.is_dir() else []
+
+
 def initialize(model: torch.nn.Module, cfg, constant_lr: bool = False):
     """The DeepSpeed engine of one worker; ``engine.raymtl_precision`` is (precision, why)."""
     import deepspeed
+    for lock in stale_build_locks():
+        print(f"[raymtl] warning: {lock} is older than {STALE_BUILD_LOCK_S // 60} min: a torch extension build "
+              "killed midway left it, and DeepSpeed's op build will wait on it forever; if no other run is "
+              "building, delete it", file=sys.stderr, flush=True)
     groups, peak_lrs = param_groups(model, cfg)
     precision, why = resolve_precision(cfg.scale)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
