@@ -116,8 +116,14 @@ def stale_build_locks(root: str | Path | None = None, older_than_s: float = STAL
 
     from torch.utils.cpp_extension import get_default_build_root
     base = Path(root or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    now = time.time()
-    return sorted(f for f in base.glob("*/*/lock") if now - f.stat().st_mtime > older_than_s) if base.is_dir() else []
+    now, stale = time.time(), []
+    for f in base.glob("*/*/lock") if base.is_dir() else ():
+        try:
+            if now - f.stat().st_mtime > older_than_s:
+                stale.append(f)
+        except OSError:                 # the build finished and removed it meanwhile
+            pass
+    return sorted(stale)
 
 
 def initialize(model: torch.nn.Module, cfg, constant_lr: bool = False):
