@@ -236,6 +236,20 @@ def train_loop_per_worker(config: dict) -> None:
     start_step, loss_sum, loss_n, diag_sum, stream_sum = step, 0.0, 0, {}, {}
     recent = collections.deque(maxlen=cfg.train.average_last)    # (step, full fp32 state) per validation
 
+    def report_checkpoint(metrics: dict, name: str, state: dict | None = None) -> None:
+        """Collective: checkpoint the engine (with ``state`` as its model files when given), the
+        history so far and a model card; report it to Ray Train under ``name``."""
+        with tempfile.TemporaryDirectory() as tmp:
+            client = {"periodic_fusion": periodic.state_dict()} if periodic else {}
+            if hasattr(weighting, "client_state"):           # DWA's loss history
+                client["weighting"] = weighting.client_state()
+            eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics, client, state)
+            if rank == 0:
+                (Path(tmp) / HISTORY).write_text(json.dumps(history))
+                (Path(tmp) / "README.md").write_text(model_card(
+                    config["cfg"], metrics, getattr(engine.module, "modes", None), config.get("command", "")))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+
     # 4. data: one endless stream of padded batches per name ----------------------------
     streams = stage.streams(rank, cfg.train.seed + rank + step)
     progress = Progress(cfg.train.steps, step, world)
@@ -291,20 +305,10 @@ def train_loop_per_worker(config: dict) -> None:
             loss_sum, loss_n, diag_sum, stream_sum = 0.0, 0, {}, {}
             if rank == 0:
                 say("[raymtl] validation step %d: %s" % (step, " ".join(f"{k}={v:.4f}" for k, v in scores.items())))
-            with tempfile.TemporaryDirectory() as tmp:
-                client = {"periodic_fusion": periodic.state_dict()} if periodic else {}
-                if hasattr(weighting, "client_state"):           # DWA's loss history
-                    client["weighting"] = weighting.client_state()
-                eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics, client)
-                history = [h for h in history if h["step"] < step] + [metrics]   # a repeated step replaces
-                if rank == 0:
-                    (Path(tmp) / HISTORY).write_text(json.dumps(history))
-                    (Path(tmp) / "README.md").write_text(model_card(
-                        config["cfg"], metrics, getattr(engine.module, "modes", None), config.get("command", "")))
-                run_log.scalars(step, metrics)
-                run_log.flush()
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_{step:06d}")
+            history = [h for h in history if h["step"] < step] + [metrics]   # a repeated step replaces
+            run_log.scalars(step, metrics)
+            run_log.flush()
+            report_checkpoint(metrics, f"checkpoint_{step:06d}")
             if cfg.train.average_last > 1:
                 recent.append((step, eng.full_state(engine)))
             if stalled(history, stage.score, cfg.train.early_stop):
@@ -323,18 +327,8 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             say(f"[raymtl] average of the weights at steps {', '.join(map(str, steps))}: "
                 + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-        with tempfile.TemporaryDirectory() as tmp:
-            client = {"periodic_fusion": periodic.state_dict()} if periodic else {}
-            if hasattr(weighting, "client_state"):
-                client["weighting"] = weighting.client_state()
-            # the training state of the last step (a resume continues from it) and the averaged model
-            eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics, client, averaged)
-            if rank == 0:
-                (Path(tmp) / HISTORY).write_text(json.dumps(history))
-                (Path(tmp) / "README.md").write_text(model_card(
-                    config["cfg"], metrics, getattr(engine.module, "modes", None), config.get("command", "")))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_{step:06d}_average")
+        # the training state of the last step (a resume continues from it) with the averaged model
+        report_checkpoint(metrics, f"checkpoint_{step:06d}_average", state=averaged)
     if step == start_step and last:
         # Resumed after its last step (a driver that died after the run's last report, e.g. a
         # Tune trial restored as unfinished): nothing to train; report the last checkpoint's
