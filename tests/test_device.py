@@ -112,6 +112,21 @@ BF16_SCRIPT = textwrap.dedent("""
         again = MultiTaskModel.load(d)
         assert again.heads["sst"].out.weight.dtype == torch.float32
         print(f"zero{stage} fp32 checkpoint")
+        # frozen weights (the encoder under train_only_adapters) have no master: saved unrounded
+        cfg = cfg.replace(pals=True, pal_tasks=(), train_only_adapters=True)
+        model = MultiTaskModel.from_config(cfg.model, ["sst"])
+        before = {k: v.detach().clone() for k, v in model.encoder.named_parameters()}
+        engine = eng.initialize(model, cfg)
+        assert engine.module.encoder.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+        loss = torch.nn.functional.cross_entropy(engine("sst", batch).float(), torch.randint(0, 5, (8,)))
+        engine.backward(loss)
+        engine.step()
+        eng.save_checkpoint(engine, out / f"adapters{stage}", 1, 0, tok, cfg.to_dict(), {})
+        enc = load_file(str(out / f"adapters{stage}" / "encoder" / "model.safetensors"))
+        assert before.keys() <= enc.keys() and all(torch.equal(enc[k], before[k]) for k in before)
+        assert not torch.equal(before["embeddings.word_embeddings.weight"].bfloat16().float(),
+                               before["embeddings.word_embeddings.weight"])   # rounding would show
+        print(f"zero{stage} frozen fp32")
 """)
 
 
@@ -120,6 +135,7 @@ def test_a_bf16_run_checkpoints_fp32_master_weights_that_predict(tmp_path, data_
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "zero0 fp32 checkpoint" in proc.stdout and "zero2 fp32 checkpoint" in proc.stdout
+    assert "zero0 frozen fp32" in proc.stdout and "zero2 frozen fp32" in proc.stdout
     from raymtl.cli import main
     pred = tmp_path / "pred.csv"
     assert main(["predict", "--checkpoint", str(tmp_path / "zero0"), "--task", "sst", "--device", "cpu",

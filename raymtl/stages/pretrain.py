@@ -110,9 +110,6 @@ class PretrainJobConfig(MTLConfig):
         if m.pals or m.task_prefix != "none" or m.train_only_adapters or m.task_layers:
             raise ValueError("pals, task_prefix, task_layers and train_only_adapters belong to the multi-task stage; "
                              "pre-training trains the whole encoder")
-        if self.pretrain.train_only_head and self.scale.precision != "fp32":
-            raise ValueError(f"train_only_head=True needs precision='fp32' (asked {self.scale.precision!r}): a bf16 "
-                             "run keeps no fp32 copy of frozen weights, so the encoder it saves would be rounded")
         if self.train.smart_weight > 0:
             raise ValueError(f"smart_weight={self.train.smart_weight}: SMART regularises task heads' outputs, "
                              "which pre-training has none of; it belongs to the multi-task stage")
@@ -129,11 +126,11 @@ class PretrainJobConfig(MTLConfig):
 
 
 def head_warmup_config(cfg: PretrainJobConfig) -> PretrainJobConfig:
-    """The MLM head's warm-up run of ``cfg``: MLM alone, the encoder frozen, its own name."""
+    """The MLM head's warm-up run of ``cfg``: MLM alone, the encoder frozen, its own name, in
+    the stage's precision (a bf16 run saves the frozen encoder's fp32 values)."""
     steps = cfg.pretrain.head_warmup_steps
     return cfg.replace(name=f"{cfg.run.name}-head", steps=steps, eval_every=steps, early_stop=0, mlm_weight=1.0,
-                       simcse_unsup_weight=0.0, simcse_sup_weight=0.0, head_warmup_steps=0, train_only_head=True,
-                       precision="fp32")
+                       simcse_unsup_weight=0.0, simcse_sup_weight=0.0, head_warmup_steps=0, train_only_head=True)
 
 
 def pretrain_smoke(cfg: PretrainJobConfig | None = None) -> PretrainJobConfig:

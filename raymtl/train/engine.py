@@ -135,9 +135,14 @@ def initialize(model: torch.nn.Module, cfg, constant_lr: bool = False):
               "building, delete it", file=sys.stderr, flush=True)
     groups, peak_lrs = param_groups(model, cfg)
     precision, why = resolve_precision(cfg.scale)
+    # DeepSpeed casts the whole module to bf16/fp16 and keeps fp32 masters only of what it
+    # trains: a frozen weight (an encoder under train_only_adapters, under the MLM head's
+    # warm-up) would be saved rounded, so its fp32 value is kept here (it never changes).
+    frozen = ({n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad}
+              if precision in ("bf16", "fp16") else {})
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                            config=deepspeed_config(cfg, peak_lrs, precision, constant_lr))
-    engine.raymtl_precision = (precision, why)
+    engine.raymtl_precision, engine.raymtl_frozen = (precision, why), frozen
     weights_only_loading(engine.checkpoint_engine)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # One replica: nothing to average, yet DeepSpeed would still flatten, all-reduce and
@@ -149,7 +154,8 @@ def initialize(model: torch.nn.Module, cfg, constant_lr: bool = False):
 def master_weights(engine) -> dict[int, torch.Tensor | None] | None:
     """Collective. In a bf16/fp16 run the module holds low-precision copies and the fp32
     master weights live in DeepSpeed's optimizer (partitioned under ZeRO): ``{id(param): fp32
-    CPU tensor}`` (``None`` for a parameter the optimizer does not hold); ``None`` in fp32 runs."""
+    CPU tensor}`` (a frozen parameter's: its value before the cast, kept by ``initialize``);
+    ``None`` in fp32 runs."""
     if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
         return None
     from deepspeed.utils import safe_get_full_fp32_param
@@ -158,9 +164,10 @@ def master_weights(engine) -> dict[int, torch.Tensor | None] | None:
     opt = engine.optimizer
     unfused = {id(p): hp for lo, hi in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
                for p, hp in zip(lo, hi)}
-    out = {}
-    for p in engine.module.parameters():                # the same order on every rank
-        hp = unfused.get(id(p)) if id(p) in unfused else safe_get_full_fp32_param(p) if p.requires_grad else None
+    frozen, out = getattr(engine, "raymtl_frozen", {}), {}
+    for name, p in engine.module.named_parameters():    # the same order on every rank
+        hp = (unfused.get(id(p)) if id(p) in unfused else safe_get_full_fp32_param(p) if p.requires_grad
+              else frozen.get(name))
         out[id(p)] = None if hp is None else hp.detach().float().cpu()
     return out
 
