@@ -15,6 +15,7 @@ from raymtl.config import field_owners
 from raymtl.data.corpus import NliParser, WikiParser, clean_wiki, nli_triplets
 from raymtl.data.prepare import LineReport, check_bad_fraction
 from raymtl.data.readers import DataError
+from raymtl.models.pretrain import PretrainModel, has_mlm_head
 from raymtl.objectives.pretrain import IGNORE, info_nce, mask_tokens, simcse_sup_loss, simcse_unsup_loss
 from raymtl.stages.pretrain import PretrainJobConfig, PretrainStage, head_warmup_config, pretrain_smoke
 
@@ -62,6 +63,20 @@ def test_the_head_warmup_config_trains_only_the_head_of_its_own_run():
     assert trainable and all(n.startswith("mlm_head.") for n in trainable)
     assert not model.encoder.get_input_embeddings().weight.requires_grad     # the tied output matrix
     assert all(p.requires_grad for p in PretrainStage(cfg, {"mlm": 1}).build_model().parameters())
+
+
+def test_an_encoder_with_a_trained_mlm_head_skips_the_warmup(tmp_path, capsys):
+    cfg = pretrain_smoke().replace(head_warmup_steps=5, name="pt")
+    assert PretrainStage.upstream(cfg).pretrain.train_only_head          # a fresh head: warmed up first
+    model = PretrainModel("tiny-random", seed=3)
+    model.save(tmp_path / "ckpt")                                        # a pre-training checkpoint
+    assert has_mlm_head(str(tmp_path / "ckpt")) and not has_mlm_head("tiny-random")
+    state = torch.random.get_rng_state()
+    assert PretrainStage.upstream(cfg.replace(init_from=str(tmp_path / "ckpt"))) is None
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert "has a trained MLM head: no head warm-up" in capsys.readouterr().out
+    (tmp_path / "ckpt" / "mlm_head.safetensors").unlink()                # its encoder alone: no head
+    assert not has_mlm_head(str(tmp_path / "ckpt"))
 
 
 # ------------------------------------------------------------------------------- masking

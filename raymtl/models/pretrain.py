@@ -70,6 +70,15 @@ class PretrainModel(nn.Module):
         (d / "raymtl.json").write_text(json.dumps({**meta, **(extra or {})}, indent=2))
 
 
+def has_mlm_head(encoder: str) -> bool:
+    """Whether ``encoder`` (a name, Hugging Face id or checkpoint) brings trained MLM head
+    weights; loads it on the CPU once (the global random state is left as it was)."""
+    if encoder == "tiny-random":
+        return False
+    with torch.random.fork_rng(devices=[]):
+        return not _masked_lm(encoder, 0)[1]
+
+
 def _masked_lm(encoder: str, seed: int) -> tuple[nn.Module, bool]:
     """A ``*ForMaskedLM`` for an encoder name -> (model, whether its head was created fresh)."""
     from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM

@@ -25,7 +25,7 @@ from raymtl.data.streams import cycle_batches
 from raymtl.methods.weighting import make_weighting
 from raymtl.models.device import to_device
 from raymtl.models.encoder import tokenizer_source
-from raymtl.models.pretrain import PretrainModel
+from raymtl.models.pretrain import PretrainModel, has_mlm_head
 from raymtl.objectives.pretrain import (
     IGNORE,
     mask_tokens,
@@ -190,8 +190,17 @@ class PretrainStage(Stage):
 
     @classmethod
     def upstream(cls, cfg: PretrainJobConfig) -> PretrainJobConfig | None:
-        """With ``head_warmup_steps``: the head's warm-up run (``head_warmup_config``)."""
-        return head_warmup_config(cfg) if cfg.pretrain.head_warmup_steps else None
+        """With ``head_warmup_steps``: the head's warm-up run (``head_warmup_config``), unless the
+        encoder it starts from brings a trained MLM head (a raymtl pre-training checkpoint, a
+        ``*ForMaskedLM`` model): then there is no fresh head to warm up."""
+        if not cfg.pretrain.head_warmup_steps:
+            return None
+        source = cfg.model.init_from or cfg.model.encoder
+        if has_mlm_head(source):
+            print(f"[raymtl] {source} has a trained MLM head: no head warm-up "
+                  f"(head_warmup_steps={cfg.pretrain.head_warmup_steps} skipped)", flush=True)
+            return None
+        return head_warmup_config(cfg)
 
     @classmethod
     def after_upstream(cls, cfg: PretrainJobConfig, metrics: dict) -> PretrainJobConfig:
