@@ -186,6 +186,7 @@ def test_sampling_smoke_gives_every_sampler_the_same_batches_and_smoothness_read
     assert sam["config"]["train"]["sam_rho"] == 0.05 and sam["sam_grad_norm"] > 0
     smart = json.loads((tmp_path / "smart1-3steps-s42" / "best_metrics.json").read_text())
     assert smart["config"]["train"]["smart_weight"] == 1 and smart["config"]["train"]["sam_rho"] == 0
+    assert smart["smart_term"] > 0 and "smart_term" not in sam             # the regulariser acted
     assert all(0 <= smart[f"val_{t}"] <= 1 for t in ("sst", "quora")) and -1 <= smart["val_sts"] <= 1
 
 

@@ -92,6 +92,8 @@ def test_the_stage_adds_the_regulariser_to_each_task_loss():
     torch.manual_seed(5)
     total = stage.loss(model, "sst", batch, step=0)
     assert float(total) > float(plain)
+    assert stage.diagnostics()["smart_term"] == pytest.approx(float(total) - float(plain), rel=1e-4)
+    assert stage.diagnostics() == {}                       # reported once: nothing since
     off = MTLStage(smoke().replace(tasks=("sst",), fusion="sum"), {"sst": 8})
     off.build_model()
     assert off.smart is None and float(off.loss(model, "sst", batch, step=0)) == pytest.approx(float(plain))

@@ -50,6 +50,7 @@ class SMART:
         self.deltas: list[torch.Tensor] = []
         self.mode: str | None = None             # None: no perturbation; "start": draw deltas; "hold": reuse them
         self.calls = 0
+        self.total, self.count = torch.zeros(()), 0       # the terms returned since ``take_mean``
         embeddings.register_forward_hook(self._perturb)
 
     def _perturb(self, module, inputs, out):
@@ -77,4 +78,12 @@ class SMART:
                            for d, g in zip(self.deltas, grads)]
         adversarial = self._forward(run, "hold")
         self.deltas = []
-        return self.weight * divergence(adversarial, clean, kind)
+        term = self.weight * divergence(adversarial, clean, kind)
+        self.total, self.count = self.total.to(term.device) + term.detach().float(), self.count + 1
+        return term
+
+    def take_mean(self) -> float:
+        """The mean of the terms returned since the last call (one device sync), and a new count."""
+        mean = float(self.total) / max(self.count, 1)
+        self.total, self.count = torch.zeros(()), 0
+        return mean

@@ -74,6 +74,11 @@ class Stage(abc.ABC):
     def streams(self, rank: int, seed: int) -> dict[str, Iterator[dict]]:
         """One endless iterator of collated (CPU) batches per training stream."""
 
+    def diagnostics(self) -> dict[str, float]:
+        """The stage's own measurements, averaged since the last call (the loop reports and
+        logs them with each validation); none by default."""
+        return {}
+
     @abc.abstractmethod
     def loss(self, forward, name: str, batch: dict, step: int) -> torch.Tensor:
         """Scalar fp32 loss of one batch of stream ``name`` (``forward``: the model or engine)."""

@@ -125,6 +125,10 @@ class MTLStage(Stage):
             return loss
         return loss + self.smart.regulariser(lambda: forward(task, batch).float(), output, self.kinds[task])
 
+    def diagnostics(self) -> dict[str, float]:
+        """``smart_term``: SMART's weighted regulariser, mean per task batch."""
+        return {"smart_term": self.smart.take_mean()} if self.smart is not None and self.smart.count else {}
+
     def validate(self, module, rank: int, world: int) -> dict[str, float]:
         scores = validate(module, self.tasks, rank, world, shard_eval=self.cfg.scale.zero_stage < 3)
         return {**{f"val_{t}": v for t, v in scores.items()}, "overall": overall(scores)}

@@ -301,6 +301,7 @@ def train_loop_per_worker(config: dict) -> None:
                        "start_step": start_step, "lr": engine.get_lr()[0],
                        **{f"train_loss_{t}": total / n for t, (total, n) in stream_sum.items()},
                        **progress.report(), **{k: total / n for k, (total, n) in diag_sum.items()},
+                       **stage.diagnostics(),
                        "peak_rss_mb": peak_rss_mb(device)}
             loss_sum, loss_n, diag_sum, stream_sum = 0.0, 0, {}, {}
             if rank == 0:
