@@ -322,7 +322,9 @@ def train_loop_per_worker(config: dict) -> None:
         steps = [s for s, _ in recent]
         module = stage.build_model()
         module.load_state_dict(averaged)
-        module.to(device).eval()
+        # validated in the precision of the other validations (a bf16 run's module is bf16),
+        # so the ranking compares like with like; the checkpoint keeps the fp32 average
+        module.to(device=device, dtype=next(engine.module.parameters()).dtype).eval()
         scores = stage.validate(module, rank, world)
         metrics = {**scores, **initial, "step": step, "start_step": start_step, "averaged_steps": steps}
         if rank == 0:
