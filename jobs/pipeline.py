@@ -2,6 +2,7 @@
 
     python jobs/pipeline.py                          # default encoder, SST teacher, plain and distilled student
     python jobs/pipeline.py --pretrain-steps 200     # with further pre-training first (measured: no gain)
+    python jobs/pipeline.py --pretrain-config pt.json   # ... with its own objectives (jobs/pretrain.py's fields)
     python jobs/pipeline.py --teacher-tasks sst,quora,sts   # a teacher per task, ~1 h
     python jobs/pipeline.py --baseline               # also the student without distillation
     python jobs/pipeline.py --preset hour            # the student trained by the one-hour recipe
@@ -44,6 +45,10 @@ def main(argv=None) -> int:
                    help="steps of further pre-training (raymtl/recipes.py: pretrain, its MLM head warmed up "
                         "first); default 0: no stage, since no pre-training choice measured raised the student "
                         "(bench/pretrain.py, docs/results/pretrain-s*.md); e.g. 200")
+    p.add_argument("--pretrain-config", default="", metavar="FILE",
+                   help="a JSON config of the pre-training stage (jobs/pretrain.py --config's format, e.g. "
+                        "{\"mlm_weight\": 0.5, \"simcse_unsup_weight\": 1.0}) over raymtl/recipes.py's pretrain; "
+                        "turns the stage on, for the file's steps unless --pretrain-steps is given")
     p.add_argument("--teacher-steps", type=int, default=None, help="steps per teacher; default 300 (smoke: 12)")
     p.add_argument("--teacher-tasks", default=None,
                    help="tasks that get a teacher and are distilled (comma-separated; default sst, the one "
@@ -65,6 +70,7 @@ def main(argv=None) -> int:
         plan = PipelinePlan(
             student, output=student.run.output,
             pretrain_steps=min(args.pretrain_steps, 6) if args.smoke else args.pretrain_steps,
+            pretrain_config=args.pretrain_config,
             teacher_steps=args.teacher_steps or (student.train.steps if args.smoke else 300),
             teacher_tasks=(tuple(args.teacher_tasks.split(",")) if args.teacher_tasks else
                            tuple(t for t in ("sst",) if t in student.data.tasks) or student.data.tasks),

@@ -441,7 +441,7 @@ class MTLConfig:
             raise ValueError(f"a config is an object of fields, got {_shown(d)}")
         if not cls._nested(d):
             return cls().replace(**d)
-        built = {}
+        built, own = {}, cls()          # a section or field the dict leaves out: this config's default
         for name, kind in cls.SECTIONS.items():
             values = d.get(name, {})
             if not isinstance(values, dict):
@@ -451,7 +451,7 @@ class MTLConfig:
             if extra:
                 raise ValueError(f"unknown fields {sorted(extra)} in section {name!r}; valid: {sorted(names)}")
             check_types(kind, values)
-            built[name] = kind(**values)
+            built[name] = dataclasses.replace(getattr(own, name), **values)
         return cls(**built)
 
     @classmethod

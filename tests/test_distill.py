@@ -120,6 +120,27 @@ def test_related_config_is_checked(data_dir):
         related_rows("sts", ("mrpc",), data_dir, [])
 
 
+def test_the_pipelines_pretraining_stage_takes_its_objectives_from_a_config_file(tmp_path, data_dir):
+    from raymtl.stages.pipeline import PipelinePlan
+    student = smoke().replace(data_dir=data_dir, num_workers=1)
+    assert PipelinePlan(student, output=str(tmp_path)).stages({})[0].name != "pretrain"      # off by default
+    (tmp_path / "pt.json").write_text(json.dumps({"pretrain": {"mlm_weight": 0.5, "simcse_unsup_weight": 1.0},
+                                                   "train": {"steps": 7, "lr": 1e-4}}))
+    for steps, want in ((0, 7), (5, 5)):                      # the file's steps unless pretrain_steps is given
+        plan = PipelinePlan(student, output=str(tmp_path), pretrain_steps=steps, pretrain_config=str(tmp_path / "pt.json"))
+        pre = plan.stages({})[0]
+        cfg = pre.inputs["config"]
+        assert pre.name == "pretrain" and cfg["train"]["steps"] == want and cfg["train"]["lr"] == 1e-4
+        assert (cfg["pretrain"]["mlm_weight"], cfg["pretrain"]["simcse_unsup_weight"]) == (0.5, 1.0)
+        assert cfg["pretrain"]["head_warmup_steps"] == 100                     # recipes.pretrain()'s, not named
+        assert cfg["model"]["encoder"] == student.model.encoder                 # the student's encoder
+    (tmp_path / "bad.json").write_text(json.dumps({"pretrain": {"mlm_weight": -1}}))
+    with pytest.raises(ValueError, match="bad.json.*mlm_weight"):
+        PipelinePlan(student, output=str(tmp_path), pretrain_config=str(tmp_path / "bad.json"))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        PipelinePlan(student, output=str(tmp_path), pretrain_config=str(tmp_path / "missing.json"))
+
+
 # ------------------------------------------------------------------ the pipeline, end to end
 @pytest.fixture(scope="module")
 def pipeline_run(ray_cluster, data_dir, tmp_path_factory):

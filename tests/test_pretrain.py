@@ -50,6 +50,11 @@ def test_config_section_names_are_unique_and_bad_values_name_the_field():
                            defaults=pretrain_defaults, shrink=pretrain_smoke)
     assert cfg.model.encoder == "tiny-random" and cfg.pretrain.mlm_weight == 0.5
     assert cfg.pretrain.nli_files == ("a.jsonl",) and cfg.run.name == "pretrain"
+    # a nested config (a --config file) that leaves sections out gets the stage's own defaults
+    # for them (the plain encoder, the summed loss), not the multi-task stage's
+    nested = PretrainJobConfig.from_dict({"pretrain": {"mlm_weight": 0.5}, "train": {"lr": 1e-4}})
+    assert (nested.model.pals, nested.train.fusion, nested.run.name) == (False, "sum", "pretrain")
+    assert nested == PretrainJobConfig().replace(mlm_weight=0.5, lr=1e-4)
 
 
 def test_the_head_warmup_config_trains_only_the_head_of_its_own_run():

@@ -30,7 +30,7 @@ from raymtl.config import DistillConfig, MTLConfig
 from raymtl.data.related import DEFAULT_RELATED, RELATED
 from raymtl.recipes import PLAIN_ENCODER, SUM_LOSS
 from raymtl.stages.distill import write_teacher_outputs
-from raymtl.stages.pretrain import pretrain_smoke
+from raymtl.stages.pretrain import PretrainJobConfig, pretrain_smoke
 from raymtl.tasks import TASKS
 from raymtl.train.trainer import fit, fit_once, storage_path
 
@@ -150,6 +150,10 @@ class PipelinePlan:
     # 0: no pre-training stage (the default: no pre-training choice measured raises the student,
     # docs/results/pretrain-s*.md); N: recipes.pretrain() for N steps
     pretrain_steps: int = 0
+    # a JSON config file of the pre-training stage (jobs/pretrain.py's --config format: its
+    # objectives, weights, learning rates...) over recipes.pretrain(); runs the stage for its
+    # own steps unless pretrain_steps says otherwise. Encoder, data, scale: the student's.
+    pretrain_config: str = ""
     teacher_steps: int = 300
     # The teachers trained (docs/pipeline.md: the SST teacher, +SST-2 and CFIMDB, beat the
     # student on SST; the Quora +MRPC and STS +SICK teachers did not).
@@ -175,6 +179,16 @@ class PipelinePlan:
         for t in self.teacher_tasks:
             if t not in self.student.data.tasks:
                 raise ValueError(f"teacher_tasks: {t!r} is not one of the student's tasks {list(self.student.data.tasks)}")
+        self.pretrain_base()                         # a bad file fails here, before any stage trains
+
+    def pretrain_base(self) -> PretrainJobConfig | None:
+        """The pre-training stage's config before the student's shared settings, or None (no stage)."""
+        if not (self.pretrain_steps or self.pretrain_config):
+            return None
+        base = recipes.pretrain()
+        if self.pretrain_config:
+            base = PretrainJobConfig.load(self.pretrain_config, over=base)
+        return pretrain_smoke(base) if self.smoke else base
 
     def stages(self, done: dict[str, dict], verbose: bool = True) -> list[Step]:
         """The stages; ``done`` is the results dict ``run_stages`` fills as they finish."""
@@ -183,11 +197,11 @@ class PipelinePlan:
         stages: list[Step] = []
         task_files = [TASKS[t].path for t in s.data.tasks]
 
-        pre_cfg = None
-        if self.pretrain_steps:
-            base = pretrain_smoke(recipes.pretrain()) if self.smoke else recipes.pretrain()
+        pre_cfg, base = None, self.pretrain_base()
+        if base is not None:
+            steps = self.pretrain_steps or base.train.steps
             pre_cfg = base.replace(
-                steps=self.pretrain_steps, eval_every=self.pretrain_steps, output=f"{out}/pretrain",
+                steps=steps, eval_every=steps, output=f"{out}/pretrain",
                 name="pretrain", encoder=s.model.encoder, data_dir=data_dir, num_workers=s.scale.num_workers,
                 use_gpu=s.scale.use_gpu, cpus_per_worker=s.scale.cpus_per_worker, zero_stage=s.scale.zero_stage,
                 precision=s.scale.precision, max_rows=s.data.max_rows, split_seed=s.data.split_seed,
