@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quality.py                          # 3 seeds x 6 runs, ~12-15 min per run here, ~1 h the hour preset's
     .venv/bin/python bench/quality.py --seeds 1 --steps 150    # a cheaper look
+    .venv/bin/python bench/quality.py --best '' --presets mtl,hour   # single-task, merged, the two recipes
     .venv/bin/python bench/quality.py --smoke                  # tiny model, ~3 min
 
 For every seed (training seed and validation split seed alike) it trains, with the same
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
                    help="fusion method(s) set next to sum, comma-separated; METHOD:N fuses every N steps; "
                         "+pals / +layers / +prefix add PALs / own top half of the encoder / a learned "
                         "task prefix for every task (e.g. imtl_g:10+pals); +pals=sts gives PALs to STS "
-                        "only (several tasks: +pals=sst/sts), +layers=sst SST its own top half")
+                        "only (several tasks: +pals=sst/sts), +layers=sst SST its own top half; '' for none "
+                        "(not even sum: the --presets rows are the multi-task ones)")
     p.add_argument("--presets", default="hour",
                    help="multi-task recipes (raymtl.recipes) run as they are, comma-separated; '' for none")
     p.add_argument("--steps", type=int, help="steps per run (default: the config's; not the presets')")
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
         base = base.replace(steps=a.steps, eval_every=min(base.train.eval_every, a.steps))
     seeds = [int(s) for s in a.seeds.split(",")]
     try:                            # bad specs and values fail here, before hours of training
-        setups = [parse_setup(spec) for spec in dict.fromkeys(["sum", *a.best.split(",")])]
+        setups = [parse_setup(spec) for spec in dict.fromkeys(["sum", *a.best.split(",")])] if a.best else []
         for _, _, over in setups:
             base.replace(**over)
         presets = {name: preset(name) for name in filter(None, a.presets.split(","))}

@@ -140,13 +140,14 @@ def test_fusion_quality_smoke_reuses_finished_runs(ray_cluster, tmp_path, capsys
 
 
 def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
-    # --best sum: the default setup trains as the hour preset's run (the preset is the default's
-    # method, longer), so the smoke trains each kind of row once
-    bench("quality").main(["--smoke", "--seeds", "1", "--best", "sum", "--presets", "hour", "--output", str(tmp_path)])
+    # --best '': no fusion setups, the preset is the multi-task row (the default's method, longer),
+    # so the smoke trains each kind of row once
+    bench("quality").main(["--smoke", "--seeds", "1", "--best", "", "--presets", "hour", "--output", str(tmp_path)])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     setups = [row.split("|")[1].strip() for row in table[1:]]   # after the header row
     assert setups == ["single-task (3 models)", "single-task models merged (task_arithmetic)",
-                      "single-task models merged (ties)", "multi-task, sum", "multi-task, --preset hour"]
+                      "single-task models merged (ties)", "multi-task, --preset hour"]
+    assert not list(tmp_path.glob("mtl-*"))                     # no setup run trained
     merged = json.loads((tmp_path / "merged-ties-s1" / "merge.json").read_text())
     assert merged["method"] == "ties" and sorted(merged["checkpoints"]) == ["quora", "sst", "sts"]
 
