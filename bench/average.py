@@ -1,13 +1,14 @@
 """Average checkpoints of one run after the fact and score the average on the run's validation
-split: the measurement behind ``--average-last`` (docs/quality-log.md, "Averaging the last
+split: latest weight averaging (Kaddour 2022; checkpoint averaging as in Vaswani et al. 2017),
+measured on hour runs and not kept in the loop (docs/quality-log.md, "Averaging the last
 checkpoints").
 
     python bench/average.py runs/hour/NAME/checkpoint_002250 runs/hour/NAME/checkpoint_002700 \\
         runs/hour/NAME/checkpoint_003150 --output runs/averaged/last3
 
-The weights are averaged as the loop averages them (``raymtl.train.loop.average_states``);
-the checkpoints must come from one run (the same tasks and parts). Prints each checkpoint's
-own validation scores (its ``metrics.json``) and the average's, as ``raymtl evaluate`` scores it.
+The uniform mean of the fp32 weights (encoder, heads, per-task parts); the checkpoints must
+come from one run (the same tasks and parts). Prints each checkpoint's own validation scores
+(its ``metrics.json``) and the average's, as ``raymtl evaluate`` scores it.
 """
 import argparse
 import json
@@ -15,9 +16,16 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from raymtl.cli import main as raymtl_main
 from raymtl.models.multitask import MultiTaskModel, read_meta
-from raymtl.train.loop import average_states
+
+
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform average of model states (floating tensors; others from the last state)."""
+    return {k: torch.stack([st[k] for st in states]).mean(0) if v.is_floating_point() else v
+            for k, v in states[-1].items()}
 
 
 def main(argv=None) -> int:

@@ -236,10 +236,6 @@ class TrainConfig:
     early_stop: int = _help(
         "stop when the stage's validation score has not improved for this many validations in a row "
         "(0 = off: train all steps); the best checkpoints are kept either way", default=0)
-    average_last: int = _help(
-        "after the last step, average the weights of the last N validations' checkpoints, validate the "
-        "average and keep it as a checkpoint of its own, ranked with the others (latest weight averaging; "
-        "0 or 1 = off)", default=0)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "lr", "head_lr", "eval_every", "log_every",
@@ -249,7 +245,6 @@ class TrainConfig:
         _positive("sam_rho", self.sam_rho, allow_zero=True)
         _positive("smart_weight", self.smart_weight, allow_zero=True)
         _positive("early_stop", self.early_stop, allow_zero=True)
-        _positive("average_last", self.average_last, allow_zero=True)
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _positive("grad_clip", self.grad_clip, allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:

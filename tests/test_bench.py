@@ -294,3 +294,37 @@ def test_data_bench_smoke(ray_cluster, tmp_path):
     assert "Targets of issue 28:" in proc.stdout and "written to" not in proc.stdout   # --smoke writes nothing
     assert sorted(p.name for p in (tmp_path / "corpora").glob("*.txt")) == ["wikitext2-x-0.5MB-seed0.txt",
                                                                            "wikitext2-x-2MB-seed0.txt"]
+
+
+def test_average_bench_writes_the_mean_of_one_runs_checkpoints_and_scores_it(tmp_path, data_dir, capsys):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from raymtl.models.encoder import tokenizer_source
+    from raymtl.models.multitask import MultiTaskModel
+    cfg = smoke().replace(data_dir=data_dir, max_rows=200)
+    tok = AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.encoder))
+    dirs = []
+    for seed in (1, 2, 3):                       # three "checkpoints" of one run: same parts, other weights
+        torch.manual_seed(seed)
+        model = MultiTaskModel.from_config(cfg.model, list(cfg.data.tasks), seed=seed)
+        d = tmp_path / f"checkpoint_{seed:06d}"
+        model.save(d, tok, extra={"max_length": cfg.data.max_length})
+        (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+        (d / "metrics.json").write_text(json.dumps({"val_sst": 0.1 * seed, "overall": 0.2}))
+        dirs.append(d)
+    average = bench("average")
+    assert average.main([*map(str, dirs), "--output", str(tmp_path / "avg")]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint_000002: val_sst=0.2000 overall=0.2000" in out and "overall" in out.split("average of 3")[1]
+    for f in ("heads.safetensors", "encoder/model.safetensors"):
+        mine, three = load_file(str(tmp_path / "avg" / f)), [load_file(str(d / f)) for d in dirs]
+        assert mine.keys() == three[0].keys()
+        for k, v in mine.items():
+            torch.testing.assert_close(v, torch.stack([t[k] for t in three]).mean(0), msg=f"{f} {k}")
+    with pytest.raises(SystemExit):              # a checkpoint of another run (other parts) is refused
+        other = MultiTaskModel.from_config(cfg.replace(pals=False, task_layers={}).model, ["sst"], seed=4)
+        other.save(tmp_path / "other", tok, extra={"max_length": cfg.data.max_length})
+        average.main([str(dirs[0]), str(tmp_path / "other"), "--output", str(tmp_path / "avg2")])
+    assert "average checkpoints of one run" in capsys.readouterr().err

@@ -210,47 +210,6 @@ def test_early_stopping_waits_for_patience_validations_without_a_better_score():
     assert not stalled(h[:2], "overall", 2)                   # too few validations to judge
 
 
-def test_the_last_checkpoints_are_averaged_validated_and_ranked_with_the_others(ray_cluster, data_dir, tmp_path):
-    from safetensors.torch import load_file
-    cfg = smoke_cfg(tmp_path, data_dir, steps=12, eval_every=3, log_every=3, average_last=3, keep_checkpoints=20,
-                    name="average")
-    summary = fit(cfg)
-    run = tmp_path / "average"
-    history = load_curve(run).to_dict("records")
-    assert [h["step"] for h in history] == [3, 6, 9, 12]           # the averaged model is not on the curve
-    averaged = run / "checkpoint_000012_average"
-    metrics = json.loads((averaged / "metrics.json").read_text())
-    assert metrics["averaged_steps"] == [6, 9, 12] and metrics["step"] == 12
-    assert "average of the weights at steps 6, 9, 12" in (run / "train.log").read_text()
-    assert "the average of the weights at steps 6, 9, 12" in (averaged / "README.md").read_text()
-    # its weights (heads and encoder) are the mean of the three checkpoints' fp32 weights
-    for f in ("heads.safetensors", "encoder/model.safetensors"):
-        mine = load_file(str(averaged / f))
-        three = [load_file(str(run / f"checkpoint_{s:06d}" / f)) for s in (6, 9, 12)]
-        assert mine.keys() == three[0].keys()
-        for k, v in mine.items():
-            torch.testing.assert_close(v, torch.stack([t[k] for t in three]).mean(0), msg=f"{f} {k}")
-    assert not torch.equal(load_file(str(averaged / "heads.safetensors"))["heads.sst.out.weight"],
-                           load_file(str(run / "checkpoint_000012" / "heads.safetensors"))["heads.sst.out.weight"])
-    # its validation scores are its own (the loaded checkpoint scores the same), ranked with the others
-    ours = reloaded_scores(cfg, averaged)
-    assert ours["sst"] == pytest.approx(metrics["val_sst"], abs=1e-6)
-    assert ours["sts"] == pytest.approx(metrics["val_sts"], abs=1e-4)
-    best = max([*history, metrics], key=lambda h: h["overall"])
-    assert summary.best_metrics["overall"] == pytest.approx(best["overall"])
-    # bench/average.py averages the same checkpoints after the fact to the same weights
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_average", Path(__file__).parents[1] / "bench" / "average.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.main([str(run / f"checkpoint_{s:06d}") for s in (6, 9, 12)] + ["--output", str(tmp_path / "after")]) == 0
-    for k, v in load_file(str(tmp_path / "after" / "heads.safetensors")).items():
-        torch.testing.assert_close(v, load_file(str(averaged / "heads.safetensors"))[k])
-    # a re-run finds the run finished: the averaged checkpoint carries the last step's training state
-    again = fit(cfg)
-    assert again.metrics["step"] == 12 and again.metrics["averaged_steps"] == [6, 9, 12]
-
-
 def test_the_run_summary_prints_overall_only_for_all_three_tasks(capsys):
     from raymtl.stages.multitask import MTLStage
     from raymtl.train.trainer import FitSummary

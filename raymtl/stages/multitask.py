@@ -88,9 +88,7 @@ class MTLStage(Stage):
             scores = {k[4:]: v for k, v in summary.best_metrics.items() if k.startswith("val_")}
             if {"sst", "quora", "sts"} <= set(scores):      # (a task or two alone: no comparable overall)
                 scores["overall"] = summary.best_metrics["overall"]
-            avg = summary.best_metrics.get("averaged_steps")
-            what = f"the average of steps {', '.join(map(str, avg))}" if avg else f"step {summary.best_metrics.get('step')}"
-            print(f"\n[raymtl] best checkpoint ({what}) validation scores:")
+            print(f"\n[raymtl] best checkpoint (step {summary.best_metrics.get('step')}) validation scores:")
             print(format_table(scores))
         super().print_summary(summary)
 

@@ -186,39 +186,22 @@ def fp32_state(model: torch.nn.Module, masters: dict[int, torch.Tensor | None] |
     return state
 
 
-def full_state(engine) -> dict[str, torch.Tensor]:
-    """Collective: the whole model's state on every rank, on the CPU, every floating tensor in
-    fp32 (a bf16 run's master weights; ZeRO-3's partitions gathered)."""
-    model, masters = engine.module, master_weights(engine)
-
-    def cpu_copy():
-        state = fp32_state(model, masters) or model.state_dict()
-        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-                for k, v in state.items()}
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            return cpu_copy()
-    return cpu_copy()
-
-
 def save_checkpoint(engine, directory: Path, step: int, rank: int, tokenizer, cfg_dict: dict,
-                    metrics: dict, client: dict | None = None, state: dict | None = None) -> None:
+                    metrics: dict, client: dict | None = None) -> None:
     """Collective: every rank writes its DeepSpeed shard; rank 0 also writes the HF model, in
-    fp32 whatever the training precision (a bf16 run's fp32 master weights, not its bf16 copies),
-    or ``state`` when given (an averaged model next to the training state it continues from).
+    fp32 whatever the training precision (a bf16 run's fp32 master weights, not its bf16 copies).
     ``client`` (plain lists, numbers, strings, tensors) is stored next to the step for the loop."""
     engine.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG, client_state={**(client or {}), "step": step})
     model = engine.module
     extra = {"step": step, "max_length": cfg_dict["data"]["max_length"]}
-    masters = master_weights(engine) if state is None else None
+    masters = master_weights(engine)
     if engine.zero_optimization_stage() == 3:
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if rank == 0:
-                model.save(directory, tokenizer, extra=extra, state=state or fp32_state(model, masters))
+                model.save(directory, tokenizer, extra=extra, state=fp32_state(model, masters))
     elif rank == 0:
-        model.save(directory, tokenizer, extra=extra, state=state or fp32_state(model, masters))
+        model.save(directory, tokenizer, extra=extra, state=fp32_state(model, masters))
     if rank == 0:
         (directory / "config.json").write_text(json.dumps(cfg_dict, indent=2))
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))

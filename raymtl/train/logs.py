@@ -124,9 +124,7 @@ def model_card(cfg: dict, metrics: dict, modes: dict | None, command: str) -> st
     own += [f"own top layers for {t} ({n})" for t, n in (model.get("task_layers") or {}).items() if t in tasks]
     own += [f"learned task prefixes ({model['prefix_length']} vectors)"] if model.get("task_prefix") == "learned" else []
     lacks = ("; ".join(own) if own else "nothing: this model has no per-task parts besides the heads")
-    averaged = (f", the average of the weights at steps {', '.join(map(str, metrics['averaged_steps']))}"
-                if metrics.get("averaged_steps") else "")
-    return f"""# raymtl multi-task checkpoint (step {metrics.get('step', '?')}{averaged})
+    return f"""# raymtl multi-task checkpoint (step {metrics.get('step', '?')})
 
 One BERT-style encoder with a head per task, trained by raymtl.
 

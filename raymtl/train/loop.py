@@ -12,7 +12,6 @@ and ``raymtl.stages.pretrain.PretrainStage`` (MLM + SimCSE further pre-training)
 """
 from __future__ import annotations
 
-import collections
 import json
 import math
 import os
@@ -143,13 +142,6 @@ def stalled(history: list[dict], score: str, patience: int) -> bool:
     return all(h[score] <= best_before for h in history[-patience:])
 
 
-def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The uniform average of model states (floating tensors; others from the last state):
-    latest weight averaging (Kaddour 2022) over the checkpoints of the last validations."""
-    return {k: torch.stack([st[k] for st in states]).mean(0) if v.is_floating_point() else v
-            for k, v in states[-1].items()}
-
-
 def backward(engine, model, losses: dict[str, torch.Tensor], step: int, shared: list, others: list,
              fuse=None, periodic: PeriodicFusion | None = None) -> dict[str, float]:
     """One step's backward through the engine: the weighted loss sum, or with a fusion method
@@ -234,16 +226,15 @@ def train_loop_per_worker(config: dict) -> None:
             say("[raymtl] before training: " + " ".join(f"{k}={v:.4f}" for k, v in initial.items()))
     rng.seed(cfg.train.seed + step)  # the sampler stream continues deterministically
     start_step, loss_sum, loss_n, diag_sum, stream_sum = step, 0.0, 0, {}, {}
-    recent = collections.deque(maxlen=cfg.train.average_last)    # (step, full fp32 state) per validation
 
-    def report_checkpoint(metrics: dict, name: str, state: dict | None = None) -> None:
-        """Collective: checkpoint the engine (with ``state`` as its model files when given), the
-        history so far and a model card; report it to Ray Train under ``name``."""
+    def report_checkpoint(metrics: dict, name: str) -> None:
+        """Collective: checkpoint the engine, the history so far and a model card; report it to
+        Ray Train under ``name``."""
         with tempfile.TemporaryDirectory() as tmp:
             client = {"periodic_fusion": periodic.state_dict()} if periodic else {}
             if hasattr(weighting, "client_state"):           # DWA's loss history
                 client["weighting"] = weighting.client_state()
-            eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics, client, state)
+            eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics, client)
             if rank == 0:
                 (Path(tmp) / HISTORY).write_text(json.dumps(history))
                 (Path(tmp) / "README.md").write_text(model_card(
@@ -310,28 +301,11 @@ def train_loop_per_worker(config: dict) -> None:
             run_log.scalars(step, metrics)
             run_log.flush()
             report_checkpoint(metrics, f"checkpoint_{step:06d}")
-            if cfg.train.average_last > 1:
-                recent.append((step, eng.full_state(engine)))
             if stalled(history, stage.score, cfg.train.early_stop):
                 if rank == 0:
                     say(f"[raymtl] early stop at step {step}: {stage.score} has not improved for "
                         f"{cfg.train.early_stop} validations (best checkpoint kept)")
                 break
-    if len(recent) >= 2:
-        averaged = average_states([st for _, st in recent])
-        steps = [s for s, _ in recent]
-        module = stage.build_model()
-        module.load_state_dict(averaged)
-        # validated in the precision of the other validations (a bf16 run's module is bf16),
-        # so the ranking compares like with like; the checkpoint keeps the fp32 average
-        module.to(device=device, dtype=next(engine.module.parameters()).dtype).eval()
-        scores = stage.validate(module, rank, world)
-        metrics = {**scores, **initial, "step": step, "start_step": start_step, "averaged_steps": steps}
-        if rank == 0:
-            say(f"[raymtl] average of the weights at steps {', '.join(map(str, steps))}: "
-                + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-        # the training state of the last step (a resume continues from it) with the averaged model
-        report_checkpoint(metrics, f"checkpoint_{step:06d}_average", state=averaged)
     if step == start_step and last:
         # Resumed after its last step (a driver that died after the run's last report, e.g. a
         # Tune trial restored as unfinished): nothing to train; report the last checkpoint's

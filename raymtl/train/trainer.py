@@ -209,10 +209,10 @@ def fit_once(cfg: MTLConfig, verbose: bool = False, **fit_kw) -> dict:
 
 IDENTITY_FIELDS = ("output", "name")     # where a run lives, not what it trains
 # Fields a resumed run may change freely: they decide what is printed, kept or retried, not what is trained.
-RUN_ONLY_FIELDS = ("log_every", "eval_every", "early_stop", "average_last", "keep_checkpoints", "max_failures",
+RUN_ONLY_FIELDS = ("log_every", "eval_every", "early_stop", "keep_checkpoints", "max_failures",
                    "worker_niceness", "resume_changed", "verbose", "mlflow", "cache_dir", "force_prepare")
 # Of those, the ones that do not choose the best checkpoint either: ``fit_once`` reads a finished run back whatever they are.
-OUTCOME_FREE_FIELDS = tuple(f for f in RUN_ONLY_FIELDS if f not in ("eval_every", "early_stop", "average_last"))
+OUTCOME_FREE_FIELDS = tuple(f for f in RUN_ONLY_FIELDS if f not in ("eval_every", "early_stop"))
 
 
 class ConfigChanged(ValueError):
