@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -97,7 +98,9 @@ def cmd_evaluate(a) -> int:
             rows_by_task[t] = rows
     else:  # the run's own validation splits, carved exactly as in training
         cfg_file = Path(a.checkpoint) / "config.json"
-        data = MTLConfig.load(cfg_file).data if cfg_file.is_file() else DataConfig()     # every field checked
+        # its data section only (every field checked): a run of an older raymtl evaluates too
+        data = (MTLConfig.from_dict({"data": json.loads(cfg_file.read_text())["data"]}).data
+                if cfg_file.is_file() else DataConfig())
         if a.data_dir:
             data.data_dir = a.data_dir
         for t in model.heads:

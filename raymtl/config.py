@@ -361,6 +361,22 @@ class DistillConfig:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
             "scale": ScaleConfig, "run": RunSettings, "distill": DistillConfig}
 
+# Fields raymtl no longer has -> (the value at which they did nothing, why they went). A saved
+# config (a checkpoint's, a finished run's) holding one at that value loads as if it lacked it;
+# at any other value it is refused, naming the field: the run trained with something raymtl no
+# longer does.
+RETIRED_FIELDS = {"average_last": (0, "latest weight averaging, removed 2026-12-04: it did not help "
+                                      "(docs/quality-log.md; bench/average.py averages checkpoints after the fact)")}
+
+
+def drop_retired(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (one section's, or a flat config's) without retired fields at their no-op value."""
+    for k in set(values) & set(RETIRED_FIELDS):
+        off, why = RETIRED_FIELDS[k]
+        if values[k] != off:
+            raise ValueError(f"{k}={values[k]!r}: no longer a raymtl field ({why}); only {off!r} (off) loads")
+    return {k: v for k, v in values.items() if k not in RETIRED_FIELDS}
+
 
 @dataclass
 class MTLConfig:
@@ -435,12 +451,13 @@ class MTLConfig:
         if not isinstance(d, dict):
             raise ValueError(f"a config is an object of fields, got {_shown(d)}")
         if not cls._nested(d):
-            return cls().replace(**d)
+            return cls().replace(**drop_retired(d))
         built, own = {}, cls()          # a section or field the dict leaves out: this config's default
         for name, kind in cls.SECTIONS.items():
             values = d.get(name, {})
             if not isinstance(values, dict):
                 raise ValueError(f"section {name!r} must be an object of fields, got {_shown(values)}")
+            values = drop_retired(values)
             names = {f.name for f in dataclasses.fields(kind)}
             extra = set(values) - names
             if extra:

@@ -172,3 +172,19 @@ def test_a_field_added_after_a_run_matches_that_run_only_at_its_default():
     on = json.loads(json.dumps(cfg.replace(smart_weight=1.0).to_dict()))
     assert config_differences(saved, on, default_dict(cfg)) == ["smart_weight: saved '(absent)', asked 1.0"]
     assert config_differences(saved, asked) == ["smart_weight: saved '(absent)', asked 0.0"]   # no defaults given
+
+
+def test_a_saved_config_with_a_retired_field_loads_only_at_its_no_op_value():
+    from raymtl.config import RETIRED_FIELDS
+    from raymtl.train.trainer import config_differences
+    assert RETIRED_FIELDS["average_last"][0] == 0
+    cfg = smoke()
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    saved["train"]["average_last"] = 0                        # written while raymtl had the field, off
+    assert MTLConfig.from_dict(saved) == cfg and MTLConfig().replace(lr=1e-4) == MTLConfig.from_dict(
+        {"lr": 1e-4, "average_last": 0})
+    assert config_differences(saved, json.loads(json.dumps(cfg.to_dict()))) == []
+    saved["train"]["average_last"] = 3                        # it did something: refused, named
+    with pytest.raises(ValueError, match=r"average_last=3: no longer a raymtl field .*only 0 \(off\) loads"):
+        MTLConfig.from_dict(saved)
+    assert config_differences(saved, json.loads(json.dumps(cfg.to_dict()))) == ["average_last: saved 3, asked '(absent)'"]

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from raymtl.config import MTLConfig
+from raymtl.config import RETIRED_FIELDS, MTLConfig
 from raymtl.data.streams import configure_ray_data, ingest_options
 from raymtl.stages.base import Stage
 from raymtl.stages.multitask import MTLStage
@@ -273,10 +273,12 @@ def config_differences(saved: dict, asked: dict, defaults: dict | None = None) -
     between two ``to_dict()`` configs; a record without a config cannot be matched. A field
     the saved config lacks (added to raymtl after that run) matches when asked at its value in
     ``defaults`` (the ``to_dict()`` of the config class's defaults): the run trained as that
-    default does."""
+    default does. A field raymtl no longer has (``RETIRED_FIELDS``) matches at the value at which
+    it did nothing; at any other it is a difference."""
     if not saved:
         return ["the record keeps no config (written before raymtl kept one)"]
-    old, new, default = ({k: v for part in d.values() for k, v in part.items() if k not in IDENTITY_FIELDS}
+    old, new, default = ({k: v for part in d.values() for k, v in part.items()
+                          if k not in IDENTITY_FIELDS and not (k in RETIRED_FIELDS and v == RETIRED_FIELDS[k][0])}
                          for d in (saved, asked, defaults or {}))
     return [f"{k}: saved {old.get(k, '(absent)')!r}, asked {new.get(k, '(absent)')!r}"
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
