@@ -369,11 +369,16 @@ RETIRED_FIELDS = {"average_last": (0, "latest weight averaging, removed 2026-12-
                                       "(docs/quality-log.md; bench/average.py averages checkpoints after the fact)")}
 
 
+def retired_no_op(key: str, value: Any) -> bool:
+    """Whether ``key`` is a retired field saved at the value at which it did nothing."""
+    return key in RETIRED_FIELDS and value == RETIRED_FIELDS[key][0]
+
+
 def drop_retired(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` (one section's, or a flat config's) without retired fields at their no-op value."""
     for k in set(values) & set(RETIRED_FIELDS):
-        off, why = RETIRED_FIELDS[k]
-        if values[k] != off:
+        if not retired_no_op(k, values[k]):
+            off, why = RETIRED_FIELDS[k]
             raise ValueError(f"{k}={values[k]!r}: no longer a raymtl field ({why}); only {off!r} (off) loads")
     return {k: v for k, v in values.items() if k not in RETIRED_FIELDS}
 

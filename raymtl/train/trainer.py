@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from raymtl.config import RETIRED_FIELDS, MTLConfig
+from raymtl.config import MTLConfig, retired_no_op
 from raymtl.data.streams import configure_ray_data, ingest_options
 from raymtl.stages.base import Stage
 from raymtl.stages.multitask import MTLStage
@@ -278,7 +278,7 @@ def config_differences(saved: dict, asked: dict, defaults: dict | None = None) -
     if not saved:
         return ["the record keeps no config (written before raymtl kept one)"]
     old, new, default = ({k: v for part in d.values() for k, v in part.items()
-                          if k not in IDENTITY_FIELDS and not (k in RETIRED_FIELDS and v == RETIRED_FIELDS[k][0])}
+                          if k not in IDENTITY_FIELDS and not retired_no_op(k, v)}
                          for d in (saved, asked, defaults or {}))
     return [f"{k}: saved {old.get(k, '(absent)')!r}, asked {new.get(k, '(absent)')!r}"
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
