@@ -94,9 +94,7 @@ def main(argv=None) -> int:
     for task, steps, teacher_steps, score, closed, wall in rows:
         lines.append(f"| {task} | {steps} | {teacher_steps} | {TASKS[task].metric} | {score['bi alone']:.4f} | "
                      f"{score['cross teacher']:.4f} | {score['bi from cross']:.4f} | {closed} | {wall:.1f} |")
-    print("\n" + "\n".join(lines))
-    if not a.smoke:
-        print(f"[bench] written to {report.write(f'cross-bi-s{a.seed}' if not a.teacher_steps else f'cross-bi-teacher{a.teacher_steps}-s{a.seed}', 'Cross-encoder teachers distilled into the bi-encoder (bench/cross_bi.py)', 'bench/cross_bi.py', argv if argv is not None else sys.argv[1:], started, lines)}")
+    report.publish(lines, f'cross-bi-s{a.seed}' if not a.teacher_steps else f'cross-bi-teacher{a.teacher_steps}-s{a.seed}', 'Cross-encoder teachers distilled into the bi-encoder (bench/cross_bi.py)', 'bench/cross_bi.py', argv, started, a.smoke)
     return 0
 
 

@@ -117,9 +117,7 @@ def main(argv=None) -> int:
         delta = f"{m['overall'] - base_overall:+.4f}" if base_overall is not None else "-"
         lines.append(f"| {choice} | " + " | ".join(cells) + " | " + " | ".join(f"{m[f'val_{t}']:.4f}" for t in tasks)
                      + f" | {m['overall']:.4f} | {delta} | {wall:.1f} |")
-    print("\n" + "\n".join(lines))
-    if not a.smoke:
-        print(f"[bench] written to {report.write(f'pretrain-s{a.seed}', 'Further pre-training choices and the multi-task result (bench/pretrain.py)', 'bench/pretrain.py', argv if argv is not None else sys.argv[1:], started, lines)}")
+    report.publish(lines, f'pretrain-s{a.seed}', 'Further pre-training choices and the multi-task result (bench/pretrain.py)', 'bench/pretrain.py', argv, started, a.smoke)
     return 0
 
 

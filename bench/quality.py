@@ -158,9 +158,7 @@ def main(argv=None) -> int:
         cells = [spread([r[setup][t] for r in per_seed]) for t in TASKS]
         total = spread([overall(r[setup]) for r in per_seed])
         lines.append(f"| {setup} | " + " | ".join(cells) + f" | {total} |")
-    print("\n" + "\n".join(lines))
-    if not a.smoke:
-        print(f"[bench] written to {report.write('quality', 'Multi-task vs single-task quality (bench/quality.py)', 'bench/quality.py', argv if argv is not None else sys.argv[1:], started, lines)}")
+    report.publish(lines, 'quality', 'Multi-task vs single-task quality (bench/quality.py)', 'bench/quality.py', argv, started, a.smoke)
     return 0
 
 

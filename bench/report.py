@@ -21,8 +21,9 @@ RESULTS = ROOT / "docs" / "results"
 
 
 def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    try:        # --no-optional-locks: reading the status never rewrites the index
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -62,6 +63,18 @@ def write(name: str, title: str, script: str, argv: list[str], started: datetime
     path.write_text("\n".join([f"# {title}", "", f"Written by `{script}` (every full run overwrites it; the "
                                "history is in git).", "", *provenance(script, argv, started, wall), "",
                                *lines, ""]))
+    return path
+
+
+def publish(lines: list[str], name: str, title: str, script: str, argv: list[str] | None,
+            started: datetime.datetime, smoke: bool = False) -> Path | None:
+    """Print a bench's table and, unless ``smoke`` (the code path, not a number), write it with
+    :func:`write` and say where; ``argv`` None means the command line."""
+    print("\n" + "\n".join(lines))
+    if smoke:
+        return None
+    path = write(name, title, script, sys.argv[1:] if argv is None else list(argv), started, lines)
+    print(f"[bench] written to {path}")
     return path
 
 

@@ -90,9 +90,7 @@ def main(argv=None) -> int:
         share = " / ".join(str(got[t]) if got else str(n) for t in tasks)
         lines.append(f"| {name} | {n} | {share} | " + " | ".join(f"{m[f'val_{t}']:.4f}" for t in tasks)
                      + f" | {overall({t: m[f'val_{t}'] for t in tasks}):.4f} | {m['step']} | {wall / 60:.1f} |")
-    print("\n" + "\n".join(lines))
-    if not a.smoke:
-        print(f"[bench] written to {report.write(f'sampling-s{a.seed}', 'Task sampling at equal compute (bench/sampling.py)', 'bench/sampling.py', argv if argv is not None else sys.argv[1:], started, lines)}")
+    report.publish(lines, f'sampling-s{a.seed}', 'Task sampling at equal compute (bench/sampling.py)', 'bench/sampling.py', argv, started, a.smoke)
     return 0
 
 

@@ -81,9 +81,7 @@ def main(argv=None) -> int:
         lines.append(f"| {label} | {n} | " + " | ".join(f"{m[f'val_{t}']:.4f}" for t in tasks)
                      + f" | {overall({t: m[f'val_{t}'] for t in tasks}):.4f} | {m['step']} | "
                      f"{n * m['s_per_step'] / 60:.1f} | {wall / 60:.1f} |")
-    print("\n" + "\n".join(lines))
-    if not a.smoke:
-        print(f"[bench] written to {report.write(f'smoothness-s{a.seed}', 'SAM and SMART at equal wall-clock time (bench/smoothness.py)', 'bench/smoothness.py', argv if argv is not None else sys.argv[1:], started, lines)}")
+    report.publish(lines, f'smoothness-s{a.seed}', 'SAM and SMART at equal wall-clock time (bench/smoothness.py)', 'bench/smoothness.py', argv, started, a.smoke)
     return 0
 
 

@@ -49,11 +49,8 @@ step by phase, the self CPU time per kind of op side by side, and the top ops of
 """
 import argparse
 import contextlib
-import datetime
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -66,12 +63,14 @@ import torch
 
 from raymtl.config import MTLConfig, smoke
 from raymtl.data.streams import cycle_batches
-from raymtl.models.device import cpu_flags, native_bf16
 from raymtl.models.multitask import MultiTaskModel
 from raymtl.objectives.multitask import LOSSES
 from raymtl.recipes import PLAIN_ENCODER, SUM_LOSS
 from raymtl.train.engine import param_groups
 from raymtl.train.loop import Progress
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))    # bench/report.py, also when loaded by path
+import report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "speed.md"
@@ -422,41 +421,6 @@ def profile(cfg: MTLConfig, steps: int, padded: bool, top: int, emit) -> None:
             emit(f"| {key} | {ms:.1f} | {100 * ms / total:.1f} % | {calls} |")
 
 
-# ----------------------------------------------------------------------------- results file
-def git(*args: str) -> str:
-    try:        # --no-optional-locks: reading the status never rewrites the index
-        return subprocess.run(["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def machine() -> str:
-    model = "?"
-    with contextlib.suppress(OSError):
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), "?")
-    bf16 = sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx"))
-    import deepspeed
-    return (f"{os.cpu_count()} CPUs (os.cpu_count()), {model}; bf16 CPU flags: {', '.join(bf16) or 'none'} "
-            f"(native bf16: {native_bf16(False)[0]}); torch {torch.__version__}, deepspeed {deepspeed.__version__}")
-
-
-def write_results(path: Path, argv: list[str], started: datetime.datetime, wall_s: float, lines: list[str]):
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
-    text = "\n".join([
-        "# Training-loop speed", "",
-        "Written by `bench/speed.py` (every full run overwrites it; the history is in git).", "",
-        f"- date: {started:%Y-%m-%d %H:%M} UTC, {wall_s / 60:.0f} min",
-        f"- commit: `{head}`" + (" with uncommitted changes in the working tree" if dirty else ""),
-        f"- command: `{shlex.join([python, 'bench/speed.py', *argv])}`",
-        f"- machine: {machine()}", "",
-        *lines, ""])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny model, one round of 6 steps: the code path, not a number")
@@ -496,7 +460,7 @@ def main(argv=None):
     rounds, steps = (1, 6) if a.smoke else (a.rounds, a.steps)    # smoke: the code path, not a number
     results = Path(a.results) if a.results else (
         Path(tempfile.gettempdir()) / "raymtl-speed-smoke.md" if a.smoke else RESULTS)
-    started, t_start, lines = datetime.datetime.now(datetime.timezone.utc), time.perf_counter(), []
+    started, lines = report.now(), []
 
     def emit(line: str = "") -> None:        # printed, and kept for the results file
         print(line, flush=True)
@@ -624,7 +588,7 @@ def main(argv=None):
               f"{total_rows / tokenize_s / med(consumer, 'examples_per_s'):.0f}x headroom)" if consumer else ""
     emit(f"\nRay Data read+validate+tokenize: {total_rows} rows in {tokenize_s:.1f} s = "
          f"{total_rows / tokenize_s:.0f} rows/s{consume}")
-    write_results(results, argv, started, time.perf_counter() - t_start, lines)
+    report.write("speed", "Training-loop speed", "bench/speed.py", argv, started, lines, path=results)
     print(f"\n[bench] wrote {results}", flush=True)
 
 
