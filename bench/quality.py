@@ -150,14 +150,29 @@ def main(argv=None) -> int:
         presets = {name: smoke(cfg) for name, cfg in presets.items()}
     started = report.now()
     per_seed = [runs_for_seed(base, s, setups, presets) for s in seeds]
-    lines = [f"{base.model.encoder} encoder, {base.train.steps} steps x {base.train.batch_size} rows per task "
-             f"({base.train.steps * base.train.batch_size} training rows per task in every run), "
-             f"seeds {seeds}; validation scores, mean ± half-range", "",
-             "| setup | SST acc | Quora acc | STS Pearson | overall |", "|---|---|---|---|---|"]
+    lines = [f"{base.model.encoder} encoder; single-task and multi-task setups {base.train.steps} steps x "
+             f"{base.train.batch_size} rows per task, the presets as their recipes (raymtl/recipes.py); seeds "
+             f"{seeds}, each on its own validation split (split seed = seed); validation scores, mean ± half-range",
+             "", "| setup | SST acc | Quora acc | STS Pearson | overall |", "|---|---|---|---|---|"]
     for setup in per_seed[0]:
         cells = [spread([r[setup][t] for r in per_seed]) for t in TASKS]
         total = spread([overall(r[setup]) for r in per_seed])
         lines.append(f"| {setup} | " + " | ".join(cells) + f" | {total} |")
+    single = "single-task (3 models)"
+    lines += ["", "Each setup minus the single-task models of the same seed (mean over seeds), and on how many "
+              "seeds it is at or above them on every task:", "",
+              "| setup | SST | Quora | STS | overall | seeds at or above on every task |", "|---|---|---|---|---|---|"]
+    for setup in list(per_seed[0])[1:]:
+        gaps = [{t: r[setup][t] - r[single][t] for t in TASKS} for r in per_seed]
+        cells = [f"{statistics.mean(g[t] for g in gaps):+.4f}" for t in TASKS]
+        total = statistics.mean(overall(r[setup]) - overall(r[single]) for r in per_seed)
+        every = sum(all(v >= 0 for v in g.values()) for g in gaps)
+        lines.append(f"| {setup} | " + " | ".join(cells) + f" | {total:+.4f} | {every} of {len(seeds)} |")
+    lines += ["", "Per seed:", "", "| seed | setup | SST acc | Quora acc | STS Pearson | overall |",
+              "|---|---|---|---|---|---|"]
+    for seed, r in zip(seeds, per_seed):
+        lines += [f"| {seed} | {setup} | " + " | ".join(f"{m[t]:.4f}" for t in TASKS) + f" | {overall(m):.4f} |"
+                  for setup, m in r.items()]
     report.publish(lines, 'quality', 'Multi-task vs single-task quality (bench/quality.py)', 'bench/quality.py', argv, started, a.smoke)
     return 0
 

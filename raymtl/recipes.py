@@ -82,12 +82,11 @@ def transfer() -> MTLConfig:
 
 RECIPES: dict[str, Recipe] = {
     "mtl": Recipe(mtl, "python jobs/mtl.py", "12-13 min",
-                  "validation, seeds 42/1/2 (split 1234): SST 0.491, Quora 0.831, STS 0.873, overall 0.753, "
-                  "against 0.747 for round robin on the same seeds (docs/methods.md); round robin's official "
-                  "dev (independent): 0.459 / 0.826 / 0.868"),
-    "hour": Recipe(hour, "python jobs/mtl.py --preset hour", "up to 1 h; 1.3-1.4 s/step alone in bf16 (seed 42 stopped early at step 1050)",
-                   "validation, seed 42: best at step 450, SST 0.498, Quora 0.836, STS 0.877, overall 0.757 "
-                   "(+0.009 over mtl); seed 2: 0.760 at step 300 (+0.003); docs/quality-log.md"),
+                  "validation, bench/quality.py seeds 42/1/2: SST 0.498, Quora 0.848, STS 0.875, overall 0.761 "
+                  "(three single-task models: 0.764); round robin's official dev (independent): 0.459 / 0.826 / 0.868"),
+    "hour": Recipe(hour, "python jobs/mtl.py --preset hour", "25-40 min; 1.3-1.4 s/step in bf16, early stop at step 1350-1650",
+                   "validation, bench/quality.py seeds 42/1/2: SST 0.511, Quora 0.853, STS 0.881, overall 0.768 "
+                   "(+0.007 over mtl, +0.004 over three single-task models); docs/results/quality.md"),
     **{f"single-{t}": Recipe(single_task(t), f"python jobs/mtl.py --preset single-{t}", runtime, expected)
        for t, runtime, expected in (("sst", "3 min", "validation, 5 seeds: SST 0.502"),
                                     ("quora", "4-5 min", "validation, 5 seeds: Quora 0.832"),

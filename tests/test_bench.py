@@ -143,10 +143,18 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
     # --best '': no fusion setups, the preset is the multi-task row (the default's method, longer),
     # so the smoke trains each kind of row once
     bench("quality").main(["--smoke", "--seeds", "1", "--best", "", "--presets", "hour", "--output", str(tmp_path)])
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    setups = [row.split("|")[1].strip() for row in table[1:]]   # after the header row
+    tables, rows = [], []
+    for line in [*capsys.readouterr().out.splitlines(), ""]:     # the tables' rows, without the |---| lines
+        if line.startswith("| "):
+            rows.append(line.split("|")[1:-1])
+        elif rows:
+            tables, rows = tables + [rows], []
+    means, gaps, per_seed = tables                              # header row first in each
+    setups = [row[0].strip() for row in means[1:]]
     assert setups == ["single-task (3 models)", "single-task models merged (task_arithmetic)",
                       "single-task models merged (ties)", "multi-task, --preset hour"]
+    assert [row[0].strip() for row in gaps[1:]] == setups[1:] and all(row[-1].strip().endswith("of 1") for row in gaps[1:])
+    assert [(row[0].strip(), row[1].strip()) for row in per_seed[1:]] == [("1", s) for s in setups]
     assert not list(tmp_path.glob("mtl-*"))                     # no setup run trained
     merged = json.loads((tmp_path / "merged-ties-s1" / "merge.json").read_text())
     assert merged["method"] == "ties" and sorted(merged["checkpoints"]) == ["quora", "sst", "sts"]
