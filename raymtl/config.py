@@ -190,10 +190,6 @@ class TrainConfig:
     grad_accum: int = _help("gradient accumulation micro-steps per optimizer step", default=1)
     lr: float = _help("peak learning rate of the encoder", default=5e-5)
     head_lr: float = _help("peak learning rate of the task heads", default=1e-3)
-    layer_lr_decay: float = _help(
-        "layer-wise learning-rate decay: an encoder layer k layers below the top trains at lr x this^k, "
-        "the embeddings lowest (a task's own top layers count at the depth they copy; 1 = one lr for all)",
-        default=1.0)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
     warmup_ratio: float = _help("fraction of steps with linear warm-up", default=0.06)
     grad_clip: float = _help("clip the global gradient norm to this (0 = off)", default=1.0)
@@ -253,8 +249,6 @@ class TrainConfig:
         _positive("grad_clip", self.grad_clip, allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
-        if not 0 < self.layer_lr_decay <= 1:
-            raise ValueError(f"layer_lr_decay={self.layer_lr_decay!r} must be in (0, 1]")
         _choice("sampling", self.sampling, SAMPLERS)
         _choice("fusion", self.fusion, FUSION_METHODS)
         _choice("weighting", self.weighting, WEIGHTINGS)

@@ -12,7 +12,6 @@ from raymtl.cli import main as raymtl_main
 from raymtl.config import smoke
 from raymtl.data.multitask import load_splits
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.train.engine import param_groups
 from raymtl.train.trainer import ConfigChanged, fit
 
 pytestmark = pytest.mark.timeout(900)
@@ -97,8 +96,7 @@ def test_one_worker_loss_falls_and_checkpoint_reloads(one_worker_run):
 
 def test_two_workers_zero2(ray_cluster, data_dir, tmp_path):
     cfg = smoke_cfg(tmp_path, data_dir, num_workers=2, cpus_per_worker=0.9, zero_stage=2, worker_niceness=7,
-                    task_layers={"sst": 1},                  # SST's own top layer trains and is saved too
-                    layer_lr_decay=0.8)                      # ZeRO-2 partitions a group per encoder depth
+                    task_layers={"sst": 1})                  # SST's own top layer trains and is saved too
     summary = fit(cfg)
     assert summary.best_metrics["worker_niceness"] == 7
     losses = losses_of(summary.run_dir)
@@ -108,26 +106,6 @@ def test_two_workers_zero2(ray_cluster, data_dir, tmp_path):
     model = MultiTaskModel.load(summary.best_checkpoint)
     own, shared = model.task_layers["sst"][0].state_dict(), model.encoder.encoder.layer[-1].state_dict()
     assert any(not torch.equal(own[k], shared[k]) for k in own)   # they started equal; SST moved its own
-
-
-def test_layer_lr_decay_gives_each_encoder_depth_its_own_learning_rate():
-    cfg = smoke().replace(task_layers={"sst": 1}, layer_lr_decay=0.5, lr=1e-3, head_lr=1e-2)
-    model = MultiTaskModel.from_config(cfg.model, list(cfg.data.tasks), seed=0)
-    groups, lrs = param_groups(model, cfg)
-    lr_of = {id(p): lr for g, lr in zip(groups, lrs) for p in g["params"]}
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert sorted(map(id, trainable.values())) == sorted(lr_of)          # each parameter in exactly one group
-    top = model.encoder.config.num_hidden_layers
-    assert lr_of[id(trainable["encoder.embeddings.word_embeddings.weight"])] == pytest.approx(1e-3 * 0.5 ** top)
-    assert lr_of[id(trainable["encoder.encoder.layer.0.output.dense.weight"])] == pytest.approx(1e-3 * 0.5 ** (top - 1))
-    assert lr_of[id(trainable[f"encoder.encoder.layer.{top - 1}.output.dense.weight"])] == pytest.approx(1e-3)
-    assert lr_of[id(trainable["task_layers.sst.0.output.dense.weight"])] == pytest.approx(1e-3)  # a copy of the top layer
-    assert lr_of[id(trainable["heads.sst.out.weight"])] == pytest.approx(1e-2)
-    assert all(g["weight_decay"] == (0.0 if g["params"][0].ndim < 2 else 0.01) for g in groups[:-1])  # encoder
-    groups, lrs = param_groups(model, cfg.replace(layer_lr_decay=1.0))   # off: one encoder lr, as before the option
-    assert lrs == [1e-3, 1e-3, 1e-2] and [g["weight_decay"] for g in groups] == [0.01, 0.0, 0.01]
-    with pytest.raises(ValueError, match="layer_lr_decay=1.5 must be in"):
-        cfg.replace(layer_lr_decay=1.5)
 
 
 def test_rerun_with_same_name_resumes_from_last_checkpoint(ray_cluster, data_dir, tmp_path):

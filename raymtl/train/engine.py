@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -20,49 +19,23 @@ def param_groups(model: torch.nn.Module, cfg) -> tuple[list[dict], list[float]]:
     """AdamW groups: encoder weights (decayed), encoder biases/LayerNorm (not decayed), and the
     task heads at their own, higher learning rate: a fresh linear head on small-norm mean-pooled
     features barely moves at an encoder-sized learning rate. A task's own top layers (copies of
-    encoder layers) train like the encoder. With ``train.layer_lr_decay`` < 1 the encoder groups
-    split by depth (:func:`layer_depths`). Returns (groups, peak lr per group)."""
-    t = cfg.train
-    depth = layer_depths(model) if t.layer_lr_decay < 1 else {}
-    top = max(depth.values(), default=0)
-    encoder: dict[tuple[int, bool], list] = {}
-    heads = []
+    encoder layers) train like the encoder. Returns (groups, peak lr per group)."""
+    enc_decay, enc_plain, heads = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if not name.startswith(("encoder.", "task_layers.")):  # task heads, PALs, loss weights
             heads.append(p)
+        elif p.ndim < 2:
+            enc_plain.append(p)
         else:
-            encoder.setdefault((depth.get(name, top), p.ndim < 2), []).append(p)
-    groups = [({"params": params, "weight_decay": 0.0 if plain else t.weight_decay},
-               t.lr * t.layer_lr_decay ** (top - d))
-              for (d, plain), params in sorted(encoder.items(), key=lambda kv: (-kv[0][0], kv[0][1]))]
-    groups.append(({"params": heads, "weight_decay": t.weight_decay}, t.head_lr))
+            enc_decay.append(p)
+    t = cfg.train
+    groups = [({"params": enc_decay, "weight_decay": t.weight_decay}, t.lr),
+              ({"params": enc_plain, "weight_decay": 0.0}, t.lr),
+              ({"params": heads, "weight_decay": t.weight_decay}, t.head_lr)]
     groups = [(g, lr) for g, lr in groups if g["params"]]
     return [g for g, _ in groups], [lr for _, lr in groups]
-
-
-def layer_depths(model: torch.nn.Module) -> dict[str, int]:
-    """Depth of every encoder parameter: 0 for the embeddings, i + 1 for layer i, the number of
-    layers for what sits on top; a task's own layers (``task_layers.<task>.<k>``, copies of the
-    top n layers) at the depth of the layer each copies."""
-    names = [n for n, _ in model.named_parameters()]
-    layer = re.compile(r"^encoder\..*\blayer\.(\d+)\.")
-    own = re.compile(r"^task_layers\.(\w+)\.(\d+)\.")
-    top = 1 + max((int(m.group(1)) for n in names if (m := layer.match(n))), default=-1)
-    owned: dict[str, int] = {}
-    for n in names:
-        if m := own.match(n):
-            owned[m.group(1)] = max(owned.get(m.group(1), 0), int(m.group(2)) + 1)
-    depths = {}
-    for n in names:
-        if m := layer.match(n):
-            depths[n] = int(m.group(1)) + 1
-        elif m := own.match(n):
-            depths[n] = top - owned[m.group(1)] + int(m.group(2)) + 1
-        elif n.startswith("encoder."):
-            depths[n] = 0 if ".embeddings." in n or n.startswith("encoder.embeddings") else top
-    return depths
 
 
 def resolve_precision(scale) -> tuple[str, str]:
