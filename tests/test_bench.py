@@ -167,7 +167,7 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
         best = json.loads((tmp_path / run / "best_metrics.json").read_text())["best_checkpoint"]
         return json.loads((Path(best) / "raymtl.json").read_text())
     hour = json.loads((tmp_path / "preset-hour-s1" / "best_metrics.json").read_text())["config"]
-    assert hour["scale"]["precision"] == "bf16" and hour["train"]["early_stop"] == 4   # the preset, shrunk
+    assert hour["scale"]["precision"] == "auto" and hour["train"]["early_stop"] == 4   # the preset, shrunk
     assert (hour["train"]["seed"], hour["data"]["split_seed"]) == (1, 1)                # ... on the bench's seed
     best = meta_of("preset-hour-s1")                                     # the default's addons reached the model
     assert best["pals"]["tasks"] == ["sts"] and best["task_layers"] == {"sst": 1}

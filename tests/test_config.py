@@ -124,7 +124,7 @@ def test_the_pipeline_student_starts_from_its_preset(monkeypatch):
     main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "pipeline.py"), run_name="job")["main"]
     assert main(["--preset", "hour", "--lr", "3e-5"]) == 0 and main([]) == 0
     hour, default = students
-    assert (hour.train.steps, hour.train.early_stop, hour.scale.precision) == (1800, 4, "bf16") == (
+    assert (hour.train.steps, hour.train.early_stop, hour.scale.precision) == (1800, 4, "auto") == (
         RECIPES["hour"]().train.steps, RECIPES["hour"]().train.early_stop, RECIPES["hour"]().scale.precision)
     assert hour.train.lr == 3e-5 and hour.run.output == default.run.output == "runs/pipeline"   # flags on top
     assert default.train.steps == RECIPES["mtl"]().train.steps

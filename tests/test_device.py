@@ -151,6 +151,8 @@ def test_auto_precision_is_bf16_exactly_where_the_hardware_has_it():
     precision, reason = resolve_precision(ScaleConfig(precision="auto"))
     assert precision == ("bf16" if native else "fp32") and why in reason
     assert resolve_precision(ScaleConfig(precision="fp32")) == ("fp32", "asked for")
+    bf16, said = resolve_precision(ScaleConfig(precision="bf16"))           # kept, with a warning if emulated
+    assert bf16 == "bf16" and (said == "asked for" if native else ("WARNING" in said and why in said))
     ds = deepspeed_config(smoke().replace(precision="auto"))
     assert ds["bf16"]["enabled"] is native and ds["fp16"]["enabled"] is False
     with pytest.raises(ValueError, match="precision.*valid"):
