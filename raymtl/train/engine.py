@@ -43,14 +43,13 @@ def resolve_precision(scale) -> tuple[str, str]:
     resolved on the worker's own hardware (bf16 where it is native, else fp32). bf16 asked for
     where it is not native stays bf16, and ``why`` says it is emulated: on a CPU with AVX2
     only, torch's emulated bf16 trained 16x slower than fp32 (docs/performance.md)."""
+    if scale.precision not in ("auto", "bf16"):
+        return scale.precision, "asked for"
+    native, why = native_bf16(scale.use_gpu)
     if scale.precision == "bf16":
-        native, why = native_bf16(scale.use_gpu)
         return "bf16", ("asked for" if native else
                         f"asked for; WARNING: not native ({why}), emulated and much slower than fp32: "
                         "--precision auto picks fp32 here")
-    if scale.precision != "auto":
-        return scale.precision, "asked for"
-    native, why = native_bf16(scale.use_gpu)
     return ("bf16" if native else "fp32"), f"auto: {why}"
 
 
