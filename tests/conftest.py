@@ -40,5 +40,5 @@ def ray_cluster():
 
 def pytest_collection_modifyitems(items):
     """Tests that start their own Ray head run before the session's in-process Ray exists."""
-    own_ray = ("test_job_submit", "test_multinode", "test_ray_up")
+    own_ray = ("test_job_submit", "test_multinode", "test_ray_up", "test_gpu_check")
     items.sort(key=lambda item: 0 if item.module.__name__.endswith(own_ray) else 1)
