@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -91,15 +92,20 @@ def write_teacher_outputs(checkpoint: str, task: str, data_cfg, out_dir: str, ma
     if out.exists():
         shutil.rmtree(out)
     cpus = 1 if use_gpu else cpus
-    (prep.dataset("split=train", ["line", "text_a", "text_b"])
-     .map_batches(TeacherInference, fn_constructor_kwargs={"checkpoint": str(checkpoint), "task": task,
-                                                          "max_length": max_length, "use_gpu": use_gpu,
-                                                          "threads": max(1, int(cpus)), "chunk": batch_size},
-                  batch_size=1024, compute=ray.data.ActorPoolStrategy(size=1),
-                  # no actor restarts: a restartable actor whose constructor arguments sit in the
-                  # object store makes Ray's core worker print a warning on the console
-                  num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_restarts=0)
-     .write_parquet(str(out / "parquet")))
+    ds = prep.dataset("split=train", ["line", "text_a", "text_b"])
+    with warnings.catch_warnings():
+        # max_restarts goes through ray_remote_args, deprecated for Ray 2.64 with no named
+        # parameter in 2.60 (pinned): keep the warning off the console
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            TeacherInference, fn_constructor_kwargs={"checkpoint": str(checkpoint), "task": task,
+                                                     "max_length": max_length, "use_gpu": use_gpu,
+                                                     "threads": max(1, int(cpus)), "chunk": batch_size},
+            batch_size=1024, compute=ray.data.ActorPoolStrategy(size=1),
+            # no actor restarts: a restartable actor whose constructor arguments sit in the
+            # object store makes Ray's core worker print a warning on the console
+            num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_restarts=0)
+    ds.write_parquet(str(out / "parquet"))
     meta = {"task": task, "checkpoint": str(checkpoint), "head_kind": kind, "rows": prep.counts["train"],
             "data_file": f"{data_cfg.data_dir.rstrip('/')}/{spec.path}", "shards": prep.path,
             "written": uuid.uuid4().hex, **split_settings(data_cfg)}
