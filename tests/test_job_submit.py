@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -110,3 +111,21 @@ def test_a_second_job_on_the_machine_joins_the_running_ray(head):
     assert joined, proc.stdout + proc.stderr[-2000:]
     ip = joined.group(1)                                                 # the node's address as Ray lists it
     assert f"GCS {ip}:6391 ['{ip}:6391']" in proc.stdout                # the head's, and still only one
+
+
+def test_a_job_given_ray_address_joins_a_token_head_without_ray_auth_mode(head, tmp_path):
+    """``ray start --head`` writes its token to ~/.ray/auth_token; a job started with only
+    RAY_ADDRESS (no RAY_AUTH_MODE in the shell) joins it instead of failing to connect."""
+    env, _ = head
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(env["RAY_AUTH_TOKEN"])
+    env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env.update(HOME=str(home), RAY_ADDRESS="127.0.0.1:6391")
+    probe = ("from raymtl.train.trainer import ensure_ray\n"
+             "ensure_ray()\n"
+             "import ray\n"
+             "print('GCS', ray.get_runtime_context().gcs_address, ray.cluster_resources().get('CPU'))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert re.search(r"^GCS [\d.]+:6391 2\.0$", proc.stdout, re.M), proc.stdout

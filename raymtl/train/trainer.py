@@ -36,6 +36,7 @@ def ensure_ray(num_cpus: int | None = None, verbose: bool = True) -> None:
     QUIET = not verbose
     quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.ERROR}
     if os.environ.get("RAY_ADDRESS"):
+        join_token_auth()
         ray.init(**{"log_to_driver": True, **quiet})
         return
     running = sorted(find_gcs_addresses())
@@ -45,11 +46,20 @@ def ensure_ray(num_cpus: int | None = None, verbose: bool = True) -> None:
     if running:
         print(f"[raymtl] joining the Ray instance already running on this machine ({running[0]}): its jobs "
               "share the CPUs, and this run waits for free resources", flush=True)
-        if (Path.home() / ".ray" / "auth_token").is_file():
-            os.environ.setdefault("RAY_AUTH_MODE", "token")        # Ray 2.60 local clusters use token auth
+        join_token_auth()
         ray.init(**{"address": running[0], "log_to_driver": True, **quiet})
         return
     ray.init(**{"num_cpus": num_cpus, "dashboard_host": "127.0.0.1", "log_to_driver": True, **quiet})
+
+
+def join_token_auth() -> None:
+    """Before joining a running cluster: Ray 2.60's clusters (``ray start --head``) use token auth,
+    and a driver joins them only in token mode, which Ray reads when it is imported. With
+    ``RAY_AUTH_MODE`` unset and a token at hand (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN``), switch
+    this process to token mode the way Ray's own start-up does; a cluster without auth accepts such
+    a driver too. An explicit ``RAY_AUTH_MODE`` is left as it is."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 QUIET = False      # this process joined Ray without the workers' output (ensure_ray(verbose=False))
