@@ -570,8 +570,6 @@ def main(argv: list[str] | None = None) -> int:
         import ray
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1")   # the dashboard: Tune's ASHA cleanup needs it
         env["RAY_ADDRESS"], started_ray = ray.get_runtime_context().gcs_address, True
-        if os.environ.get("RAY_AUTH_MODE"):     # ray.init turned token auth on (Ray 2.60): the jobs need it to join
-            env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]
     print(f"[gpu_check] {len(chosen)} of {len(checks)} checks on {gpu or 'the CPU'}; runs in {out}", flush=True)
     try:
         for c in checks:

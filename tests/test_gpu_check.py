@@ -71,7 +71,7 @@ def test_smoke_on_cpu_every_check_it_runs_passes(data_dir, tmp_path):
     cmd = [sys.executable, "scripts/gpu_check.py", "--smoke", "--device", "cpu", "--checks", CHECKS,
            "--data-dir", data_dir, "--output", str(tmp_path / "runs"), "--report", str(tmp_path / "gpu_check.md")]
     # conftest runs this module before the session's Ray starts: the script starts its own Ray and its
-    # jobs join it, as on a GPU machine (where they once could not: token auth, RAY_AUTH_MODE)
+    # jobs join it (raymtl.train.trainer.ensure_ray, token auth), as on a GPU machine
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=880)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()

@@ -8,7 +8,6 @@ import os
 import re
 import secrets
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -126,6 +125,5 @@ def test_a_job_given_ray_address_joins_a_token_head_without_ray_auth_mode(head, 
              "ensure_ray()\n"
              "import ray\n"
              "print('GCS', ray.get_runtime_context().gcs_address, ray.cluster_resources().get('CPU'))\n")
-    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    proc = sh(sys.executable, "-c", probe, env=env, timeout=120)
     assert re.search(r"^GCS [\d.]+:6391 2\.0$", proc.stdout, re.M), proc.stdout
