@@ -18,8 +18,9 @@ from processes import free_ports, sh
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head():
+    """One head for the module's tests (each only submits to it or joins it)."""
     import tempfile
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")   # short: Ray's socket paths are length-limited
     bin_dir = Path(sys.executable).parent

@@ -101,25 +101,8 @@ def test_stilts_chain_feeds_the_first_checkpoint_and_reuses_finished_runs(tmp_pa
     assert [c.data.tasks for c in calls[3:]] == [("quora",), ("sts",)]           # a new config retrains both
 
 
-# ------------------------------------------------------------------ the chain through Ray Train
-def test_smoke_stilts_chain_starts_from_the_first_checkpoint(ray_cluster, data_dir, tmp_path):
-    base = smoke().replace(data_dir=data_dir, output=str(tmp_path), steps=6, eval_every=6, log_every=3,
-                           num_workers=1, cpus_per_worker=1.0)
-    out = run_strategy(base, "stilts", "sts", "quora", verbose=False)
-    support, target = out.runs["stilts-quora"], out.runs["stilts-quora-sts"]
-    for run in (support, target):
-        assert Path(run["checkpoint"], "raymtl.json").is_file() and run["metrics"]["step"] == 6
-    used = json.loads(Path(target["checkpoint"], "config.json").read_text())
-    assert used["model"]["init_from"] == support["checkpoint"] and used["data"]["tasks"] == ["sts"]
-    first = json.loads(Path(support["checkpoint"], "config.json").read_text())
-    assert first["data"]["tasks"] == ["quora"] and first["model"]["init_from"] == ""
-    heads = json.loads(Path(target["checkpoint"], "raymtl.json").read_text())["modes"]
-    assert list(heads) == ["sts"]                              # the support's head did not come along
-    assert math.isfinite(out.score) and out.score == target["metrics"]["val_sts"]
-    for name in out.runs:                                     # run_stages' records: a re-run reads them back
-        assert json.loads((tmp_path / name / "stage.json").read_text())["result"]["checkpoint"]
-    again = run_strategy(base, "auto", "sts", "quora", {"sts": 216, "quora": 215}, verbose=False)
-    assert again.strategy == "stilts" and again.runs == out.runs
+# (the chain through Ray Train: tests/test_bench.py::test_transfer_smoke_table_next_to_the_heuristic,
+# whose bench trains the same STILTs chain)
 
 
 # ------------------------------------------------------------------ the relationship map (the shared loop)

@@ -1,6 +1,10 @@
 """Streams of training batches from Ray Data."""
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Iterator
+
 import numpy as np
 
 from raymtl.data.multitask import collate
@@ -32,6 +36,60 @@ def cycle_batches(shard, batch_size: int, seed: int, bucket: int, collate_fn=col
             raise ValueError(f"a training shard has fewer rows than one batch ({batch_size}); "
                              "lower batch_size or num_workers")
         epoch += 1
+
+
+class Prefetched:
+    """An iterator pulled ahead by a daemon thread of its own, up to ``depth`` items: the
+    stream's start-up (a Ray Data execution) and its batches' collation run while the loop
+    does other work. The order is the stream's own; an error the stream raises reaches the
+    caller at the item where it happened (and again on every later call). ``close()`` stops
+    the thread (it also stops with the process)."""
+
+    def __init__(self, it: Iterator, depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        threading.Thread(target=self._fill, args=(it,), daemon=True, name="raymtl-prefetch").start()
+
+    def _fill(self, it: Iterator) -> None:
+        try:
+            for item in it:
+                if not self._put((item, None)):
+                    return
+            self._put((None, StopIteration()))
+        except BaseException as e:              # handed to the caller, raised there
+            self._put((None, e))
+
+    def _put(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._error is not None:
+            raise self._error
+        item, error = self._q.get()
+        if error is not None:
+            self._error = error
+            raise error
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def prefetched(streams: dict[str, Iterator], depth: int = 2) -> dict[str, Prefetched]:
+    """Every stream pulled ahead at once (``Prefetched``): their start-ups overlap each other and
+    whatever the loop does meanwhile (building the model), instead of running one after another
+    at the first steps that draw them."""
+    return {name: Prefetched(it, depth) for name, it in streams.items()}
 
 
 def configure_ray_data(verbose: bool = True) -> None:

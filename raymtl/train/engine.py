@@ -132,9 +132,23 @@ def stale_build_locks(root: str | Path | None = None, older_than_s: float = STAL
     return sorted(stale)
 
 
+def import_deepspeed():
+    """``import deepspeed``, without the MLflow import its autotuner makes whenever MLflow is
+    installed (1.5 s of every worker's start-up here; raymtl never runs DeepSpeed's autotuner).
+    MLflow stays importable: raymtl's own ``--mlflow`` logging imports it as usual."""
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None            # this import only: `import mlflow` fails fast
+        try:
+            import deepspeed
+        finally:
+            del sys.modules["mlflow"]
+    import deepspeed
+    return deepspeed
+
+
 def initialize(model: torch.nn.Module, cfg, constant_lr: bool = False):
     """The DeepSpeed engine of one worker; ``engine.raymtl_precision`` is (precision, why)."""
-    import deepspeed
+    deepspeed = import_deepspeed()
     for lock in stale_build_locks():
         print(f"[raymtl] warning: {lock} is older than {STALE_BUILD_LOCK_S // 60} min: a torch extension build "
               "killed midway left it, and DeepSpeed's op build will wait on it forever; if no other run is "
@@ -202,7 +216,7 @@ def save_checkpoint(engine, directory: Path, step: int, rank: int, tokenizer, cf
     extra = {"step": step, "max_length": cfg_dict["data"]["max_length"]}
     masters = master_weights(engine)
     if engine.zero_optimization_stage() == 3:
-        import deepspeed
+        deepspeed = import_deepspeed()
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if rank == 0:
                 model.save(directory, tokenizer, extra=extra, state=fp32_state(model, masters))

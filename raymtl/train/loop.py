@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import raymtl.train.engine as eng
-from raymtl.data.streams import configure_ray_data
+from raymtl.data.streams import configure_ray_data, prefetched
 from raymtl.methods.fusion import PeriodicFusion, fused_surrogate, make_fusion
 from raymtl.methods.sam import SAM
 from raymtl.methods.sampling import get_sampler
@@ -180,6 +180,14 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     sampler, rng = get_sampler(cfg.train.sampling, cfg.train.sampling_temperature), random.Random(cfg.train.seed)
 
+    # A fresh run's data streams start now, pulled ahead by threads of their own: their start-up
+    # (a Ray Data execution per stream) overlaps building the model. A resumed run's streams
+    # continue from its step, known once the checkpoint is loaded (section 4).
+    # (Train V2 deprecates resume_from_checkpoint: another run's checkpoint comes in the config)
+    checkpoint = ray.train.get_checkpoint() or (Checkpoint.from_directory(config["start_from"])
+                                                if config.get("start_from") else None)
+    streams = None if checkpoint else prefetched(stage.streams(rank, cfg.train.seed + rank))
+
     # 2. model and DeepSpeed engine ------------------------------------------------------
     model = stage.build_model()          # learnable loss weights train inside the engine too
     weighting = getattr(model, "weighting", None)
@@ -205,9 +213,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     # 3. resume from the last checkpoint of this run, if any -----------------------------
     step, initial, history, last = 0, {}, [], {}
-    # (Train V2 deprecates resume_from_checkpoint: another run's checkpoint comes in the config)
-    checkpoint = ray.train.get_checkpoint() or (Checkpoint.from_directory(config["start_from"])
-                                                if config.get("start_from") else None)
     if checkpoint:
         with checkpoint.as_directory() as d:
             client = eng.load_checkpoint(engine, Path(d), cfg.train.steps)
@@ -242,7 +247,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
     # 4. data: one endless stream of padded batches per name ----------------------------
-    streams = stage.streams(rank, cfg.train.seed + rank + step)
+    streams = streams or prefetched(stage.streams(rank, cfg.train.seed + rank + step))
     progress = Progress(cfg.train.steps, step, world)
     run_log = RunLog(config.get("run_dir"), rank, cfg.run.mlflow, config.get("mlflow_run", ""))   # rank 0
 
@@ -314,4 +319,6 @@ def train_loop_per_worker(config: dict) -> None:
             say(f"[raymtl] nothing left to train at step {step} of {cfg.train.steps}; "
                 "reporting the last checkpoint's metrics")
         ray.train.report(last)
+    for stream in streams.values():
+        stream.close()
     run_log.close()
