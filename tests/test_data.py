@@ -200,3 +200,25 @@ def test_related_sets_go_through_the_parallel_pass_as_the_reader_reads_them(ray_
     assert dropped and int(dropped.group(1)) >= 40              # the 40 validation sentences, at least
     rejects = Path(prep.path + ".rejects.tsv").read_text()
     assert "SICK_train.txt:301: score '7.5' in column 'relatedness_score' is outside [1.0, 5.0]" in rejects
+
+
+def test_prefetched_streams_keep_their_order_raise_where_the_stream_failed_and_stop_on_close():
+    from raymtl.data.streams import Prefetched, prefetched
+
+    def failing():
+        yield from range(3)
+        raise ValueError("row 3 is bad")
+    streams = prefetched({"a": iter(range(100)), "b": failing()}, depth=2)
+    assert [next(streams["a"]) for _ in range(50)] == list(range(50))     # the stream's own order
+    assert [next(streams["b"]) for _ in range(3)] == [0, 1, 2]
+    for _ in range(2):                                                    # at the failed item, and after it
+        with pytest.raises(ValueError, match="row 3 is bad"):
+            next(streams["b"])
+    assert list(Prefetched(iter([1, 2]))) == [1, 2]                       # a finite stream ends
+    endless = Prefetched(iter(int, 1), depth=1)                           # blocked on its full queue
+    assert next(endless) == 0 and endless.thread.is_alive()
+    endless.close()
+    endless.thread.join(timeout=5)
+    assert not endless.thread.is_alive()                                  # close() ended the thread
+    for stream in streams.values():
+        stream.close()

@@ -49,7 +49,8 @@ class Prefetched:
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._error: BaseException | None = None
-        threading.Thread(target=self._fill, args=(it,), daemon=True, name="raymtl-prefetch").start()
+        self.thread = threading.Thread(target=self._fill, args=(it,), daemon=True, name="raymtl-prefetch")
+        self.thread.start()
 
     def _fill(self, it: Iterator) -> None:
         try:
