@@ -175,7 +175,7 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
 
 def test_sampling_smoke_gives_every_sampler_the_same_batches_and_smoothness_reads_its_default_back(
         ray_cluster, tmp_path, capsys):
-    # (--single-task adds the single-task models of recipes.single_task, trained in the quality smoke below)
+    # (--single-task adds the single-task models of recipes.single_task, trained in the quality smoke above)
     bench("sampling").main(["--smoke", "--samplers", "round_robin,proportional", "--output", str(tmp_path)])
     table = [row.split("|")[1:-1] for row in capsys.readouterr().out.splitlines() if row.startswith("| ")][1:]
     assert [(r[0].strip(), int(r[1])) for r in table] == [("round_robin", 12), ("proportional", 36)]

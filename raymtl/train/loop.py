@@ -247,7 +247,8 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
     # 4. data: one endless stream of padded batches per name ----------------------------
-    streams = streams or prefetched(stage.streams(rank, cfg.train.seed + rank + step))
+    if streams is None:                  # resumed: the streams continue from the checkpoint's step
+        streams = prefetched(stage.streams(rank, cfg.train.seed + rank + step))
     progress = Progress(cfg.train.steps, step, world)
     run_log = RunLog(config.get("run_dir"), rank, cfg.run.mlflow, config.get("mlflow_run", ""))   # rank 0
 
