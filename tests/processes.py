@@ -1,5 +1,5 @@
 """Helpers of the tests that start real Ray processes from the command line (``ray start``,
-``ray up``, ``ray job submit``): run a command, find free ports."""
+``ray up``, ``ray job submit``): run a command, find free ports, find a cluster's processes."""
 import socket
 import subprocess
 from pathlib import Path
@@ -25,3 +25,15 @@ def free_ports(n: int) -> list[int]:
     for sock in socks:
         sock.close()
     return ports
+
+
+def pids_naming(text: str) -> set[int]:
+    """Processes whose command line contains ``text`` (a cluster's temp dir)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_text(errors="replace"):
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return pids

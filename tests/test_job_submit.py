@@ -7,13 +7,14 @@ import json
 import os
 import re
 import secrets
-import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from processes import free_ports, sh
+from processes import free_ports, pids_naming, sh
+
+from raymtl.cluster_local import _stop
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -42,28 +43,11 @@ def head():
         stop_cluster(temp_dir)
 
 
-def stop_cluster(temp_dir: str, grace_s: float = 2.0) -> None:
+def stop_cluster(temp_dir: str) -> None:
     """Stop only the head this test started: every process whose command line names its
     temp dir. (`ray stop` would kill every Ray instance on the machine.) The head's gcs_server,
-    raylet and monitor outlive a SIGTERM by more than 12 s, so SIGKILL follows soon."""
-    def ours():
-        pids = []
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and temp_dir in (proc / "cmdline").read_text(errors="replace"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-        return pids
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in ours():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + grace_s
-        while ours() and time.time() < deadline:
-            time.sleep(0.2)
+    raylet and monitor outlive a SIGTERM by more than 12 s, so SIGKILL follows after 2 s."""
+    _stop(pids_naming(temp_dir), grace_s=2.0)
 
 
 def test_job_submit_runs_the_smoke_job_and_its_checkpoint_reloads(head, data_dir, tmp_path):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import free_ports, sh
+from processes import free_ports, pids_naming, sh
 
 from raymtl.cluster_local import _pids_with_env, _stop
 
@@ -27,14 +27,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 def cluster_pids(cluster_dir: str) -> set[int]:
     """This cluster's processes: the head's marker, or its temp dir on the command line."""
-    pids = _pids_with_env("RAYMTL_LOCAL_HEAD", cluster_dir)
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and cluster_dir in (proc / "cmdline").read_text(errors="replace"):
-                pids.add(int(proc.name))
-        except OSError:
-            continue
-    return pids
+    return _pids_with_env("RAYMTL_LOCAL_HEAD", cluster_dir) | pids_naming(cluster_dir)
 
 
 @pytest.fixture
