@@ -3,16 +3,14 @@
 Runs its own head (`ray start --head`), so it must not share the machine with the session's
 in-process Ray: conftest orders it before every test that starts that one.
 """
-import json
 import os
 import re
 import secrets
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from processes import free_ports, pids_naming, sh
+from processes import free_ports, pids_naming, sh, submit_smoke_job
 
 from raymtl.cluster_local import _stop
 
@@ -53,32 +51,9 @@ def stop_cluster(temp_dir: str) -> None:
 def test_job_submit_runs_the_smoke_job_and_its_checkpoint_reloads(head, data_dir, tmp_path):
     env, address = head
     out = tmp_path / "out"
-    ray = str(Path(sys.executable).parent / "ray")
-    submit = (ray, "job", "submit", f"--address={address}", "--working-dir=.", "--no-wait",
-              "--", "python", "jobs/mtl.py", "--smoke", f"--data-dir={data_dir}", f"--output={out}")
-    deadline = time.time() + 120
-    while True:   # a fresh head's job agent takes a while to come up on a busy machine
-        proc = sh(*submit, env=env, check=False)
-        if proc.returncode == 0 or "No available agent" not in proc.stderr or time.time() > deadline:
-            break
-        time.sleep(3)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", proc.stdout + proc.stderr).group(0)
-    deadline, status = time.time() + 400, ""
-    while time.time() < deadline:
-        done = sh(ray, "job", "status", f"--address={address}", job_id, env=env)
-        status = (done.stdout + done.stderr).upper()  # "Job '…' succeeded", logged to stderr
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-            break
-        time.sleep(3)
-    logs = sh(ray, "job", "logs", f"--address={address}", job_id, env=env).stdout
-    assert "SUCCEEDED" in status, logs[-3000:]
-    assert "[raymtl] step 12/12" in logs and "[raymtl] best checkpoint:" in logs
-    best = logs.split("[raymtl] best checkpoint:")[1].split()[0]
-    assert Path(best).is_relative_to(out)
-    assert json.loads((Path(best) / "metrics.json").read_text())["step"] in (6, 12)
+    best, _ = submit_smoke_job(address, env, data_dir, out)
     from raymtl.cli import main
-    assert main(["evaluate", "--checkpoint", best, "--data-dir", data_dir]) == 0
+    assert main(["evaluate", "--checkpoint", str(best), "--data-dir", data_dir]) == 0
 
 
 def test_a_second_job_on_the_machine_joins_the_running_ray(head):

@@ -8,7 +8,6 @@ conftest orders it before every test that starts that one. HOME is a temporary d
 """
 import json
 import os
-import re
 import secrets
 import shutil
 import sys
@@ -17,12 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import free_ports, pids_naming, sh
+from processes import RAY, free_ports, pids_naming, sh, submit_smoke_job
 
 from raymtl.cluster_local import _pids_with_env, _stop
 
 pytestmark = pytest.mark.timeout(600)
-RAY = str(Path(sys.executable).parent / "ray")
 
 
 def cluster_pids(cluster_dir: str) -> set[int]:
@@ -64,30 +62,8 @@ def test_ray_up_autoscales_a_gpu_worker_for_the_smoke_job_and_ray_down_stops_it(
 
     print(f"ray up: {time.time() - t0:.0f} s")
     out = tmp_path / "out"
-    submit = (RAY, "job", "submit", f"--address={address}", "--working-dir=.", "--no-wait", "--", "python",
-              "jobs/mtl.py", "--smoke", f"--data-dir={data_dir}", f"--output={out}")
-    deadline = time.time() + 120
-    while True:   # a fresh head's job agent takes a while to come up on a busy machine
-        proc = sh(*submit, env=env, check=False)
-        if proc.returncode == 0 or "No available agent" not in proc.stderr or time.time() > deadline:
-            break
-        time.sleep(3)
-    assert proc.returncode == 0, up.stdout[-2000:] + proc.stderr[-3000:]
-    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", proc.stdout + proc.stderr).group(0)
-    deadline, status = time.time() + 400, ""
-    while time.time() < deadline:
-        done = sh(RAY, "job", "status", f"--address={address}", job_id, env=env)
-        status = (done.stdout + done.stderr).upper()
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-            break
-        time.sleep(3)
+    submit_smoke_job(address, env, data_dir, out, context=up.stdout[-2000:])
     print(f"ray up + job: {time.time() - t0:.0f} s")
-    logs = sh(RAY, "job", "logs", f"--address={address}", job_id, env=env).stdout
-    assert "SUCCEEDED" in status, logs[-3000:]
-    assert "[raymtl] step 12/12" in logs and "[raymtl] best checkpoint:" in logs
-    best = logs.split("[raymtl] best checkpoint:")[1].split()[0]
-    assert Path(best).is_relative_to(out)
-    assert json.loads((Path(best) / "metrics.json").read_text())["step"] in (6, 12)
 
     # the autoscaler added a gpu_worker node (2 CPUs) beside the CPU-0 head, and the run used it
     nodes = json.loads(sh(RAY, "list", "nodes", f"--address={address}", "--format=json", "--detail",
