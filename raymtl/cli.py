@@ -1,6 +1,6 @@
 """Command line: config flags shared by every job, and the ``raymtl`` console script.
 
-``raymtl evaluate --checkpoint DIR [--sst FILE] [--quora FILE] [--sts FILE]``
+``raymtl evaluate --checkpoint DIR [--sst FILE] [--quora FILE] [--sts FILE] | [--related sick,mrpc,cfimdb]``
 ``raymtl predict  --checkpoint DIR --task {sst,quora,sts} --input FILE --output OUT.csv [--format minbert]``
 ``raymtl analyze  EXPERIMENT``
 ``raymtl relations [--smoke] [--init-from CKPT | --encoder NAME] [config flags]``
@@ -16,12 +16,13 @@ import typing
 from pathlib import Path
 
 from raymtl import recipes
-from raymtl.analysis.evaluation import format_table
+from raymtl.analysis.evaluation import format_table, related_score
 from raymtl.analysis.relations import format_matrices, run
 from raymtl.analysis.reports import analyze, curves, format_trials
 from raymtl.api import load
-from raymtl.config import SECTIONS, DataConfig, MTLConfig, smoke
+from raymtl.config import DEFAULT_DATA_DIR, SECTIONS, DataConfig, MTLConfig, smoke
 from raymtl.data.readers import DataError, read_task_file, split_rows
+from raymtl.data.related import RELATED, get_related, read_related
 from raymtl.methods.merging import DEFAULT_DENSITY, MERGE_METHODS, merge
 from raymtl.stages.relations import RelationsJobConfig, relations_smoke
 from raymtl.tasks import TASKS
@@ -87,6 +88,8 @@ def fit_job(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults,
 
 # ---------------------------------------------------------------- raymtl evaluate / predict
 def cmd_evaluate(a) -> int:
+    if a.related is not None:
+        return evaluate_related(a)
     m = load(a.checkpoint, a.device)
     model = m.model
     files = {t: getattr(a, t) for t in TASKS if getattr(a, t)}
@@ -113,6 +116,39 @@ def cmd_evaluate(a) -> int:
         print(f"error: checkpoint {a.checkpoint} has no head for {unknown}", file=sys.stderr)
         return 2
     print(format_table(m.evaluate(rows_by_task)))     # "overall" only when sst, quora and sts are all scored
+    return 0
+
+
+def evaluate_related(a) -> int:
+    """``raymtl evaluate --related sick,mrpc,cfimdb``: each set's rows (labels mapped into its
+    target task's space) scored by that task's head; a table row per set."""
+    try:
+        if not a.related:
+            raise ValueError(f"name at least one related data set; valid: {sorted(RELATED)}")
+        sets = [get_related(name) for name in a.related]
+    except ValueError as e:
+        print(f"error: --related: {e}", file=sys.stderr)
+        return 2
+    m = load(a.checkpoint, a.device)
+    missing = sorted({rs.target for rs in sets} - set(m.tasks))
+    if missing:
+        print(f"error: checkpoint {a.checkpoint} has no head for {missing} (needed by --related "
+              f"{','.join(rs.name for rs in sets if rs.target in missing)}); it has {m.tasks}", file=sys.stderr)
+        return 2
+    data_dir, rows_of = a.data_dir or DEFAULT_DATA_DIR, {}
+    for rs in sets:                                 # every file read (or its error named) before any score
+        try:
+            rows_of[rs.name], reports = read_related(rs.name, data_dir)
+        except (DataError, OSError) as e:
+            print(f"error: --related {rs.name}: {e}", file=sys.stderr)
+            return 2
+        for report in reports:
+            print("[raymtl] data " + report.summary(), file=sys.stderr)
+    print("| related set | head | metric | rows | score | note |\n|---|---|---|---|---|---|")
+    for rs in sets:
+        metric = "Pearson" if TASKS[rs.target].label_type != "class" else "accuracy"
+        score = related_score(m.model, m.tokenizer, rs, rows_of[rs.name], m.max_length)
+        print(f"| {rs.name} | {rs.target} | {metric} | {len(rows_of[rs.name]):,} | {score:.4f} | {rs.note} |", flush=True)
     return 0
 
 
@@ -188,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--checkpoint", required=True)
     for t in TASKS:
         e.add_argument(f"--{t}", metavar="FILE", help=f"labelled {t} file, minBERT or GLUE layout")
-    e.add_argument("--data-dir", help="data directory for the default validation splits")
+    e.add_argument("--related", metavar="NAMES", type=lambda v: [x for x in v.split(",") if x],
+                   help="score related data sets out of domain instead (comma-separated, e.g. sick,mrpc,cfimdb; "
+                        f"valid: {', '.join(RELATED)}): each by its target task's head, read from --data-dir")
+    e.add_argument("--data-dir", help="data directory for the default validation splits and --related")
     e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.set_defaults(fn=cmd_evaluate)
     pr = sub.add_parser("predict", help="write a prediction for every row of an unlabelled file "

@@ -150,3 +150,46 @@ def test_overall_only_when_sst_quora_and_sts_are_all_scored(checkpoint, data_dir
     sts_rows, _ = read_task_file(TASKS["sts"], str(files["sts"]))
     assert list(m.evaluate({"sts": sts_rows})) == ["sts"]               # the API's scores follow the same rule
     assert np.isfinite(m.evaluate({"sts": sts_rows})["sts"])
+
+
+# ---------------------------------------------------------------- related sets, out of domain
+def test_related_sets_are_scored_out_of_domain_by_their_target_heads(checkpoint, data_dir, tmp_path, capsys):
+    from raymtl.analysis.evaluation import related_score, row_batches
+    from raymtl.data.related import get_related, read_related
+    m = raymtl.load(checkpoint, device="cpu")
+    # binary sentiment from SST's five classes: the mass on {0, 1} against {3, 4}, by hand
+    rows = read_related("cfimdb", data_dir)[0][:60]
+    with torch.no_grad():
+        probs = torch.cat([m.model("sst", b).softmax(-1) for b in row_batches(m.model, m.tokenizer, "sst", rows, 32)])
+    positive = (probs[:, 3] + probs[:, 4] > probs[:, 0] + probs[:, 1]).numpy()
+    truth = np.array([r["label_set"] == 0b11000 for r in rows])                  # {3, 4}: a positive review
+    assert truth.any() and not truth.all()
+    assert related_score(m.model, m.tokenizer, get_related("cfimdb"), rows, 32) == pytest.approx((positive == truth).mean())
+    # a 0/1 paraphrase set is the Quora head's own prediction; a score set is the STS head's Pearson
+    rows = read_related("mrpc", data_dir)[0][:80]
+    assert related_score(m.model, m.tokenizer, get_related("mrpc"), rows, 32) == pytest.approx(
+        (m.predict_rows("quora", rows) == np.array([r["label"] for r in rows])).mean())
+    rows = read_related("sick", data_dir)[0][:80]
+    pred = m.predict_rows("sts", rows)
+    assert related_score(m.model, m.tokenizer, get_related("sick"), rows, 32) == pytest.approx(
+        np.corrcoef(pred, [r["label"] for r in rows])[0, 1], abs=1e-6)
+
+    # the command: a table row per set, every row of the set scored
+    base = ["evaluate", "--checkpoint", str(checkpoint), "--device", "cpu", "--data-dir", data_dir]
+    assert main(base + ["--related", "sick,mrpc"]) == 0
+    table = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| sick")
+             or line.startswith("| mrpc")]
+    assert [(r[0], r[1], r[2], r[3]) for r in table] == [("| sick", "sts", "Pearson", "5,000"),
+                                                         ("| mrpc", "quora", "accuracy", "4,076")]
+    assert -1 <= float(table[0][4]) <= 1 and 0 <= float(table[1][4]) <= 1
+    # bad input: an unknown set, a head the checkpoint lacks, a missing file; nothing is scored
+    assert main(base + ["--related", "sick,nosuch"]) == 2
+    assert "unknown related data set 'nosuch'; valid: ['cfimdb', 'mr', 'mrpc', 'sick', 'sst2']" in capsys.readouterr().err
+    sst_only = tmp_path / "sst-only"
+    m.model.__class__.load(checkpoint, tasks=["sst"]).save(sst_only, m.tokenizer, extra={"max_length": 32})
+    assert main(["evaluate", "--checkpoint", str(sst_only), "--device", "cpu", "--related", "cfimdb,sick"]) == 2
+    assert "has no head for ['sts'] (needed by --related sick)" in capsys.readouterr().err
+    assert main(base[:-1] + [str(tmp_path / "nodata"), "--related", "sick,mrpc"]) == 2
+    got = capsys.readouterr()
+    assert f"error: --related sick: cannot read data file {tmp_path}/nodata/sick/SICK_train.txt" in got.err
+    assert got.out == ""                                                  # no table begun

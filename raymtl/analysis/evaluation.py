@@ -8,7 +8,9 @@ import torch
 
 from raymtl.analysis.metrics import overall, task_metric
 from raymtl.data.multitask import batch_from_rows
+from raymtl.data.related import RelatedSet, label_set
 from raymtl.models.device import to_device
+from raymtl.tasks import TASKS
 
 
 @torch.no_grad()
@@ -43,6 +45,27 @@ def evaluate_rows(model, tokenizer, rows_by_task: dict[str, list[dict]], max_len
         preds, labels, _ = predict_batches(model, task, row_batches(model, tokenizer, task, rows, max_length))
         scores[task] = task_metric(task, preds, labels)
     return {**scores, "overall": overall(scores)}
+
+
+@torch.no_grad()
+def related_score(model, tokenizer, rs: RelatedSet, rows: list[dict], max_length: int = 128) -> float:
+    """A related set scored out of domain by its target task's head (rows from
+    ``raymtl.data.related.read_related``). A score (SICK) -> Pearson of the head's score. Classes
+    -> accuracy of the label set with the most probability mass among the set's label sets:
+    binary sentiment from SST's five classes is P(0) + P(1) against P(3) + P(4) (the neutral
+    class counts for neither), a 0/1 paraphrase is the Quora head's own argmax."""
+    task, batches = rs.target, row_batches(model, tokenizer, rs.target, rows, max_length)
+    if TASKS[task].label_type != "class":
+        preds, labels, _ = predict_batches(model, task, batches)
+        return task_metric(task, preds, labels)
+    sets = sorted({label_set(TASKS[task], c) for c in rs.class_map.values()})
+    masks = torch.tensor([[(s >> c) & 1 for c in range(TASKS[task].num_labels)] for s in sets], dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    picked = [(model(task, to_device(b, model)).float().softmax(-1).cpu() @ masks.T).argmax(-1) for b in batches]
+    model.train(was_training)
+    truth = torch.tensor([sets.index(int(r["label_set"])) for r in rows])
+    return float((torch.cat(picked) == truth).float().mean()) if rows else float("nan")
 
 
 def format_table(scores: dict[str, float]) -> str:
