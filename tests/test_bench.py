@@ -341,3 +341,20 @@ def test_average_bench_writes_the_mean_of_one_runs_checkpoints_and_scores_it(tmp
         other.save(tmp_path / "other", tok, extra={"max_length": cfg.data.max_length})
         average.main([str(dirs[0]), str(tmp_path / "other"), "--output", str(tmp_path / "avg2")])
     assert "average checkpoints of one run" in capsys.readouterr().err
+
+
+def test_ood_smoke_scores_every_set_with_its_target_head(capsys, tmp_path):
+    assert bench("ood").main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 1 and "written to" not in out                  # --smoke writes nothing
+    sick, mrpc, cfimdb = (float(x) for x in rows[0][1:4])
+    assert -1 <= sick <= 1 and 0 <= mrpc <= 1 and 0 <= cfimdb <= 1
+    assert "| checkpoint | sick (sts head) | mrpc (quora head) | cfimdb (sst head) | validation overall | path |" in out
+    for argv, says in ((["--smoke", "--sets", "sick,nosuch"], "unknown related data set 'nosuch'"),
+                       (["bad"], "checkpoints are NAME=CKPT"),
+                       ([f"x={tmp_path}"], f"x={tmp_path}: not a raymtl checkpoint (no raymtl.json)"),
+                       ([], "give at least one NAME=CKPT (or --smoke)")):
+        with pytest.raises(SystemExit):
+            bench("ood").main(argv)
+        assert says in capsys.readouterr().err
