@@ -4,11 +4,13 @@ each set scored by the head of the task it relates to (``raymtl evaluate --relat
     .venv/bin/python bench/ood.py default=runs/mtl/checkpoint_000900 hour=runs/hour/checkpoint_001050
     .venv/bin/python bench/ood.py --sets sick,mrpc NAME=CKPT ...
     .venv/bin/python bench/ood.py --smoke                  # a tiny random checkpoint, 60 rows a set, seconds
+    .venv/bin/python bench/ood.py --smoke NAME=CKPT        # those checkpoints on 60 rows a set, nothing written
 
 Sets (``--sets``, default ``sick,mrpc,cfimdb``): SICK relatedness by the STS head (Pearson),
 MRPC paraphrases by the Quora head (accuracy), IMDB reviews by the SST head (binary accuracy:
 the probability mass on SST's two negative classes against its two positive ones). Next to
-them, each checkpoint's own validation ``overall`` (its ``metrics.json``). Writes
+them, each checkpoint's own validation score (its ``metrics.json``: ``overall``, or a
+single-task checkpoint's task metric; such a checkpoint scores only the sets of its head). Writes
 ``docs/results/ood.md``.
 """
 import argparse
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
         if not (Path(ckpt) / "raymtl.json").is_file():
             p.error(f"{name}={ckpt}: not a raymtl checkpoint (no raymtl.json)")
     tmp = tempfile.TemporaryDirectory()
-    if a.smoke:
+    if a.smoke and not named:
         named = [("tiny", tiny_checkpoint(Path(tmp.name) / "tiny"))]
     if not named:
         p.error("give at least one NAME=CKPT (or --smoke)")
@@ -74,22 +76,23 @@ def main(argv=None) -> int:
     rows = {rs.name: read_related(rs.name, a.data_dir, max_rows=SMOKE_ROWS if a.smoke else 0)[0] for rs in sets}
     lines = [f"Related sets read from {a.data_dir}: " + "; ".join(
                  f"{rs.name} ({len(rows[rs.name]):,} rows, by the {rs.target} head: {rs.note})" for rs in sets)
-             + ". Validation overall: the checkpoint's own `metrics.json`.", "",
+             + ". Validation: the checkpoint's own `metrics.json` (overall; a single-task checkpoint's task "
+             "metric, and `-` for the sets of heads it lacks).", "",
              "| checkpoint | " + " | ".join(f"{rs.name} ({rs.target} head)" for rs in sets)
-             + " | validation overall | path |",
+             + " | validation | path |",
              "|---|" + "---|" * len(sets) + "---|---|"]
     for name, ckpt in named:
         t0 = time.perf_counter()
         m = load(ckpt, a.device)
-        missing = sorted({rs.target for rs in sets} - set(m.tasks))
-        if missing:
-            p.error(f"{name}={ckpt} has no head for {missing}")
-        scores = [related_score(m.model, m.tokenizer, rs, rows[rs.name], m.max_length) for rs in sets]
-        metrics = Path(ckpt) / "metrics.json"
-        val = json.loads(metrics.read_text()).get("overall") if metrics.is_file() else None
-        lines.append(f"| {name} | " + " | ".join(f"{s:.4f}" for s in scores)
-                     + f" | {'-' if val is None else f'{val:.4f}'} | `{ckpt}` |")
-        print(f"[bench] {name}: " + " ".join(f"{rs.name}={s:.4f}" for rs, s in zip(sets, scores))
+        if not any(rs.target in m.tasks for rs in sets):
+            p.error(f"{name}={ckpt} has none of the heads {sorted({rs.target for rs in sets})}")
+        scores = [related_score(m.model, m.tokenizer, rs, rows[rs.name], m.max_length) if rs.target in m.tasks
+                  else None for rs in sets]                      # a single-task checkpoint: its own head's sets
+        metrics = json.loads((Path(ckpt) / "metrics.json").read_text()) if (Path(ckpt) / "metrics.json").is_file() else {}
+        val = metrics.get("overall", metrics.get(f"val_{m.tasks[0]}") if len(m.tasks) == 1 else None)
+        cells = ["-" if x is None else f"{x:.4f}" for x in scores]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if val is None else f'{val:.4f}'} | `{ckpt}` |")
+        print(f"[bench] {name}: " + " ".join(f"{rs.name}={c}" for rs, c in zip(sets, cells))
               + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     report.publish(lines, "ood", "Out of domain: related sets scored by the target heads (bench/ood.py)",
                    "bench/ood.py", argv, started, a.smoke)
