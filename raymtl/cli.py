@@ -125,6 +125,9 @@ def evaluate_related(a) -> int:
     try:
         if not a.related:
             raise ValueError(f"name at least one related data set; valid: {sorted(RELATED)}")
+        given = [f"--{t}" for t in TASKS if getattr(a, t)]
+        if given:
+            raise ValueError(f"scores related sets only; run {' '.join(given)} in an evaluate of its own")
         sets = [get_related(name) for name in a.related]
     except ValueError as e:
         print(f"error: --related: {e}", file=sys.stderr)

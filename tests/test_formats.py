@@ -183,6 +183,8 @@ def test_related_sets_are_scored_out_of_domain_by_their_target_heads(checkpoint,
                                                          ("| mrpc", "quora", "accuracy", "4,076")]
     assert -1 <= float(table[0][4]) <= 1 and 0 <= float(table[1][4]) <= 1
     # bad input: an unknown set, a head the checkpoint lacks, a missing file; nothing is scored
+    assert main(base + ["--related", "sick", "--sts", "dev.csv"]) == 2
+    assert "error: --related: scores related sets only; run --sts in an evaluate of its own" in capsys.readouterr().err
     assert main(base + ["--related", "sick,nosuch"]) == 2
     assert "unknown related data set 'nosuch'; valid: ['cfimdb', 'mr', 'mrpc', 'sick', 'sst2']" in capsys.readouterr().err
     sst_only = tmp_path / "sst-only"
