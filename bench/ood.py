@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         scores = [related_score(m.model, m.tokenizer, rs, rows[rs.name], m.max_length) if rs.target in m.tasks
                   else None for rs in sets]                      # a single-task checkpoint: its own head's sets
         metrics = json.loads((Path(ckpt) / "metrics.json").read_text()) if (Path(ckpt) / "metrics.json").is_file() else {}
-        val = metrics.get("overall", metrics.get(f"val_{m.tasks[0]}") if len(m.tasks) == 1 else None)
+        val = metrics.get(f"val_{m.tasks[0]}") if len(m.tasks) == 1 else metrics.get("overall")
         cells = ["-" if x is None else f"{x:.4f}" for x in scores]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if val is None else f'{val:.4f}'} | `{ckpt}` |")
         print(f"[bench] {name}: " + " ".join(f"{rs.name}={c}" for rs, c in zip(sets, cells))
