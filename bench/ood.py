@@ -31,8 +31,8 @@ import report  # noqa: E402
 SMOKE_ROWS = 60
 
 
-def tiny_checkpoint(path: Path) -> str:
-    """A randomly initialised smoke model with all three heads, saved as a checkpoint."""
+def tiny_checkpoint(path: Path, tasks=("sst", "quora", "sts")) -> str:
+    """A randomly initialised smoke model with ``tasks``' heads, saved as a checkpoint."""
     import torch
     from transformers import AutoTokenizer
 
@@ -41,7 +41,7 @@ def tiny_checkpoint(path: Path) -> str:
     from raymtl.models.multitask import MultiTaskModel
     cfg = smoke()
     torch.manual_seed(0)
-    model = MultiTaskModel.from_config(cfg.model, ["sst", "quora", "sts"])
+    model = MultiTaskModel.from_config(cfg.model, list(tasks))
     model.save(path, AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.encoder)),
                extra={"max_length": cfg.data.max_length})
     return str(path)

@@ -352,16 +352,7 @@ def test_ood_smoke_scores_every_set_with_its_target_head(capsys, tmp_path):
     assert -1 <= sick <= 1 and 0 <= mrpc <= 1 and 0 <= cfimdb <= 1
     assert "| checkpoint | sick (sts head) | mrpc (quora head) | cfimdb (sst head) | validation | path |" in out
     # a single-task checkpoint scores the sets of its one head; the others are "-"
-    import torch
-    from transformers import AutoTokenizer
-
-    from raymtl.config import smoke
-    from raymtl.models.encoder import tokenizer_source
-    from raymtl.models.multitask import MultiTaskModel
-    cfg = smoke()
-    torch.manual_seed(0)
-    MultiTaskModel.from_config(cfg.model, ["sst"]).save(
-        tmp_path / "sst", AutoTokenizer.from_pretrained(tokenizer_source(cfg.model.encoder)), extra={"max_length": 48})
+    bench("ood").tiny_checkpoint(tmp_path / "sst", tasks=("sst",))
     assert bench("ood").main(["--smoke", f"sst-only={tmp_path / 'sst'}"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| sst-only |")).split(" | ")
     assert row[1:3] == ["-", "-"] and 0 <= float(row[3]) <= 1 and row[4] == "-"     # no metrics.json: no validation

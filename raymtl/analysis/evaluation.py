@@ -1,7 +1,7 @@
 """Evaluation and prediction shared by the training loop and the ``raymtl`` CLI."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -14,14 +14,17 @@ from raymtl.tasks import TASKS
 
 
 @torch.no_grad()
-def predict_batches(model, task: str, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run ``model`` over collated batches of one task -> (predictions, labels, line numbers)."""
+def predict_batches(model, task: str, batches: Iterable[dict], read: Callable | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``model`` over collated batches of one task -> (predictions, labels, line numbers).
+    A prediction is the head's (``raymtl predict``'s), or ``read(output)`` when given."""
     was_training = model.training
     model.eval()
+    read = read or model.heads[task].predict
     preds, labels, lines = [], [], []
     for b in batches:
         out = model(task, to_device(b, model)).float()                 # fp32 before the metric
-        preds.append(model.heads[task].predict(out).cpu().numpy())
+        preds.append(read(out).cpu().numpy())
         labels.append(b["label"].numpy())
         lines.append(b["line"].numpy())
     model.train(was_training)
@@ -60,12 +63,9 @@ def related_score(model, tokenizer, rs: RelatedSet, rows: list[dict], max_length
         return task_metric(task, preds, labels)
     sets = sorted({label_set(TASKS[task], c) for c in rs.class_map.values()})
     masks = torch.tensor([[(s >> c) & 1 for c in range(TASKS[task].num_labels)] for s in sets], dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    picked = [(model(task, to_device(b, model)).float().softmax(-1).cpu() @ masks.T).argmax(-1) for b in batches]
-    model.train(was_training)
-    truth = torch.tensor([sets.index(int(r["label_set"])) for r in rows])
-    return float((torch.cat(picked) == truth).float().mean()) if rows else float("nan")
+    picked, _, _ = predict_batches(model, task, batches, read=lambda out: (out.softmax(-1).cpu() @ masks.T).argmax(-1))
+    truth = np.array([sets.index(int(r["label_set"])) for r in rows])
+    return float((picked == truth).mean()) if rows else float("nan")
 
 
 def format_table(scores: dict[str, float]) -> str:
