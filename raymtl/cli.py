@@ -3,6 +3,8 @@
 ``raymtl evaluate --checkpoint DIR [--sst FILE] [--quora FILE] [--sts FILE] | [--related sick,mrpc,cfimdb]``
 ``raymtl predict  --checkpoint DIR --task {sst,quora,sts} --input FILE --output OUT.csv [--format minbert]``
 ``raymtl analyze  EXPERIMENT``
+``raymtl curves   NAME=RUN ... [--metrics val_sst,overall] [--out DIR]``
+``raymtl merge    CKPT CKPT ... --output DIR [--method task_arithmetic|ties]``
 ``raymtl relations [--smoke] [--init-from CKPT | --encoder NAME] [config flags]``
 """
 from __future__ import annotations
@@ -87,6 +89,24 @@ def fit_job(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults,
 
 
 # ---------------------------------------------------------------- raymtl evaluate / predict
+def validation_rows(checkpoint: str | Path, tasks: list[str], data_dir: str | None = None
+                    ) -> dict[str, list[dict]]:
+    """The run's own validation split of each task, carved exactly as in training, from the
+    data section of the checkpoint's ``config.json`` (every field checked, so a run of an older
+    raymtl evaluates too); ``data_dir`` overrides where the train files are."""
+    cfg_file = Path(checkpoint) / "config.json"
+    data = (MTLConfig.from_dict({"data": json.loads(cfg_file.read_text())["data"]}).data
+            if cfg_file.is_file() else DataConfig())
+    if data_dir:
+        data.data_dir = data_dir
+    rows_by_task = {}
+    for t in tasks:
+        rows, _ = read_task_file(TASKS[t], f"{data.data_dir}/{TASKS[t].path}", max_rows=data.max_rows)
+        rows_by_task[t] = split_rows(rows, data.val_fraction, data.split_seed)[1]
+    print(f"[raymtl] scoring the validation splits carved from {data.data_dir}", file=sys.stderr)
+    return rows_by_task
+
+
 def cmd_evaluate(a) -> int:
     if a.related is not None:
         return evaluate_related(a)
@@ -99,18 +119,8 @@ def cmd_evaluate(a) -> int:
             rows, report = read_task_file(TASKS[t], path)
             print("[raymtl] data " + report.summary(), file=sys.stderr)
             rows_by_task[t] = rows
-    else:  # the run's own validation splits, carved exactly as in training
-        cfg_file = Path(a.checkpoint) / "config.json"
-        # its data section only (every field checked): a run of an older raymtl evaluates too
-        data = (MTLConfig.from_dict({"data": json.loads(cfg_file.read_text())["data"]}).data
-                if cfg_file.is_file() else DataConfig())
-        if a.data_dir:
-            data.data_dir = a.data_dir
-        for t in model.heads:
-            rows, _ = read_task_file(TASKS[t], f"{data.data_dir}/{TASKS[t].path}", max_rows=data.max_rows)
-            rows_by_task[t] = split_rows(rows, data.val_fraction, data.split_seed)[1]
-        print(f"[raymtl] no files given: scoring the validation splits carved from {data.data_dir}",
-              file=sys.stderr)
+    else:                                           # no files: the run's own validation splits
+        rows_by_task = validation_rows(a.checkpoint, list(model.heads), a.data_dir)
     unknown = [t for t in rows_by_task if t not in model.heads]
     if unknown:
         print(f"error: checkpoint {a.checkpoint} has no head for {unknown}", file=sys.stderr)

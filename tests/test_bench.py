@@ -330,12 +330,39 @@ def test_average_bench_writes_the_mean_of_one_runs_checkpoints_and_scores_it(tmp
     average = bench("average")
     assert average.main([*map(str, dirs), "--output", str(tmp_path / "avg")]) == 0
     out = capsys.readouterr().out
-    assert "checkpoint_000002: val_sst=0.2000 overall=0.2000" in out and "overall" in out.split("average of 3")[1]
+    assert f"{tmp_path.name}/checkpoint_000002: val_sst=0.2000 overall=0.2000" in out
+    assert "overall" in out.split("average of 3")[1]
     for f in ("heads.safetensors", "encoder/model.safetensors"):
         mine, three = load_file(str(tmp_path / "avg" / f)), [load_file(str(d / f)) for d in dirs]
         assert mine.keys() == three[0].keys()
         for k, v in mine.items():
             torch.testing.assert_close(v, torch.stack([t[k] for t in three]).mean(0), msg=f"{f} {k}")
+    # --ensemble: three copies of one checkpoint score as that checkpoint; three models as the mean of their
+    # log-probabilities (SST, by hand here); checkpoints validated on other splits are refused
+    assert average.main([str(dirs[0])] * 3 + ["--output", str(tmp_path / "same"), "--ensemble"]) == 0
+    same = capsys.readouterr().out.split("average of 3")[1]
+    averaged, ensembled = same.split("ensemble of 3 checkpoints:")
+    assert ensembled.strip() == averaged.split(str(tmp_path / "same"))[1].strip()
+    assert average.main([*map(str, dirs), "--output", str(tmp_path / "avg3"), "--ensemble"]) == 0
+    ensembled = capsys.readouterr().out.split("ensemble of 3 checkpoints:")[1]
+    import raymtl
+    from raymtl.analysis.evaluation import row_batches
+    from raymtl.cli import validation_rows
+    rows = validation_rows(dirs[0], ["sst"])["sst"]
+    logp = []
+    for d in dirs:
+        m = raymtl.load(d, "cpu")
+        with torch.no_grad():
+            logp.append(torch.cat([m.model("sst", b).log_softmax(-1)
+                                   for b in row_batches(m.model.eval(), m.tokenizer, "sst", rows, m.max_length)]))
+    hand = (torch.stack(logp).mean(0).argmax(-1).numpy() == [r["label"] for r in rows]).mean()
+    assert re.search(r"SST accuracy\s+([\d.]+)", ensembled).group(1) == f"{hand:.4f}"
+    moved = json.loads((dirs[2] / "config.json").read_text())
+    moved["data"]["split_seed"] += 1
+    (dirs[2] / "config.json").write_text(json.dumps(moved))
+    with pytest.raises(SystemExit):
+        average.main([*map(str, dirs), "--output", str(tmp_path / "avg4"), "--ensemble"])
+    assert "an ensemble is scored on one split" in capsys.readouterr().err
     with pytest.raises(SystemExit):              # a checkpoint of another run (other parts) is refused
         other = MultiTaskModel.from_config(cfg.replace(pals=False, task_layers={}).model, ["sst"], seed=4)
         other.save(tmp_path / "other", tok, extra={"max_length": cfg.data.max_length})
