@@ -30,7 +30,6 @@ from raymtl.analysis.metrics import overall, task_metric
 from raymtl.api import OVERALL_TASKS, load
 from raymtl.cli import main as raymtl_main
 from raymtl.cli import validation_rows
-from raymtl.models.multitask import MultiTaskModel, read_meta
 
 
 def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -39,15 +38,14 @@ def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
             for k, v in states[-1].items()}
 
 
-def ensemble_scores(checkpoints: list[Path]) -> dict[str, float]:
-    """Validation scores of the checkpoints' output ensemble: per row the mean of the heads'
-    log-probabilities (classifiers; the argmax is the prediction) or of their outputs (the
-    similarity head, mapped as ``raymtl predict`` maps one), on the split they share."""
-    splits = {json.dumps(json.loads((d / "config.json").read_text())["data"], sort_keys=True) for d in checkpoints}
-    if len(splits) > 1:
-        raise ValueError("the checkpoints were validated on different data settings (split seed, fraction or "
-                         "files): an ensemble is scored on one split")
-    models = [load(d, "cpu") for d in checkpoints]
+SPLIT_FIELDS = ("data_dir", "val_fraction", "split_seed", "max_rows")     # what carves a validation split
+
+
+def ensemble_scores(checkpoints: list[Path], models) -> dict[str, float]:
+    """Validation scores of the checkpoints' output ensemble (``models``: ``raymtl.load`` of
+    each): per row the mean of the heads' log-probabilities (classifiers; the argmax is the
+    prediction) or of their outputs (the similarity head, mapped as ``raymtl predict`` maps
+    one), on the split they share."""
     rows = validation_rows(checkpoints[0], list(models[0].model.heads))
     scores = {}
     for t, task_rows in rows.items():
@@ -78,29 +76,30 @@ def main(argv=None) -> int:
         p.error("give at least two checkpoints")
     if out.exists():
         p.error(f"--output {out} exists: choose a new directory")
-    models = [MultiTaskModel.load(d) for d in dirs]
+    if a.ensemble:
+        splits = {tuple(json.loads((d / "config.json").read_text())["data"].get(f) for f in SPLIT_FIELDS)
+                  for d in dirs}
+        if len(splits) > 1:
+            p.error(f"the checkpoints were validated on different splits ({', '.join(SPLIT_FIELDS)} differ): "
+                    "an ensemble is scored on one split")
+    loaded = [load(d, "cpu") for d in dirs]
+    models = [m.model for m in loaded]
     if len({tuple(m.state_dict()) for m in models}) > 1:
         p.error("the checkpoints hold different parts (tasks, PALs, own layers): average checkpoints of one run "
                 "or of one config")
     for d in dirs:
         m = json.loads((d / "metrics.json").read_text())
         print(f"{d.parent.name}/{d.name}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items() if k.startswith("val_") or k == "overall"))
+    ensembled = ensemble_scores(dirs, loaded) if a.ensemble else None     # before the last model becomes the average
     model = models[-1]
     model.load_state_dict(average_states([m.state_dict() for m in models]))
-    from transformers import AutoTokenizer
-    model.save(out, AutoTokenizer.from_pretrained(str(dirs[-1] / "encoder")),
-               extra={"max_length": read_meta(dirs[-1]).get("max_length", 128)})
+    model.save(out, loaded[-1].tokenizer, extra={"max_length": loaded[-1].max_length})
     shutil.copy(dirs[-1] / "config.json", out / "config.json")      # the run's split, for evaluate
     print(f"average of {len(dirs)} checkpoints: {out}")
     status = raymtl_main(["evaluate", "--checkpoint", str(out)])
-    if a.ensemble and status == 0:
-        try:
-            scores = ensemble_scores(dirs)
-        except ValueError as e:
-            p.error(str(e))
-        print(f"ensemble of {len(dirs)} checkpoints:\n{format_table(scores)}")
+    if ensembled is not None:
+        print(f"ensemble of {len(dirs)} checkpoints:\n{format_table(ensembled)}")
     return status
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -352,17 +352,18 @@ def test_average_bench_writes_the_mean_of_one_runs_checkpoints_and_scores_it(tmp
     logp = []
     for d in dirs:
         m = raymtl.load(d, "cpu")
+        m.model.eval()
         with torch.no_grad():
             logp.append(torch.cat([m.model("sst", b).log_softmax(-1)
-                                   for b in row_batches(m.model.eval(), m.tokenizer, "sst", rows, m.max_length)]))
+                                   for b in row_batches(m.model, m.tokenizer, "sst", rows, m.max_length)]))
     hand = (torch.stack(logp).mean(0).argmax(-1).numpy() == [r["label"] for r in rows]).mean()
     assert re.search(r"SST accuracy\s+([\d.]+)", ensembled).group(1) == f"{hand:.4f}"
     moved = json.loads((dirs[2] / "config.json").read_text())
     moved["data"]["split_seed"] += 1
     (dirs[2] / "config.json").write_text(json.dumps(moved))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):                   # refused before anything is written
         average.main([*map(str, dirs), "--output", str(tmp_path / "avg4"), "--ensemble"])
-    assert "an ensemble is scored on one split" in capsys.readouterr().err
+    assert "an ensemble is scored on one split" in capsys.readouterr().err and not (tmp_path / "avg4").exists()
     with pytest.raises(SystemExit):              # a checkpoint of another run (other parts) is refused
         other = MultiTaskModel.from_config(cfg.replace(pals=False, task_layers={}).model, ["sst"], seed=4)
         other.save(tmp_path / "other", tok, extra={"max_length": cfg.data.max_length})
