@@ -5,6 +5,7 @@
     python jobs/pipeline.py --pretrain-config pt.json   # ... with its own objectives (jobs/pretrain.py's fields)
     python jobs/pipeline.py --teacher-tasks sst,quora,sts   # a teacher per task, ~1 h
     python jobs/pipeline.py --baseline               # also the student without distillation
+    python jobs/pipeline.py --student-from-teacher sst   # the students start from the SST teacher (STILTs)
     python jobs/pipeline.py --preset hour            # the student trained by the one-hour recipe
     python jobs/pipeline.py --smoke                  # same code path, tiny model, a few minutes
     python jobs/pipeline.py --force teacher-sst      # redo one stage (and so everything after it)
@@ -61,6 +62,10 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-margin", type=float, default=None,
                    help="distil a teacher only if it beats the student without distillation on its task by this "
                         f"much, relative (default {TEACHER_MARGIN}: 5 %%; 0 distils every teacher)")
+    p.add_argument("--student-from-teacher", default="", metavar="TASK",
+                   help="start the students from this task's teacher checkpoint (its encoder and head: "
+                        "intermediate-task training, STILTs) instead of the encoder; e.g. sst (its teacher "
+                        "trains on SST + SST-2 + CFIMDB); default: from the encoder")
     p.add_argument("--force", nargs="*", metavar="STAGE", default=None,
                    help="redo these stages (no names: all) even if done before")
     add_config_args(parser)
@@ -75,7 +80,8 @@ def main(argv=None) -> int:
             teacher_tasks=(tuple(args.teacher_tasks.split(",")) if args.teacher_tasks else
                            tuple(t for t in ("sst",) if t in student.data.tasks) or student.data.tasks),
             baseline=args.baseline, smoke=args.smoke, teacher_pair_mode=args.teacher_pair_mode,
-            teacher_margin=TEACHER_MARGIN if args.teacher_margin is None else args.teacher_margin)
+            teacher_margin=TEACHER_MARGIN if args.teacher_margin is None else args.teacher_margin,
+            student_from_teacher=args.student_from_teacher)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     force = True if args.force == [] else set(args.force or ())

@@ -256,3 +256,22 @@ def test_the_teacher_margin_rule_compares_with_the_plain_student_and_skips_short
     assert used["distill"]["teacher_outputs"] == {}
     with pytest.raises(ValueError, match="teacher_margin=-0.1 must be >= 0"):
         dataclasses.replace(plan, teacher_margin=-0.1)
+
+
+def test_the_student_can_start_from_a_teacher(pipeline_run, capsys):
+    """STILTs in the pipeline: with student_from_teacher the students start from that teacher's
+    checkpoint; the stages before it are reused, the student's key changes."""
+    import dataclasses
+    plan, results, out = pipeline_run
+    before = json.loads((out / "mtl" / "stage.json").read_text())
+    stilts = dataclasses.replace(plan, student_from_teacher="sst")
+    again = stilts.run()
+    assert capsys.readouterr().out.count("already done for these inputs and config") == 3   # pretrain, both teachers
+    after = json.loads((out / "mtl" / "stage.json").read_text())
+    assert after["key"] != before["key"] and after["inputs"]["student_from_teacher"] == "sst"
+    used = json.loads(open(f"{again['mtl']['checkpoint']}/config.json").read())
+    assert used["model"]["init_from"] == again["teacher-sst"]["checkpoint"] != again["pretrain"]["checkpoint"]
+    with pytest.raises(ValueError, match="not one of teacher_tasks"):
+        dataclasses.replace(plan, student_from_teacher="quora")
+    with pytest.raises(ValueError, match="another head than the student's"):
+        dataclasses.replace(plan, student_from_teacher="sts")       # its teacher is a cross-encoder

@@ -2,6 +2,8 @@
 
     pretrain -> teacher-<task> (one per distilled task) -> mtl (the distilled student)
     [-> mtl-plain: the same student without distillation, with --baseline]
+    [student_from_teacher=T: the students start from teacher-T's checkpoint (intermediate-task
+     training, STILTs) instead of the pre-trained encoder]
 
 Every stage is an ordinary run of the shared loop (``jobs/pretrain.py``, ``jobs/teacher.py``,
 ``jobs/mtl.py`` run each alone); its checkpoint feeds the next stage's config. Pre-training
@@ -167,6 +169,10 @@ class PipelinePlan:
     # "cross": pair-task teachers read both sentences with cross attention, distilled into the
     # bi-encoder student (raymtl.stages.distill.TEACHER_TO_STUDENT); "": the student's pair modes
     teacher_pair_mode: str = ""
+    # a task of teacher_tasks: the students start from that teacher's best checkpoint (its
+    # encoder and head; intermediate-task training, STILTs) instead of the pre-trained encoder;
+    # "": from the encoder (or the pre-training stage)
+    student_from_teacher: str = ""
 
     def __post_init__(self):
         if self.pretrain_steps < 0 or self.teacher_steps <= 0:
@@ -179,6 +185,13 @@ class PipelinePlan:
         for t in self.teacher_tasks:
             if t not in self.student.data.tasks:
                 raise ValueError(f"teacher_tasks: {t!r} is not one of the student's tasks {list(self.student.data.tasks)}")
+        if self.student_from_teacher and self.student_from_teacher not in self.teacher_tasks:
+            raise ValueError(f"student_from_teacher={self.student_from_teacher!r}: not one of teacher_tasks "
+                             f"{list(self.teacher_tasks)}")
+        if self.teacher_pair_mode and self.student_from_teacher and TASKS[self.student_from_teacher].is_pair:
+            raise ValueError(f"student_from_teacher={self.student_from_teacher!r}: its teacher's pair mode "
+                             f"{self.teacher_pair_mode!r} gives it another head than the student's; drop "
+                             "--teacher-pair-mode to start the student from it")
         self.pretrain_base()                         # a bad file fails here, before any stage trains
 
     def pretrain_base(self) -> PretrainJobConfig | None:
@@ -216,6 +229,9 @@ class PipelinePlan:
         def init_from() -> str:
             return done["pretrain"]["checkpoint"] if pre_cfg else s.model.init_from
 
+        def student_init() -> str:
+            return done[f"teacher-{self.student_from_teacher}"]["checkpoint"] if self.student_from_teacher else init_from()
+
         for task in self.teacher_tasks:
             modes = ({"pair_mode": {**s.model.pair_mode, task: self.teacher_pair_mode}}
                      if self.teacher_pair_mode and TASKS[task].is_pair else {})
@@ -230,7 +246,7 @@ class PipelinePlan:
                                 run_t, after=["pretrain"] if pre_cfg else []))
 
         def student_cfg(distilled: bool, name: str, run_dir: str, teachers=self.teacher_tasks) -> MTLConfig:
-            cfg = s.replace(output=run_dir, name=name, init_from=init_from())
+            cfg = s.replace(output=run_dir, name=name, init_from=student_init())
             if distilled:
                 cfg = cfg.replace(teacher_outputs={t: done[f"teacher-{t}"]["outputs"] for t in teachers})
             return cfg
@@ -245,10 +261,13 @@ class PipelinePlan:
         compare = bool(self.teacher_tasks) and self.teacher_margin > 0
         upstream = ((["pretrain"] if pre_cfg else []) + [f"teacher-{t}" for t in self.teacher_tasks]
                     + (["mtl-plain"] if compare else []))
-        student_inputs = {"config": s.to_dict(), "data": data_fingerprint(data_dir, task_files)}
+        student_inputs = {"config": s.to_dict(), "data": data_fingerprint(data_dir, task_files),
+                          **({"student_from_teacher": self.student_from_teacher} if self.student_from_teacher else {})}
+        plain_after = ((["pretrain"] if pre_cfg else [])
+                       + ([f"teacher-{self.student_from_teacher}"] if self.student_from_teacher else []))
         if self.baseline or compare:
             stages.append(Step("mtl-plain", {**student_inputs, "distilled": False},
-                               lambda d: run_student(False, "mtl-plain", d), after=["pretrain"] if pre_cfg else []))
+                               lambda d: run_student(False, "mtl-plain", d), after=plain_after))
         stages.append(Step("mtl", {**student_inputs, "teacher_margin": self.teacher_margin},
                            lambda d: run_student(True, "mtl", d), after=upstream))
         return stages
