@@ -120,6 +120,18 @@ def test_related_config_is_checked(data_dir):
         related_rows("sts", ("mrpc",), data_dir, [])
 
 
+def test_the_pipelines_teacher_samples_like_jobs_teacher_not_like_its_student(tmp_path, data_dir):
+    """A temperature-sampled student must not give its teacher's task a quarter of the steps
+    beside the large related stream: the teacher trains round robin, as jobs/teacher.py does."""
+    from raymtl import recipes
+    from raymtl.stages.pipeline import PipelinePlan
+    student = smoke().replace(data_dir=data_dir, num_workers=1, sampling="temperature")
+    (teacher,) = [st for st in PipelinePlan(student, output=str(tmp_path)).stages({}) if st.name == "teacher-sst"]
+    cfg = teacher.inputs["config"]
+    assert cfg["train"]["sampling"] == recipes.teacher().train.sampling == "round_robin"
+    assert tuple(cfg["data"]["related_sets"]) == ("sst2", "cfimdb") and cfg["train"]["fusion"] == "sum"
+
+
 def test_the_pipelines_pretraining_stage_takes_its_objectives_from_a_config_file(tmp_path, data_dir):
     from raymtl.stages.pipeline import PipelinePlan
     student = smoke().replace(data_dir=data_dir, num_workers=1)

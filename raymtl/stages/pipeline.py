@@ -235,8 +235,12 @@ class PipelinePlan:
         for task in self.teacher_tasks:
             modes = ({"pair_mode": {**s.model.pair_mode, task: self.teacher_pair_mode}}
                      if self.teacher_pair_mode and TASKS[task].is_pair else {})
+            # the teacher recipe's sampling, not the student's: temperature sampling would give the
+            # task's large related stream most steps (SST 26 % of them beside SST-2), round robin
+            # trains both every step, as jobs/teacher.py does
             t_cfg = teacher_config(s, task, steps=self.teacher_steps, output=f"{out}/teacher-{task}", **modes,
-                                   init_from="" if pre_cfg else s.model.init_from, **SUM_LOSS, **PLAIN_ENCODER)
+                                   init_from="" if pre_cfg else s.model.init_from, **SUM_LOSS, **PLAIN_ENCODER,
+                                   sampling=recipes.teacher().train.sampling)
             files = task_files + [p for n in t_cfg.data.related_sets for p in RELATED[n].paths]
 
             def run_t(run_dir, cfg=t_cfg, task=task):
