@@ -1,11 +1,11 @@
 """The whole recipe as one job: [further pre-training ->] teachers -> distilled multi-task student.
 
-    python jobs/pipeline.py                          # default encoder, SST teacher, plain and distilled student
+    python jobs/pipeline.py                          # SST teacher (+SST-2, CFIMDB) -> the student started from it
     python jobs/pipeline.py --pretrain-steps 200     # with further pre-training first (measured: no gain)
     python jobs/pipeline.py --pretrain-config pt.json   # ... with its own objectives (jobs/pretrain.py's fields)
     python jobs/pipeline.py --teacher-tasks sst,quora,sts   # a teacher per task, ~1 h
     python jobs/pipeline.py --baseline               # also the student without distillation
-    python jobs/pipeline.py --student-from-teacher sst   # the students start from the SST teacher (STILTs)
+    python jobs/pipeline.py --student-from-teacher ''    # the students start from the encoder instead
     python jobs/pipeline.py --preset hour            # the student trained by the one-hour recipe
     python jobs/pipeline.py --smoke                  # same code path, tiny model, a few minutes
     python jobs/pipeline.py --force teacher-sst      # redo one stage (and so everything after it)
@@ -62,26 +62,28 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-margin", type=float, default=None,
                    help="distil a teacher only if it beats the student without distillation on its task by this "
                         f"much, relative (default {TEACHER_MARGIN}: 5 %%; 0 distils every teacher)")
-    p.add_argument("--student-from-teacher", default="", metavar="TASK",
+    p.add_argument("--student-from-teacher", default=None, metavar="TASK",
                    help="start the students from this task's teacher checkpoint (its encoder and head: "
-                        "intermediate-task training, STILTs) instead of the encoder; e.g. sst (its teacher "
-                        "trains on SST + SST-2 + CFIMDB); default: from the encoder")
+                        "intermediate-task training, STILTs) instead of the encoder; default sst when SST has "
+                        "a teacher (SST + SST-2 + CFIMDB: +0.006 overall, docs/pipeline.md), '' for the encoder")
     p.add_argument("--force", nargs="*", metavar="STAGE", default=None,
                    help="redo these stages (no names: all) even if done before")
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
         student = config_from_args(args, defaults=lambda: pipeline_defaults(args.preset))
+        teacher_tasks = (tuple(args.teacher_tasks.split(",")) if args.teacher_tasks else
+                         tuple(t for t in ("sst",) if t in student.data.tasks) or student.data.tasks)
         plan = PipelinePlan(
             student, output=student.run.output,
             pretrain_steps=min(args.pretrain_steps, 6) if args.smoke else args.pretrain_steps,
             pretrain_config=args.pretrain_config,
             teacher_steps=args.teacher_steps or (student.train.steps if args.smoke else 300),
-            teacher_tasks=(tuple(args.teacher_tasks.split(",")) if args.teacher_tasks else
-                           tuple(t for t in ("sst",) if t in student.data.tasks) or student.data.tasks),
+            teacher_tasks=teacher_tasks,
             baseline=args.baseline, smoke=args.smoke, teacher_pair_mode=args.teacher_pair_mode,
             teacher_margin=TEACHER_MARGIN if args.teacher_margin is None else args.teacher_margin,
-            student_from_teacher=args.student_from_teacher)
+            student_from_teacher=(("sst" if "sst" in teacher_tasks else "") if args.student_from_teacher is None
+                                  else args.student_from_teacher))
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     force = True if args.force == [] else set(args.force or ())

@@ -132,6 +132,27 @@ def test_the_pipeline_student_starts_from_its_preset(monkeypatch):
         main(["--preset", "single-sst"])                         # a student is multi-task
 
 
+def test_the_pipeline_students_start_from_the_sst_teacher_by_default(monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+
+    from raymtl.stages.pipeline import PipelinePlan
+    plans = []
+
+    def run(plan, force=False):                                  # the stages' runs: not here
+        plans.append(plan)
+        return {"mtl": {"checkpoint": "CKPT", "metrics": {}}}
+    monkeypatch.setattr(PipelinePlan, "run", run)
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "pipeline.py"), run_name="job")["main"]
+    for argv in ([], ["--student-from-teacher", ""], ["--tasks", "quora,sts"], ["--teacher-tasks", "sts"]):
+        assert main(argv) == 0
+    assert [(p.teacher_tasks, p.student_from_teacher) for p in plans] == [
+        (("sst",), "sst"), (("sst",), ""), (("quora", "sts"), ""), (("sts",), "")]
+    with pytest.raises(SystemExit):
+        main(["--student-from-teacher", "quora"])                # quora has no teacher here
+    assert "student_from_teacher='quora': not one of teacher_tasks ['sst']" in capsys.readouterr().err
+
+
 def test_a_config_file_sets_its_own_fields_over_a_stage_default(tmp_path):
     import argparse
 
