@@ -287,3 +287,4 @@ def test_the_student_can_start_from_a_teacher(pipeline_run, capsys):
         dataclasses.replace(plan, student_from_teacher="quora")
     with pytest.raises(ValueError, match="another head than the student's"):
         dataclasses.replace(plan, student_from_teacher="sts")       # its teacher is a cross-encoder
+    assert dataclasses.replace(plan, student_from_teacher="sts", teacher_pair_mode="bi").student_from_teacher   # same head

@@ -188,9 +188,10 @@ class PipelinePlan:
         if self.student_from_teacher and self.student_from_teacher not in self.teacher_tasks:
             raise ValueError(f"student_from_teacher={self.student_from_teacher!r}: not one of teacher_tasks "
                              f"{list(self.teacher_tasks)}")
-        if self.teacher_pair_mode and self.student_from_teacher and TASKS[self.student_from_teacher].is_pair:
-            raise ValueError(f"student_from_teacher={self.student_from_teacher!r}: its teacher's pair mode "
-                             f"{self.teacher_pair_mode!r} gives it another head than the student's; drop "
+        t = self.student_from_teacher
+        if t and self.teacher_pair_mode and TASKS[t].is_pair and self.teacher_pair_mode != self.student.model.mode_of(t):
+            raise ValueError(f"student_from_teacher={t!r}: its teacher's pair mode {self.teacher_pair_mode!r} gives "
+                             f"it another head than the student's ({self.student.model.mode_of(t)!r}); drop "
                              "--teacher-pair-mode to start the student from it")
         self.pretrain_base()                         # a bad file fails here, before any stage trains
 
