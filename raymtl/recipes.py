@@ -85,8 +85,8 @@ RECIPES: dict[str, Recipe] = {
     "mtl": Recipe(mtl, "python jobs/mtl.py", "12-13 min",
                   "validation, bench/quality.py seeds 42/1/2: SST 0.498, Quora 0.848, STS 0.875, overall 0.761 "
                   "(three single-task models: 0.764); round robin's official dev (independent): 0.459 / 0.826 / 0.868"),
-    "hour": Recipe(hour, "python jobs/mtl.py --preset hour", "25-40 min in native bf16 (1.3-1.4 s/step), in fp32 about 55 min per 1200 steps, 85 per 1800 (2.2-2.8 s/step); "
-                   "early stop at step 1350-1650",
+    "hour": Recipe(hour, "python jobs/mtl.py --preset hour", ("25-40 min in native bf16 (1.3-1.4 s/step), in fp32 about 55 min per 1200 steps, "
+                    "85 per 1800 (2.2-2.8 s/step); early stop at step 1350-1650"),
                    "validation, bench/quality.py seeds 42/1/2: SST 0.511, Quora 0.853, STS 0.881, overall 0.768 "
                    "(+0.007 over mtl, +0.004 over three single-task models); docs/results/quality.md"),
     **{f"single-{t}": Recipe(single_task(t), f"python jobs/mtl.py --preset single-{t}", runtime, expected)
