@@ -21,6 +21,9 @@ examples in every run:
   several setups, comma-separated),
 * the multi-task model of each ``--presets`` recipe (default ``hour``, the one-hour recipe of
   ``raymtl.recipes``: its own steps, validation and early stop, not ``--steps``),
+* with ``--single-presets``, three single-task models on each such recipe's budget (its steps,
+  validation, early stop and precision; one task per step, so the three together cost what the
+  round-robin recipe does): the same-compute baseline a recipe is compared with,
 
 and prints each task's validation metric and the overall score as mean ± half-range over
 seeds. A run that finished before under --output is read back, not retrained.
@@ -90,16 +93,26 @@ def merged_scores(seeded: MTLConfig, checkpoints: list[str], method: str, out: P
     return raymtl.load(out, device="cpu").evaluate({t: val for t, (_, val) in splits.items()})
 
 
+SINGLE = "single-task (3 models)"
+
+
+def single_on_budget(name: str) -> str:
+    """The row of the single-task models trained on preset ``name``'s budget."""
+    return f"single-task (3 models), --preset {name}'s budget"
+
+
 def runs_for_seed(base: MTLConfig, seed: int, setups: list[tuple[str, str, dict]],
-                  presets: dict[str, MTLConfig]) -> dict[str, dict[str, float]]:
+                  presets: dict[str, MTLConfig],
+                  single_presets: dict[str, MTLConfig] | None = None) -> dict[str, dict[str, float]]:
     """Scores per setup (single-task, the single-task models merged, each multi-task
-    ``parse_setup``, then each preset's multi-task run) for one seed."""
+    ``parse_setup``, then each preset's multi-task run, then the single-task models on each of
+    ``single_presets``' budgets) for one seed."""
     seeded = base.replace(seed=seed, split_seed=seed)
     single, checkpoints = {}, []
     for t in TASKS:
         m = fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}", **SUM_LOSS, **PLAIN_ENCODER))  # plain: nothing to fuse
         single[t], checkpoints = m[f"val_{t}"], checkpoints + [m["best_checkpoint"]]
-    out = {"single-task (3 models)": single}
+    out = {SINGLE: single}
     for method in MERGE_METHODS:
         scores = merged_scores(seeded, checkpoints, method, Path(base.run.output) / f"merged-{method}-s{seed}")
         out[f"single-task models merged ({method})"] = {t: scores[t] for t in TASKS}
@@ -109,7 +122,18 @@ def runs_for_seed(base: MTLConfig, seed: int, setups: list[tuple[str, str, dict]
     for name, cfg in presets.items():
         m = fit_once(cfg.replace(output=base.run.output, seed=seed, split_seed=seed, name=f"preset-{name}-s{seed}"))
         out[f"multi-task, --preset {name}"] = {t: m[f"val_{t}"] for t in TASKS}
+    for name, cfg in (single_presets or {}).items():
+        out[single_on_budget(name)] = {
+            t: fit_once(cfg.replace(output=base.run.output, seed=seed, split_seed=seed, tasks=(t,),
+                                    name=f"single-{t}-{name}-s{seed}", **SUM_LOSS, **PLAIN_ENCODER))[f"val_{t}"]
+            for t in TASKS}
     return out
+
+
+def baseline(setup: str, rows: dict) -> str:
+    """What a row is set against: a preset's own-budget single-task models where they ran."""
+    name = setup.removeprefix("multi-task, --preset ")
+    return single_on_budget(name) if name != setup and single_on_budget(name) in rows else SINGLE
 
 
 def spread(values: list[float]) -> str:
@@ -128,6 +152,10 @@ def main(argv=None) -> int:
                         "(not even sum: the --presets rows are the multi-task ones)")
     p.add_argument("--presets", default="hour",
                    help="multi-task recipes (raymtl.recipes) run as they are, comma-separated; '' for none")
+    p.add_argument("--single-presets", default="",
+                   help="recipes (raymtl.recipes) on whose budget (steps, validation, early stop, precision) "
+                        "three more single-task models train, the same-compute baseline of that recipe; "
+                        "comma-separated, e.g. hour")
     p.add_argument("--steps", type=int, help="steps per run (default: the config's; not the presets')")
     p.add_argument("--output", default="runs/bench-quality")
     p.add_argument("--smoke", action="store_true")
@@ -144,12 +172,14 @@ def main(argv=None) -> int:
         for name, cfg in presets.items():
             if set(cfg.data.tasks) != set(TASKS):
                 raise ValueError(f"--presets {name}: trains {list(cfg.data.tasks)}, not the three tasks")
+        single_presets = {name: preset(name) for name in filter(None, a.single_presets.split(","))}
     except ValueError as e:
         p.error(str(e))
     if a.smoke:
         presets = {name: smoke(cfg) for name, cfg in presets.items()}
+        single_presets = {name: smoke(cfg) for name, cfg in single_presets.items()}
     started = report.now()
-    per_seed = [runs_for_seed(base, s, setups, presets) for s in seeds]
+    per_seed = [runs_for_seed(base, s, setups, presets, single_presets) for s in seeds]
     lines = [f"{base.model.encoder} encoder; single-task and multi-task setups {base.train.steps} steps x "
              f"{base.train.batch_size} rows per task, the presets as their recipes (raymtl/recipes.py); seeds "
              f"{seeds}, each on its own validation split (split seed = seed); validation scores, mean ± half-range",
@@ -158,16 +188,17 @@ def main(argv=None) -> int:
         cells = [spread([r[setup][t] for r in per_seed]) for t in TASKS]
         total = spread([overall(r[setup]) for r in per_seed])
         lines.append(f"| {setup} | " + " | ".join(cells) + f" | {total} |")
-    single = "single-task (3 models)"
-    lines += ["", "Each setup minus the single-task models of the same seed (mean over seeds), and on how many "
-              "seeds it is at or above them on every task:", "",
-              "| setup | SST | Quora | STS | overall | seeds at or above on every task |", "|---|---|---|---|---|---|"]
+    lines += ["", "Each setup minus the single-task models of the same seed (a preset's own-budget ones where "
+              "they ran; mean over seeds), and on how many seeds it is at or above them on every task:", "",
+              "| setup | against | SST | Quora | STS | overall | seeds at or above on every task |",
+              "|---|---|---|---|---|---|---|"]
     for setup in list(per_seed[0])[1:]:
-        gaps = [{t: r[setup][t] - r[single][t] for t in TASKS} for r in per_seed]
+        ref = baseline(setup, per_seed[0])
+        gaps = [{t: r[setup][t] - r[ref][t] for t in TASKS} for r in per_seed]
         cells = [f"{statistics.mean(g[t] for g in gaps):+.4f}" for t in TASKS]
-        total = statistics.mean(overall(r[setup]) - overall(r[single]) for r in per_seed)
+        total = statistics.mean(overall(r[setup]) - overall(r[ref]) for r in per_seed)
         every = sum(all(v >= 0 for v in g.values()) for g in gaps)
-        lines.append(f"| {setup} | " + " | ".join(cells) + f" | {total:+.4f} | {every} of {len(seeds)} |")
+        lines.append(f"| {setup} | {ref} | " + " | ".join(cells) + f" | {total:+.4f} | {every} of {len(seeds)} |")
     lines += ["", "Per seed:", "", "| seed | setup | SST acc | Quora acc | STS Pearson | overall |",
               "|---|---|---|---|---|---|"]
     for seed, r in zip(seeds, per_seed):

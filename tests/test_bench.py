@@ -141,8 +141,9 @@ def test_fusion_quality_smoke_reuses_finished_runs(ray_cluster, tmp_path, capsys
 
 def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
     # --best '': no fusion setups, the preset is the multi-task row (the default's method, longer),
-    # so the smoke trains each kind of row once
-    bench("quality").main(["--smoke", "--seeds", "1", "--best", "", "--presets", "hour", "--output", str(tmp_path)])
+    # so the smoke trains each kind of row once; --single-presets adds the same-compute single-task models
+    bench("quality").main(["--smoke", "--seeds", "1", "--best", "", "--presets", "hour", "--single-presets", "hour",
+                           "--output", str(tmp_path)])
     tables, rows = [], []
     for line in [*capsys.readouterr().out.splitlines(), ""]:     # the tables' rows, without the |---| lines
         if line.startswith("|---"):
@@ -154,8 +155,11 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
     means, gaps, per_seed = tables                              # header row first in each
     setups = [row[0].strip() for row in means[1:]]
     assert setups == ["single-task (3 models)", "single-task models merged (task_arithmetic)",
-                      "single-task models merged (ties)", "multi-task, --preset hour"]
+                      "single-task models merged (ties)", "multi-task, --preset hour",
+                      "single-task (3 models), --preset hour's budget"]
     assert [row[0].strip() for row in gaps[1:]] == setups[1:] and all(row[-1].strip().endswith("of 1") for row in gaps[1:])
+    against = {row[0].strip(): row[1].strip() for row in gaps[1:]}    # the hour against its own budget's models
+    assert against == {**{s: "single-task (3 models)" for s in setups[1:]}, "multi-task, --preset hour": setups[-1]}
     assert [(row[0].strip(), row[1].strip()) for row in per_seed[1:]] == [("1", s) for s in setups]
     assert not list(tmp_path.glob("mtl-*"))                     # no setup run trained
     merged = json.loads((tmp_path / "merged-ties-s1" / "merge.json").read_text())
@@ -171,6 +175,10 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
     assert best["pals"]["tasks"] == ["sts"] and best["task_layers"] == {"sst": 1}
     for t in ("sst", "quora", "sts"):                     # one plain single-task run per task, same budget
         assert meta_of(f"single-{t}-s1")["pals"] is None and meta_of(f"single-{t}-s1")["task_layers"] == {}
+        on_hour = json.loads((tmp_path / f"single-{t}-hour-s1" / "best_metrics.json").read_text())["config"]
+        assert on_hour["data"]["tasks"] == [t] and on_hour["train"]["early_stop"] == hour["train"]["early_stop"]
+        assert on_hour["train"]["steps"] == hour["train"]["steps"] and on_hour["train"]["fusion"] == "sum"
+        assert meta_of(f"single-{t}-hour-s1")["pals"] is None and (on_hour["data"]["split_seed"], on_hour["train"]["seed"]) == (1, 1)
 
 
 def test_sampling_smoke_gives_every_sampler_the_same_batches_and_smoothness_reads_its_default_back(
