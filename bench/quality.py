@@ -29,6 +29,7 @@ and prints each task's validation metric and the overall score as mean ± half-r
 seeds. A run that finished before under --output is read back, not retrained.
 """
 import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -158,6 +159,9 @@ def main(argv=None) -> int:
                         "comma-separated, e.g. hour")
     p.add_argument("--steps", type=int, help="steps per run (default: the config's; not the presets')")
     p.add_argument("--output", default="runs/bench-quality")
+    p.add_argument("--report", default="quality",
+                   help="the table goes to docs/results/REPORT.md (default quality: the README's three seeds; "
+                        "name a partial comparison otherwise, e.g. quality-single-hour-s2)")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     base = (smoke() if a.smoke else MTLConfig()).replace(output=str(Path(a.output).resolve()))
@@ -173,6 +177,8 @@ def main(argv=None) -> int:
             if set(cfg.data.tasks) != set(TASKS):
                 raise ValueError(f"--presets {name}: trains {list(cfg.data.tasks)}, not the three tasks")
         single_presets = {name: preset(name) for name in filter(None, a.single_presets.split(","))}
+        if not re.fullmatch(r"[\w.-]+", a.report):
+            raise ValueError(f"--report {a.report!r}: a file name (letters, digits, '.', '-', '_'), not a path")
     except ValueError as e:
         p.error(str(e))
     if a.smoke:
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
     for seed, r in zip(seeds, per_seed):
         lines += [f"| {seed} | {setup} | " + " | ".join(f"{m[t]:.4f}" for t in TASKS) + f" | {overall(m):.4f} |"
                   for setup, m in r.items()]
-    report.publish(lines, 'quality', 'Multi-task vs single-task quality (bench/quality.py)', 'bench/quality.py', argv, started, a.smoke)
+    report.publish(lines, a.report, 'Multi-task vs single-task quality (bench/quality.py)', 'bench/quality.py', argv, started, a.smoke)
     return 0
 
 

@@ -269,6 +269,11 @@ def test_quality_setups_parse_and_bad_ones_fail_before_training(capsys):
         with pytest.raises(SystemExit):
             quality.main(["--smoke", "--seeds", "1", "--presets", bad, "--output", "/nonexistent/never-written"])
         assert says in capsys.readouterr().err
+    for flag, bad, says in (("--single-presets", "nosuch", "preset 'nosuch': valid are mtl, hour"),
+                            ("--report", "../README", "--report '../README': a file name")):
+        with pytest.raises(SystemExit):
+            quality.main(["--smoke", "--seeds", "1", flag, bad, "--output", "/nonexistent/never-written"])
+        assert says in capsys.readouterr().err
 
 
 def test_transfer_smoke_table_next_to_the_heuristic(ray_cluster, tmp_path, capsys):
