@@ -88,7 +88,8 @@ RECIPES: dict[str, Recipe] = {
     "hour": Recipe(hour, "python jobs/mtl.py --preset hour", ("25-40 min in native bf16 (1.3-1.4 s/step), in fp32 about 55 min per 1200 steps, "
                     "85 per 1800 (2.2-2.8 s/step); early stop at step 1350-1650"),
                    "validation, bench/quality.py seeds 42/1/2: SST 0.511, Quora 0.853, STS 0.881, overall 0.768 "
-                   "(+0.007 over mtl, +0.004 over three single-task models); docs/results/quality.md"),
+                   "(+0.007 over mtl, +0.004 over three 300-step single-task models, -0.010 against three on "
+                   "the hour's budget, seed 2); docs/results/quality.md, docs/results/quality-single-hour-s2.md"),
     **{f"single-{t}": Recipe(single_task(t), f"python jobs/mtl.py --preset single-{t}", runtime, expected)
        for t, runtime, expected in (("sst", "3 min", "validation, 5 seeds: SST 0.502"),
                                     ("quora", "4-5 min", "validation, 5 seeds: Quora 0.832"),
