@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     started = report.now()
     per_seed = [runs_for_seed(base, s, setups, presets, single_presets) for s in seeds]
     lines = [f"{base.model.encoder} encoder; single-task and multi-task setups {base.train.steps} steps x "
-             f"{base.train.batch_size} rows per task, the presets as their recipes (raymtl/recipes.py); seeds "
+             f"{base.train.batch_size} rows per task, the presets (and the single-task models of --single-presets) as "
+             f"their recipes (raymtl/recipes.py); seeds "
              f"{seeds}, each on its own validation split (split seed = seed); validation scores, mean ± half-range",
              "", "| setup | SST acc | Quora acc | STS Pearson | overall |", "|---|---|---|---|---|"]
     for setup in per_seed[0]:
