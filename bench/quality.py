@@ -123,10 +123,11 @@ def runs_for_seed(base: MTLConfig, seed: int, setups: list[tuple[str, str, dict]
     for name, cfg in presets.items():
         m = fit_once(cfg.replace(output=base.run.output, seed=seed, split_seed=seed, name=f"preset-{name}-s{seed}"))
         out[f"multi-task, --preset {name}"] = {t: m[f"val_{t}"] for t in TASKS}
-    for name, cfg in (single_presets or {}).items():
+    for name, cfg in (single_presets or {}).items():      # (one task: its best checkpoint is its best parts)
         out[single_on_budget(name)] = {
             t: fit_once(cfg.replace(output=base.run.output, seed=seed, split_seed=seed, tasks=(t,),
-                                    name=f"single-{t}-{name}-s{seed}", **SUM_LOSS, **PLAIN_ENCODER))[f"val_{t}"]
+                                    name=f"single-{t}-{name}-s{seed}", keep_task_best=False,
+                                    **SUM_LOSS, **PLAIN_ENCODER))[f"val_{t}"]
             for t in TASKS}
     return out
 

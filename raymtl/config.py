@@ -236,6 +236,11 @@ class TrainConfig:
     early_stop: int = _help(
         "stop when the stage's validation score has not improved for this many validations in a row "
         "(0 = off: train all steps); the best checkpoints are kept either way", default=0)
+    keep_task_best: bool = _help(
+        "keep each task's own parts (head, PALs, own layers) at that task's best validation: a task "
+        "scoring below its best is scored again with those parts in place, and the checkpoint takes them "
+        "where they score higher (training goes on with the live weights; raymtl.train.task_best)",
+        default=False)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "lr", "head_lr", "eval_every", "log_every",
@@ -420,6 +425,10 @@ class MTLConfig:
                 f"smart_weight={self.train.smart_weight} takes the gradient of the perturbed output with "
                 "torch.autograd.grad, which ZeRO-3's partitioned parameters do not allow; use zero_stage 0-2 "
                 "with SMART, or smart_weight=0 (--smart-weight 0) with ZeRO-3")
+        if self.train.keep_task_best and self.scale.zero_stage == 3:
+            raise ValueError(
+                "keep_task_best=True puts a task's saved parts back into the model to score them, which "
+                "ZeRO-3 partitions across workers; use zero_stage 0-2 with it, or keep_task_best=False")
         if self.train.batch_size % self.micro_divisor():
             raise ValueError(
                 f"batch_size={self.train.batch_size} must be divisible by num_workers x grad_accum "

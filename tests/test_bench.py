@@ -170,6 +170,7 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
         return json.loads((Path(best) / "raymtl.json").read_text())
     hour = json.loads((tmp_path / "preset-hour-s1" / "best_metrics.json").read_text())["config"]
     assert hour["scale"]["precision"] == "auto" and hour["train"]["early_stop"] == 4   # the preset, shrunk
+    assert hour["train"]["keep_task_best"]
     assert (hour["train"]["seed"], hour["data"]["split_seed"]) == (1, 1)                # ... on the bench's seed
     best = meta_of("preset-hour-s1")                                     # the default's addons reached the model
     assert best["pals"]["tasks"] == ["sts"] and best["task_layers"] == {"sst": 1}
@@ -178,6 +179,7 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
         on_hour = json.loads((tmp_path / f"single-{t}-hour-s1" / "best_metrics.json").read_text())["config"]
         assert on_hour["data"]["tasks"] == [t] and on_hour["train"]["early_stop"] == hour["train"]["early_stop"]
         assert on_hour["train"]["steps"] == hour["train"]["steps"] and on_hour["train"]["fusion"] == "sum"
+        assert not on_hour["train"]["keep_task_best"]
         assert meta_of(f"single-{t}-hour-s1")["pals"] is None and (on_hour["data"]["split_seed"], on_hour["train"]["seed"]) == (1, 1)
 
 

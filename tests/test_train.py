@@ -150,6 +150,45 @@ def test_rerun_with_same_name_resumes_from_last_checkpoint(ray_cluster, data_dir
     assert len(aside) == 1 and (aside[0] / "checkpoint_000020" / "config.json").is_file()
 
 
+def test_keep_task_best_checkpoints_each_task_at_its_best_and_resumes_with_it(ray_cluster, data_dir, tmp_path):
+    from raymtl.train.engine import DS_TAG
+    # heads at a high learning rate swing between validations, so a task falls below its best
+    kw = dict(steps=40, eval_every=5, task_layers={"sst": 1}, head_lr=0.03, lr=1e-3, keep_task_best=True,
+              name="best")
+    cfg = smoke_cfg(tmp_path, data_dir, **kw)
+    first = fit(cfg)
+    history = load_curve(first.run_dir)
+    kept = [c for c in history if c.startswith("kept_step_")]
+    assert kept, "no validation kept a task's earlier parts"
+    for _, row in history.iterrows():
+        for c in kept:
+            t = c.removeprefix("kept_step_")
+            if row[c] == row[c]:                                  # (NaN: its live parts were saved)
+                assert row[c] < row["step"] and row[f"val_{t}"] > row[f"live_val_{t}"]
+    # every checkpoint's model scores what its metrics say, earlier parts and all
+    for ckpt in sorted((tmp_path / "best").glob("checkpoint_0*")):
+        m = json.loads((ckpt / "metrics.json").read_text())
+        again = reloaded_scores(cfg, ckpt)
+        for t in ("sst", "quora", "sts"):
+            assert again[t] == pytest.approx(m[f"val_{t}"], abs=1e-5), (ckpt.name, t)
+            if f"kept_step_{t}" in m:                             # and its card says whose parts it holds
+                assert f"{t}'s own parts (head, PALs, own layers) are those of step {m[f'kept_step_{t}']}" in (
+                    ckpt / "README.md").read_text()
+    # a resumed run goes on from the first run's copies (a fresh start would copy step 45's)
+    second = fit(smoke_cfg(tmp_path, data_dir, **{**kw, "steps": 45}, resume_changed="continue"))
+    assert second.metrics["start_step"] == 40
+    state = torch.load(Path(second.run_dir) / "checkpoint_000045" / "deepspeed" / DS_TAG /
+                       "mp_rank_00_model_states.pt", weights_only=False)
+    assert min(b["step"] for b in state["task_best"]["best"].values()) <= 40
+
+
+def test_keep_task_best_is_refused_under_zero3():
+    from raymtl.config import MTLConfig
+    with pytest.raises(ValueError, match="keep_task_best=True .*ZeRO-3"):
+        MTLConfig().replace(keep_task_best=True, fusion="sum", zero_stage=3)
+    MTLConfig().replace(keep_task_best=True, fusion="sum", zero_stage=2)      # fine
+
+
 def test_curves_name_what_is_missing(tmp_path, capsys):
     assert raymtl_main(["curves", str(tmp_path / "nope")]) == 2
     assert f"run directory {tmp_path / 'nope'} does not exist" in capsys.readouterr().err

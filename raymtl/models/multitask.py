@@ -65,15 +65,20 @@ class MultiTaskModel(nn.Module):
 
     OWN_PARTS = ("heads", "pals", "task_layers")       # per-task modules: one task's loss reaches them
 
-    def own_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Per task, its trainable parameters that no other task's loss reaches: its head,
-        PALs and own top layers (``raymtl.methods.fusion.PeriodicFusion`` hands them its plain gradient)."""
-        own: dict[str, list[nn.Parameter]] = {}
+    def own_named_parameters(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Per task, its trainable parameters that no other task's loss reaches, by name: its
+        head, PALs and own top layers."""
+        own: dict[str, dict[str, nn.Parameter]] = {}
         for name, p in self.named_parameters():
             part, task = (name.split(".") + [""])[:2]
             if part in self.OWN_PARTS and task in self.heads and p.requires_grad:
-                own.setdefault(task, []).append(p)
+                own.setdefault(task, {})[name] = p
         return own
+
+    def own_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """``own_named_parameters`` without the names (``raymtl.methods.fusion.PeriodicFusion``
+        hands them their task's plain gradient)."""
+        return {t: list(named.values()) for t, named in self.own_named_parameters().items()}
 
     def pooling_of(self, task: str) -> str:
         return self.task_pooling.get(task, self.pooling)

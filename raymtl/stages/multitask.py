@@ -127,6 +127,10 @@ class MTLStage(Stage):
         """``smart_term``: SMART's weighted regulariser, mean per task batch."""
         return {"smart_term": self.smart.take_mean()} if self.smart is not None and self.smart.count else {}
 
-    def validate(self, module, rank: int, world: int) -> dict[str, float]:
-        scores = validate(module, self.tasks, rank, world, shard_eval=self.cfg.scale.zero_stage < 3)
-        return {**{f"val_{t}": v for t, v in scores.items()}, "overall": overall(scores)}
+    def validate(self, module, rank: int, world: int, only: list[str] | None = None,
+                 known: dict[str, float] | None = None) -> dict[str, float]:
+        """``only``: score these tasks alone and take the others' scores from ``known`` (an
+        earlier result of this method) into ``overall``."""
+        scores = validate(module, only or self.tasks, rank, world, shard_eval=self.cfg.scale.zero_stage < 3)
+        scores = {**{t: known[f"val_{t}"] for t in self.tasks if t not in scores}, **scores} if only else scores
+        return {**{f"val_{t}": scores[t] for t in self.tasks}, "overall": overall(scores)}

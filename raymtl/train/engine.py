@@ -207,10 +207,11 @@ def fp32_state(model: torch.nn.Module, masters: dict[int, torch.Tensor | None] |
 
 
 def save_checkpoint(engine, directory: Path, step: int, rank: int, tokenizer, cfg_dict: dict,
-                    metrics: dict, client: dict | None = None) -> None:
+                    metrics: dict, client: dict | None = None, override: dict | None = None) -> None:
     """Collective: every rank writes its DeepSpeed shard; rank 0 also writes the HF model, in
     fp32 whatever the training precision (a bf16 run's fp32 master weights, not its bf16 copies).
-    ``client`` (plain lists, numbers, strings, tensors) is stored next to the step for the loop."""
+    ``client`` (plain lists, numbers, strings, tensors) is stored next to the step for the loop;
+    ``override`` ({name: fp32 tensor}) replaces those parameters in the HF model only (ZeRO 0-2)."""
     engine.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG, client_state={**(client or {}), "step": step})
     model = engine.module
     extra = {"step": step, "max_length": cfg_dict["data"]["max_length"]}
@@ -221,7 +222,11 @@ def save_checkpoint(engine, directory: Path, step: int, rank: int, tokenizer, cf
             if rank == 0:
                 model.save(directory, tokenizer, extra=extra, state=fp32_state(model, masters))
     elif rank == 0:
-        model.save(directory, tokenizer, extra=extra, state=fp32_state(model, masters))
+        state = fp32_state(model, masters)
+        if override:
+            state = state or {k: v.detach().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+            state.update(override)
+        model.save(directory, tokenizer, extra=extra, state=state)
     if rank == 0:
         (directory / "config.json").write_text(json.dumps(cfg_dict, indent=2))
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))

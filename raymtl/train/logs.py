@@ -124,6 +124,10 @@ def model_card(cfg: dict, metrics: dict, modes: dict | None, command: str) -> st
     own += [f"own top layers for {t} ({n})" for t, n in (model.get("task_layers") or {}).items() if t in tasks]
     own += [f"learned task prefixes ({model['prefix_length']} vectors)"] if model.get("task_prefix") == "learned" else []
     lacks = ("; ".join(own) if own else "nothing: this model has no per-task parts besides the heads")
+    kept_steps = {k.removeprefix("kept_step_"): s for k, s in metrics.items() if k.startswith("kept_step_")}
+    kept = "".join(f"- {t}'s own parts (head, PALs, own layers) are those of step {s}, its best validation "
+                   f"(`keep_task_best`; the live ones scored {metrics[f'live_val_{t}']:.4f})\n"
+                   for t, s in kept_steps.items())
     return f"""# raymtl multi-task checkpoint (step {metrics.get('step', '?')})
 
 One BERT-style encoder with a head per task, trained by raymtl.
@@ -132,7 +136,7 @@ One BERT-style encoder with a head per task, trained by raymtl.
 - tasks: {', '.join(tasks)}{' (+ related sets: ' + ', '.join(data['related_sets']) + ')' if data.get('related_sets') else ''}
 - recipe: fusion `{train['fusion']}` (every {train['fusion_every']} steps), weighting `{train['weighting']}`, sampling `{train['sampling']}`, {train['steps']} steps, lr {train['lr']}, batch {train['batch_size']} per task, seed {train['seed']}
 - command: `{command}`
-
+{kept}
 | task | metric | input |
 |---|---|---|
 {heads}

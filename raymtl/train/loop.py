@@ -5,8 +5,9 @@ from its ``config`` argument (never from module globals): ``config["stage"]`` is
 class (``raymtl.stages.base.Stage``: its type and life cycle are documented there) and
 ``config["cfg"]`` its nested config dict. A stage supplies what differs between stages; the
 loop owns what they share (seeds, DeepSpeed, precision, sampling, weighting and fusion of the
-per-stream losses, progress lines, validation/checkpoint/report, resume; every checkpoint
-carries the run's validation history, ``metrics_history.json``, read by ``raymtl curves``).
+per-stream losses, progress lines, validation/checkpoint/report, resume; with ``keep_task_best``
+each task's own parts at its best, ``raymtl.train.task_best``; every checkpoint carries the
+run's validation history, ``metrics_history.json``, read by ``raymtl curves``).
 Stages: ``raymtl.stages.multitask.MTLStage`` (multi-task fine-tuning, teachers, distillation)
 and ``raymtl.stages.pretrain.PretrainStage`` (MLM + SimCSE further pre-training).
 """
@@ -35,6 +36,7 @@ from raymtl.methods.weighting import Fixed
 from raymtl.models.device import to_device
 from raymtl.models.encoder import tokenizer_source
 from raymtl.train.logs import RunLog, model_card
+from raymtl.train.task_best import TaskBest
 
 TRAIN_LOG = "train.log"          # rank 0's lines, in the run directory (the driver's quiet console follows it)
 _log_file: list[Path] = []
@@ -210,6 +212,7 @@ def train_loop_per_worker(config: dict) -> None:
     forward = engine.module if fuse is not None or cfg.train.sam_rho > 0 or cfg.train.smart_weight > 0 else engine
     sam = (SAM((p for n, p in engine.module.named_parameters() if not n.startswith("weighting.")),
                cfg.train.sam_rho) if cfg.train.sam_rho > 0 else None)
+    task_best = TaskBest(model) if cfg.train.keep_task_best and hasattr(model, "own_named_parameters") else None
 
     # 3. resume from the last checkpoint of this run, if any -----------------------------
     step, initial, history, last = 0, {}, [], {}
@@ -221,6 +224,8 @@ def train_loop_per_worker(config: dict) -> None:
                 periodic.load_state_dict(client["periodic_fusion"])
             if hasattr(weighting, "load_client_state") and "weighting" in client:
                 weighting.load_client_state(client["weighting"])
+            if task_best is not None and "task_best" in client:
+                task_best.load_state_dict(client["task_best"])
             initial, history = start_metrics(Path(d)), start_history(Path(d))
             last = json.loads((Path(d) / "metrics.json").read_text()) if (Path(d) / "metrics.json").is_file() else {}
         if rank == 0:
@@ -239,7 +244,10 @@ def train_loop_per_worker(config: dict) -> None:
             client = {"periodic_fusion": periodic.state_dict()} if periodic else {}
             if hasattr(weighting, "client_state"):           # DWA's loss history
                 client["weighting"] = weighting.client_state()
-            eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics, client)
+            if task_best is not None:                        # each task's best own parts so far
+                client["task_best"] = task_best.state_dict()
+            eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics, client,
+                                override=task_best.export() if task_best is not None else None)
             if rank == 0:
                 (Path(tmp) / HISTORY).write_text(json.dumps(history))
                 (Path(tmp) / "README.md").write_text(model_card(
@@ -293,7 +301,9 @@ def train_loop_per_worker(config: dict) -> None:
 
         # 6. validate, checkpoint, report (every rank: report is a barrier) ------------
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            scores = stage.validate(engine.module, rank, world)
+            scores, kept = stage.validate(engine.module, rank, world), ""
+            if task_best is not None:                        # the checkpoint's model: own parts at their best
+                scores, kept = task_best.validate(engine, stage, scores, step, rank, world)
             metrics = {**scores, **initial, "train_loss": loss_sum / max(loss_n, 1), "step": step,
                        "start_step": start_step, "lr": engine.get_lr()[0],
                        **{f"train_loss_{t}": total / n for t, (total, n) in stream_sum.items()},
@@ -302,7 +312,9 @@ def train_loop_per_worker(config: dict) -> None:
                        "peak_rss_mb": peak_rss_mb(device)}
             loss_sum, loss_n, diag_sum, stream_sum = 0.0, 0, {}, {}
             if rank == 0:
-                say("[raymtl] validation step %d: %s" % (step, " ".join(f"{k}={v:.4f}" for k, v in scores.items())))
+                say("[raymtl] validation step %d: %s" % (step, " ".join(
+                    f"{k}={v:.4f}" for k, v in scores.items() if not k.startswith(("live_", "kept_step_")))
+                    + (f" (kept: {kept})" if kept else "")))
             history = [h for h in history if h["step"] < step] + [metrics]   # a repeated step replaces
             run_log.scalars(step, metrics)
             run_log.flush()
