@@ -5,8 +5,9 @@ are reached by its loss alone, so one task can keep the parts of an earlier step
 shared encoder goes on learning the others. Measured in the one-hour recipe (seed 2, fp32):
 SST peaks at step 600 (2.5 epochs) and falls back while Quora and STS improve to step 1,050
 and beyond; SST's own layers and head of step 600 put onto the step-1,050 model score SST
-0.4941 (its live 0.4719, its best 0.4906), overall 0.7655 against the run's best 0.7591
-(docs/quality-log.md, "Each task's own parts at its best validation").
+0.4941 (its live 0.4719, its best 0.4906), overall 0.7655 against the run's best 0.7591; on
+seed 42, where SST falls less, it gained nothing (docs/quality-log.md, "Each task's own parts
+at its best validation").
 
 At every validation the loop hands the live scores to ``TaskBest.validate``: a task at a new
 best has its own parts copied (fp32: the master weights in a bf16 run); a task below its best
