@@ -21,13 +21,13 @@ import torch
 from transformers import AutoTokenizer
 
 from raymtl.analysis.evaluation import evaluate_rows, predict_batches, row_batches
+from raymtl.analysis.metrics import OVERALL_TASKS
 from raymtl.models.device import resolve_device, to_device
 from raymtl.models.encoder import pool
 from raymtl.models.multitask import CheckpointError, MultiTaskModel, read_meta
 from raymtl.tasks import TASKS
 
 Rows = Sequence[str] | Sequence[tuple[str, str]]
-OVERALL_TASKS = ("sst", "quora", "sts")     # the minBERT overall score is defined on these three together
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@
 ``raymtl analyze  EXPERIMENT``
 ``raymtl curves   NAME=RUN ... [--metrics val_sst,overall] [--out DIR]``
 ``raymtl merge    CKPT CKPT ... --output DIR [--method task_arithmetic|ties]``
+``raymtl compare  --a CKPT ... --b CKPT ... [--sst FILE] [--quora FILE] [--sts FILE]``
 ``raymtl relations [--smoke] [--init-from CKPT | --encoder NAME] [config flags]``
 """
 from __future__ import annotations
@@ -17,7 +18,10 @@ import sys
 import typing
 from pathlib import Path
 
+import numpy as np
+
 from raymtl import recipes
+from raymtl.analysis.compare import compare, format_comparison
 from raymtl.analysis.evaluation import format_table, related_score
 from raymtl.analysis.relations import format_matrices, run
 from raymtl.analysis.reports import analyze, curves, format_trials
@@ -126,6 +130,57 @@ def cmd_evaluate(a) -> int:
         print(f"error: checkpoint {a.checkpoint} has no head for {unknown}", file=sys.stderr)
         return 2
     print(format_table(m.evaluate(rows_by_task)))     # "overall" only when sst, quora and sts are all scored
+    return 0
+
+
+def _side(checkpoints: list[str], device: str, flag: str) -> dict[str, tuple[str, object]]:
+    """task -> (checkpoint, loaded model) for one side of ``raymtl compare``; a task may come
+    from one of the side's checkpoints only."""
+    side: dict[str, tuple[str, object]] = {}
+    for ckpt in checkpoints:
+        m = load(ckpt, device)
+        for t in m.tasks:
+            if t in side:
+                raise ValueError(f"{flag}: {ckpt} and {side[t][0]} both have a head for {t}; name one")
+            side[t] = (ckpt, m)
+    return side
+
+
+def _data_fields(checkpoint: str) -> dict:
+    f = Path(checkpoint) / "config.json"
+    return json.loads(f.read_text()).get("data", {}) if f.is_file() else {}
+
+
+def cmd_compare(a) -> int:
+    """Two models (each one checkpoint, or single-task checkpoints side by side) scored on the
+    same rows, with a paired bootstrap interval per task (``raymtl.analysis.compare``)."""
+    sides = [_side(a.a, a.device, "--a"), _side(a.b, a.device, "--b")]
+    files = {t: getattr(a, t) for t in TASKS if getattr(a, t)}
+    tasks = list(files) or [t for t in TASKS if t in sides[0] and t in sides[1]]
+    for t in tasks:
+        for flag, side in zip(("--a", "--b"), sides):
+            if t not in side:
+                raise ValueError(f"{flag} has no head for {t} (it has {sorted(side)})")
+    if not tasks:
+        raise ValueError(f"no task in common: --a has {sorted(sides[0])}, --b has {sorted(sides[1])}")
+    rows_of = {}
+    for t in tasks:
+        if t in files:
+            rows_of[t], report = read_task_file(TASKS[t], files[t])
+            print("[raymtl] data " + report.summary(), file=sys.stderr)
+            continue
+        ck_a, ck_b = sides[0][t][0], sides[1][t][0]
+        rows_of[t], rows_b = (validation_rows(c, [t], a.data_dir)[t] for c in (ck_a, ck_b))
+        if [(r["text_a"], r["text_b"], r["label"]) for r in rows_of[t]] != \
+                [(r["text_a"], r["text_b"], r["label"]) for r in rows_b]:
+            da, db = _data_fields(ck_a), _data_fields(ck_b)
+            differ = {k: (da.get(k), db.get(k)) for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)}
+            raise ValueError(f"{t}: {ck_a} and {ck_b} were validated on different rows (data fields that "
+                             f"differ, a vs b: {differ}); pass --{t} FILE to score both on one labelled file")
+    preds = [{t: side[t][1].predict_rows(t, rows_of[t]) for t in tasks} for side in sides]
+    labels = {t: np.asarray([r["label"] for r in rows_of[t]]) for t in tasks}
+    diffs = compare(*preds, labels, a.resamples, a.seed)
+    print(format_comparison(diffs, a.name_a, a.name_b))
     return 0
 
 
@@ -275,6 +330,19 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"ties: share of each task vector kept per tensor (default {DEFAULT_DENSITY})")
     me.add_argument("--base", help="the base encoder the checkpoints were fine-tuned from (default: theirs)")
     me.set_defaults(fn=lambda a: 0 if merge(a.checkpoints, a.output, a.method, a.scale, a.density, a.base) else 1)
+    co = sub.add_parser("compare", help="two models on the same rows: per task B - A with a paired bootstrap "
+                        "95 %% interval (a side may be several single-task checkpoints)")
+    co.add_argument("--a", nargs="+", required=True, metavar="CKPT", help="model A: a checkpoint, or one per task")
+    co.add_argument("--b", nargs="+", required=True, metavar="CKPT", help="model B: a checkpoint, or one per task")
+    for t in TASKS:
+        co.add_argument(f"--{t}", metavar="FILE", help=f"labelled {t} file (default: the runs' validation split)")
+    co.add_argument("--name-a", default="A", help="A's column heading")
+    co.add_argument("--name-b", default="B", help="B's column heading")
+    co.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    co.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    co.add_argument("--data-dir", help="data directory for the validation splits")
+    co.add_argument("--device", default="auto", help=DEVICE_HELP)
+    co.set_defaults(fn=cmd_compare)
     rel = sub.add_parser("relations", help="task-relationship map: inter-task affinity and gradient cosines "
                          "(Ray Train runs on one worker); writes OUTPUT/NAME/relations.{csv,json,png}")
     add_config_args(rel, RelationsJobConfig.SECTIONS)

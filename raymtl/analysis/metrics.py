@@ -24,7 +24,14 @@ def task_metric(task: str, pred, label) -> float:
     return METRICS[TASKS[task].metric](pred, label)
 
 
+OVERALL_TASKS = ("sst", "quora", "sts")     # the minBERT overall score is defined on these three together
+
+
 def overall(scores: dict[str, float]) -> float:
     """minBERT overall: mean of accuracies and (pearson + 1) / 2 over the tasks present."""
-    norm = [(v + 1) / 2 if TASKS[t].metric == "pearson" else v for t, v in scores.items()]
-    return float(np.mean(norm)) if norm else 0.0
+    return float(overall_of(scores)) if scores else 0.0
+
+
+def overall_of(scores: dict):
+    """``overall`` elementwise: a task's scores may be arrays (e.g. one per bootstrap resample)."""
+    return np.mean([(v + 1) / 2 if TASKS[t].metric == "pearson" else v for t, v in scores.items()], axis=0)
