@@ -160,6 +160,23 @@ def test_prepared_task_shards_hold_the_split_and_a_seed_streams_the_same_rows(ra
 
 
 
+def test_a_stream_resumed_past_k_batches_is_the_same_stream_from_its_k_th_batch(ray_cluster):
+    """``cycle_batches(skip=k)``: what a resumed run trains on next is what the run never
+    stopped would have (the same shuffles, across epoch boundaries)."""
+    import itertools
+
+    import ray
+
+    from raymtl.data.streams import cycle_batches
+    ds = ray.data.from_items([{"ids_a": list(range(i % 7 + 1)), "line": i} for i in range(40)])
+    lines = lambda b: b["line"].tolist()                                   # noqa: E731
+    first = list(itertools.islice(cycle_batches(ds, 4, seed=3, bucket=2, collate_fn=lines), 25))   # 2.5 epochs
+    assert sorted(sum(first[:10], [])) == list(range(40)) and first[:10] != first[10:20]
+    for k in (1, 9, 13):
+        resumed = list(itertools.islice(cycle_batches(ds, 4, seed=3, bucket=2, collate_fn=lines, skip=k), 25 - k))
+        assert resumed == first[k:]
+
+
 def test_related_sets_go_through_the_parallel_pass_as_the_reader_reads_them(ray_cluster, data_dir, tmp_path,
                                                                              monkeypatch):
     """A task's related sets are cut into ranges and parsed in Ray Data: the rows, mapped

@@ -10,8 +10,10 @@ import numpy as np
 from raymtl.data.multitask import collate
 
 
-def cycle_batches(shard, batch_size: int, seed: int, bucket: int, collate_fn=collate):
-    """Endless stream of padded batches from a Ray Data shard, reshuffled every epoch.
+def cycle_batches(shard, batch_size: int, seed: int, bucket: int, collate_fn=collate, skip: int = 0):
+    """Endless stream of padded batches from a Ray Data shard, reshuffled every epoch; the
+    first ``skip`` batches are drawn (the same shuffles) but not collated or yielded, so a
+    resumed run continues the stream where its checkpoint left it.
 
     Length bucketing: a window of ``bucket`` batches is sorted by row length (the summed
     length of its ``ids_*`` columns) and cut into batches, which are then yielded in random
@@ -31,6 +33,9 @@ def cycle_batches(shard, batch_size: int, seed: int, bucket: int, collate_fn=col
             chunks = [order[i:i + batch_size] for i in range(0, n, batch_size)]
             for j in rng.permutation(len(chunks)):
                 yielded = True
+                if skip:
+                    skip -= 1
+                    continue
                 yield collate_fn({k: v[chunks[j]] for k, v in window.items()})
         if not yielded:
             raise ValueError(f"a training shard has fewer rows than one batch ({batch_size}); "

@@ -71,8 +71,9 @@ class Stage(abc.ABC):
         ``.save(dir, tokenizer, extra, state)``."""
 
     @abc.abstractmethod
-    def streams(self, rank: int, seed: int) -> dict[str, Iterator[dict]]:
-        """One endless iterator of collated (CPU) batches per training stream."""
+    def streams(self, rank: int, seed: int, skip: dict[str, int] | None = None) -> dict[str, Iterator[dict]]:
+        """One endless iterator of collated (CPU) batches per training stream, past the first
+        ``skip[name]`` batches of each (those a resumed run has trained on)."""
 
     def diagnostics(self) -> dict[str, float]:
         """The stage's own measurements, averaged since the last call (the loop reports and

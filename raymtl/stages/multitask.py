@@ -108,11 +108,11 @@ class MTLStage(Stage):
                       if cfg.train.smart_weight > 0 else None)
         return model
 
-    def streams(self, rank: int, seed: int) -> dict:
+    def streams(self, rank: int, seed: int, skip: dict[str, int] | None = None) -> dict:
         import ray.train
-        mb = self.cfg.micro_batch_size()
-        return {n: cycle_batches(ray.train.get_dataset_shard(f"train_{n}"), mb, seed, self.cfg.data.bucket_batches)
-                for n in self.sizes}
+        mb, skip = self.cfg.micro_batch_size(), skip or {}
+        return {n: cycle_batches(ray.train.get_dataset_shard(f"train_{n}"), mb, seed, self.cfg.data.bucket_batches,
+                                 skip=skip.get(n, 0)) for n in self.sizes}
 
     def loss(self, forward, stream: str, batch: dict, step: int):
         task, d = stream_task(stream), self.cfg.distill

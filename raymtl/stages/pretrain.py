@@ -239,10 +239,11 @@ class PretrainStage(Stage):
         self.vocab_size = model.encoder.config.vocab_size
         return model
 
-    def streams(self, rank: int, seed: int) -> dict:
+    def streams(self, rank: int, seed: int, skip: dict[str, int] | None = None) -> dict:
         import ray.train
         return {n: cycle_batches(ray.train.get_dataset_shard(f"train_{n}"), self.cfg.objective_micro_batch(n),
-                                 seed, self.cfg.data.bucket_batches, collate_pretrain) for n in self.sizes}
+                                 seed, self.cfg.data.bucket_batches, collate_pretrain, (skip or {}).get(n, 0))
+                for n in self.sizes}
 
     def masked(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -149,10 +149,12 @@ class RelationsStage(MTLStage):
     def print_summary(cls, summary) -> None:         # validation losses, not the multi-task scores
         print(f"[raymtl] relations run: {summary.run_dir}", flush=True)
 
-    def streams(self, rank: int, seed: int) -> dict:
+    def streams(self, rank: int, seed: int, skip: dict[str, int] | None = None) -> dict:
         train, self._val = probe_batches(self.cfg)
         start = self.cfg.relations.joint_steps if self.cfg.relations.lookahead_task else 0
-        return {t: itertools.islice(itertools.cycle(train[t]), start % len(train[t]), None) for t in self.sizes}
+        at = skip or {}                  # a checkpoint's own count (the joint run's for a lookahead) or the phase's
+        return {t: itertools.islice(itertools.cycle(train[t]), at.get(t, start) % len(train[t]), None)
+                for t in self.sizes}
 
     def validate(self, module, rank: int, world: int) -> dict[str, float]:
         if not hasattr(self, "_val"):

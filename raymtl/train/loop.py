@@ -5,7 +5,8 @@ from its ``config`` argument (never from module globals): ``config["stage"]`` is
 class (``raymtl.stages.base.Stage``: its type and life cycle are documented there) and
 ``config["cfg"]`` its nested config dict. A stage supplies what differs between stages; the
 loop owns what they share (seeds, DeepSpeed, precision, sampling, weighting and fusion of the
-per-stream losses, progress lines, validation/checkpoint/report, resume; with ``keep_task_best``
+per-stream losses, progress lines, validation/checkpoint/report, resume (as if never stopped:
+each stream past the batches trained on, the sampler's and torch's random state); with ``keep_task_best``
 each task's own parts at its best, ``raymtl.train.task_best``; every checkpoint carries the
 run's validation history, ``metrics_history.json``, read by ``raymtl curves``).
 Stages: ``raymtl.stages.multitask.MTLStage`` (multi-task fine-tuning, teachers, distillation)
@@ -135,6 +136,22 @@ def start_history(checkpoint_dir: Path | None) -> list[dict]:
     return json.loads(f.read_text()) if f and f.is_file() else []
 
 
+def random_state(rng: random.Random, device) -> dict:
+    """The random state a resumed run needs to go on as if never stopped: the task sampler's and
+    torch's (dropout, MLM masks, SMART noise), on the CPU and on the worker's GPU."""
+    state = {"sampler": rng.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_random_state(state: dict, rng: random.Random, device) -> None:
+    rng.setstate(state["sampler"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def stalled(history: list[dict], score: str, patience: int) -> bool:
     """True when the last ``patience`` validations in ``history`` all scored below the best
     before them (early stopping; ``patience`` 0 never stops)."""
@@ -215,11 +232,15 @@ def train_loop_per_worker(config: dict) -> None:
     task_best = TaskBest(model) if cfg.train.keep_task_best and hasattr(model, "own_named_parameters") else None
 
     # 3. resume from the last checkpoint of this run, if any -----------------------------
-    step, initial, history, last = 0, {}, [], {}
+    step, initial, history, last, client = 0, {}, [], {}, {}
+    drawn = {n: 0 for n in stage.sizes}    # batches the loop has taken from each stream
     if checkpoint:
         with checkpoint.as_directory() as d:
             client = eng.load_checkpoint(engine, Path(d), cfg.train.steps)
             step = client["step"]
+            if "stream_batches" in client:   # where the streams and the random state were
+                drawn.update(client["stream_batches"])
+                set_random_state(client["random_state"], rng, device)
             if periodic is not None and "periodic_fusion" in client:
                 periodic.load_state_dict(client["periodic_fusion"])
             if hasattr(weighting, "load_client_state") and "weighting" in client:
@@ -234,7 +255,9 @@ def train_loop_per_worker(config: dict) -> None:
         initial = {f"{k}_step0": v for k, v in stage.validate(engine.module, rank, world).items()}
         if rank == 0:
             say("[raymtl] before training: " + " ".join(f"{k}={v:.4f}" for k, v in initial.items()))
-    rng.seed(cfg.train.seed + step)  # the sampler stream continues deterministically
+    exact = "stream_batches" in client   # resumed as if never stopped (the same batches, dropout, sampling)
+    if not exact:                        # (a checkpoint of before raymtl saved where its streams were: fresh ones)
+        rng.seed(cfg.train.seed + step)
     start_step, loss_sum, loss_n, diag_sum, stream_sum = step, 0.0, 0, {}, {}
 
     def report_checkpoint(metrics: dict, name: str) -> None:
@@ -246,6 +269,7 @@ def train_loop_per_worker(config: dict) -> None:
                 client["weighting"] = weighting.client_state()
             if task_best is not None:                        # each task's best own parts so far
                 client["task_best"] = task_best.state_dict()
+            client["stream_batches"], client["random_state"] = dict(drawn), random_state(rng, device)
             eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics, client,
                                 override=task_best.export() if task_best is not None else None)
             if rank == 0:
@@ -255,8 +279,9 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
     # 4. data: one endless stream of padded batches per name ----------------------------
-    if streams is None:                  # resumed: the streams continue from the checkpoint's step
-        streams = prefetched(stage.streams(rank, cfg.train.seed + rank + step))
+    if streams is None:                  # resumed: each stream continues past the batches trained on
+        streams = prefetched(stage.streams(rank, cfg.train.seed + rank, drawn) if exact
+                             else stage.streams(rank, cfg.train.seed + rank + step))
     progress = Progress(cfg.train.steps, step, world)
     run_log = RunLog(config.get("run_dir"), rank, cfg.run.mlflow, config.get("mlflow_run", ""))   # rank 0
 
@@ -271,6 +296,7 @@ def train_loop_per_worker(config: dict) -> None:
             for t in chosen:
                 t_data = time.perf_counter()
                 batches[t] = next(streams[t])            # waits for the data stream, if at all
+                drawn[t] += 1
                 data_s += time.perf_counter() - t_data
                 batches[t] = to_device(batches[t], device)
                 seen.append(batches[t])
