@@ -26,7 +26,9 @@ examples in every run:
   round-robin recipe does): the same-compute baseline a recipe is compared with,
 
 and prints each task's validation metric and the overall score as mean ± half-range over
-seeds. A run that finished before under --output is read back, not retrained.
+seeds, then each setup minus its baseline with a paired bootstrap 95 % interval of the mean
+over seeds (``raymtl.analysis.compare``: every model's predictions on its seed's validation
+rows, resampled row by row). A run that finished before under --output is read back, not retrained.
 """
 import argparse
 import re
@@ -34,7 +36,10 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import raymtl
+from raymtl.analysis.compare import compare, mean_over
 from raymtl.analysis.metrics import overall
 from raymtl.config import MTLConfig, smoke
 from raymtl.data.multitask import load_splits
@@ -103,33 +108,50 @@ def single_on_budget(name: str) -> str:
 
 
 def runs_for_seed(base: MTLConfig, seed: int, setups: list[tuple[str, str, dict]],
-                  presets: dict[str, MTLConfig],
-                  single_presets: dict[str, MTLConfig] | None = None) -> dict[str, dict[str, float]]:
+                  presets: dict[str, MTLConfig], single_presets: dict[str, MTLConfig] | None = None
+                  ) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
     """Scores per setup (single-task, the single-task models merged, each multi-task
     ``parse_setup``, then each preset's multi-task run, then the single-task models on each of
-    ``single_presets``' budgets) for one seed."""
+    ``single_presets``' budgets) for one seed, and each setup's checkpoints (one, or one per task)."""
     seeded = base.replace(seed=seed, split_seed=seed)
-    single, checkpoints = {}, []
-    for t in TASKS:
-        m = fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}", **SUM_LOSS, **PLAIN_ENCODER))  # plain: nothing to fuse
-        single[t], checkpoints = m[f"val_{t}"], checkpoints + [m["best_checkpoint"]]
-    out = {SINGLE: single}
+    out, ckpts = {}, {}
+
+    def add(setup: str, runs: list[dict], tasks=TASKS) -> None:
+        out[setup] = {t: m[f"val_{t}"] for m, t in zip(runs, tasks)} if len(runs) > 1 else \
+            {t: runs[0][f"val_{t}"] for t in tasks}
+        ckpts[setup] = [m["best_checkpoint"] for m in runs]
+
+    add(SINGLE, [fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}", **SUM_LOSS, **PLAIN_ENCODER))
+                 for t in TASKS])                                        # plain: nothing to fuse
     for method in MERGE_METHODS:
-        scores = merged_scores(seeded, checkpoints, method, Path(base.run.output) / f"merged-{method}-s{seed}")
-        out[f"single-task models merged ({method})"] = {t: scores[t] for t in TASKS}
+        merged = Path(base.run.output) / f"merged-{method}-s{seed}"
+        scores = merged_scores(seeded, ckpts[SINGLE], method, merged)
+        add(f"single-task models merged ({method})", [{**{f"val_{t}": scores[t] for t in TASKS},
+                                                       "best_checkpoint": str(merged)}])
     for tag, label, over in setups:
-        m = fit_once(seeded.replace(name=f"mtl-{tag}-s{seed}", **over))
-        out[f"multi-task, {label}"] = {t: m[f"val_{t}"] for t in TASKS}
+        add(f"multi-task, {label}", [fit_once(seeded.replace(name=f"mtl-{tag}-s{seed}", **over))])
     for name, cfg in presets.items():
-        m = fit_once(cfg.replace(output=base.run.output, seed=seed, split_seed=seed, name=f"preset-{name}-s{seed}"))
-        out[f"multi-task, --preset {name}"] = {t: m[f"val_{t}"] for t in TASKS}
+        add(f"multi-task, --preset {name}", [fit_once(cfg.replace(output=base.run.output, seed=seed, split_seed=seed,
+                                                                  name=f"preset-{name}-s{seed}"))])
     for name, cfg in (single_presets or {}).items():      # (one task: its best checkpoint is its best parts)
-        out[single_on_budget(name)] = {
-            t: fit_once(cfg.replace(output=base.run.output, seed=seed, split_seed=seed, tasks=(t,),
-                                    name=f"single-{t}-{name}-s{seed}", keep_task_best=False,
-                                    **SUM_LOSS, **PLAIN_ENCODER))[f"val_{t}"]
-            for t in TASKS}
-    return out
+        add(single_on_budget(name), [fit_once(cfg.replace(output=base.run.output, seed=seed, split_seed=seed, tasks=(t,),
+                                                          name=f"single-{t}-{name}-s{seed}", keep_task_best=False,
+                                                          **SUM_LOSS, **PLAIN_ENCODER)) for t in TASKS])
+    return out, ckpts
+
+
+def predictions(seeded: MTLConfig, ckpts: dict[str, list[str]]) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Every setup's predictions on the seed's validation rows (a task from the checkpoint that
+    has its head), and the rows' labels: what ``raymtl.analysis.compare`` resamples."""
+    splits, _ = load_splits(seeded.data)
+    rows = {t: splits[t][1] for t in TASKS}
+    preds = {}
+    for setup, dirs in ckpts.items():
+        preds[setup] = {}
+        for d in dirs:
+            m = raymtl.load(d, device="cpu")
+            preds[setup].update({t: m.predict_rows(t, rows[t]) for t in m.tasks if t in rows})
+    return preds, {t: np.asarray([r["label"] for r in rows[t]]) for t in TASKS}
 
 
 def baseline(setup: str, rows: dict) -> str:
@@ -186,7 +208,13 @@ def main(argv=None) -> int:
         presets = {name: smoke(cfg) for name, cfg in presets.items()}
         single_presets = {name: smoke(cfg) for name, cfg in single_presets.items()}
     started = report.now()
-    per_seed = [runs_for_seed(base, s, setups, presets, single_presets) for s in seeds]
+    per_seed, diffs = [], {}                         # diffs: setup -> one comparison per seed
+    for s in seeds:
+        scores, ckpts = runs_for_seed(base, s, setups, presets, single_presets)
+        preds, labels = predictions(base.replace(seed=s, split_seed=s), ckpts)
+        for setup in list(scores)[1:]:
+            diffs.setdefault(setup, []).append(compare(preds[baseline(setup, scores)], preds[setup], labels, seed=s))
+        per_seed.append(scores)
     lines = [f"{base.model.encoder} encoder; single-task and multi-task setups {base.train.steps} steps x "
              f"{base.train.batch_size} rows per task, the presets (and the single-task models of --single-presets) as "
              f"their recipes (raymtl/recipes.py); seeds "
@@ -197,16 +225,18 @@ def main(argv=None) -> int:
         total = spread([overall(r[setup]) for r in per_seed])
         lines.append(f"| {setup} | " + " | ".join(cells) + f" | {total} |")
     lines += ["", "Each setup minus the single-task models of the same seed (a preset's own-budget ones where "
-              "they ran; mean over seeds), and on how many seeds it is at or above them on every task:", "",
+              "they ran), mean over seeds with its paired bootstrap 95 % interval (2,000 resamples of each "
+              "seed's validation rows; `*`: the interval excludes 0), and on how many seeds it is at or above "
+              "them on every task:", "",
               "| setup | against | SST | Quora | STS | overall | seeds at or above on every task |",
               "|---|---|---|---|---|---|---|"]
     for setup in list(per_seed[0])[1:]:
         ref = baseline(setup, per_seed[0])
         gaps = [{t: r[setup][t] - r[ref][t] for t in TASKS} for r in per_seed]
-        cells = [f"{statistics.mean(g[t] for g in gaps):+.4f}" for t in TASKS]
-        total = statistics.mean(overall(r[setup]) - overall(r[ref]) for r in per_seed)
+        cells = [f"{d.diff:+.4f}{' *' if d.low > 0 or d.high < 0 else ''} [{d.low:+.4f}, {d.high:+.4f}]"
+                 for d in mean_over(diffs[setup])]
         every = sum(all(v >= 0 for v in g.values()) for g in gaps)
-        lines.append(f"| {setup} | {ref} | " + " | ".join(cells) + f" | {total:+.4f} | {every} of {len(seeds)} |")
+        lines.append(f"| {setup} | {ref} | " + " | ".join(cells) + f" | {every} of {len(seeds)} |")
     lines += ["", "Per seed:", "", "| seed | setup | SST acc | Quora acc | STS Pearson | overall |",
               "|---|---|---|---|---|---|"]
     for seed, r in zip(seeds, per_seed):

@@ -5,7 +5,7 @@
 ``raymtl analyze  EXPERIMENT``
 ``raymtl curves   NAME=RUN ... [--metrics val_sst,overall] [--out DIR]``
 ``raymtl merge    CKPT CKPT ... --output DIR [--method task_arithmetic|ties]``
-``raymtl compare  --a CKPT ... --b CKPT ... [--sst FILE] [--quora FILE] [--sts FILE]``
+``raymtl compare  --a CKPT ... --b CKPT ... [--a ... --b ...] [--sst FILE] [--quora FILE] [--sts FILE]``
 ``raymtl relations [--smoke] [--init-from CKPT | --encoder NAME] [config flags]``
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from raymtl import recipes
-from raymtl.analysis.compare import compare, format_comparison
+from raymtl.analysis.compare import compare, format_comparison, mean_over
 from raymtl.analysis.evaluation import format_table, related_score
 from raymtl.analysis.relations import format_matrices, run
 from raymtl.analysis.reports import analyze, curves, format_trials
@@ -151,10 +151,9 @@ def _data_fields(checkpoint: str) -> dict:
     return json.loads(f.read_text()).get("data", {}) if f.is_file() else {}
 
 
-def cmd_compare(a) -> int:
-    """Two models (each one checkpoint, or single-task checkpoints side by side) scored on the
-    same rows, with a paired bootstrap interval per task (``raymtl.analysis.compare``)."""
-    sides = [_side(a.a, a.device, "--a"), _side(a.b, a.device, "--b")]
+def compare_pair(a, ckpts_a: list[str], ckpts_b: list[str], seed: int):
+    """One ``--a``/``--b`` pair of ``raymtl compare``: both sides scored on the same rows."""
+    sides = [_side(ckpts_a, a.device, "--a"), _side(ckpts_b, a.device, "--b")]
     files = {t: getattr(a, t) for t in TASKS if getattr(a, t)}
     tasks = list(files) or [t for t in TASKS if t in sides[0] and t in sides[1]]
     for t in tasks:
@@ -179,8 +178,24 @@ def cmd_compare(a) -> int:
                              f"differ, a vs b: {differ}); pass --{t} FILE to score both on one labelled file")
     preds = [{t: side[t][1].predict_rows(t, rows_of[t]) for t in tasks} for side in sides]
     labels = {t: np.asarray([r["label"] for r in rows_of[t]]) for t in tasks}
-    diffs = compare(*preds, labels, a.resamples, a.seed)
-    print(format_comparison(diffs, a.name_a, a.name_b))
+    return compare(*preds, labels, a.resamples, seed)
+
+
+def cmd_compare(a) -> int:
+    """Two models (each one checkpoint, or single-task checkpoints side by side) scored on the
+    same rows, with a paired bootstrap interval per task (``raymtl.analysis.compare``). Several
+    ``--a``/``--b`` pairs (e.g. one per seed) add the mean over the pairs and its interval."""
+    if len(a.a) != len(a.b):
+        raise ValueError(f"{len(a.a)} --a against {len(a.b)} --b: give them in pairs")
+    runs = []
+    for i, (ckpts_a, ckpts_b) in enumerate(zip(a.a, a.b)):
+        runs.append(compare_pair(a, ckpts_a, ckpts_b, a.seed + i))
+        if len(a.a) > 1:
+            print(f"\npair {i + 1}: --a {' '.join(ckpts_a)} --b {' '.join(ckpts_b)}")
+        print(format_comparison(runs[-1], a.name_a, a.name_b))
+    if len(runs) > 1:
+        print(f"\nmean over the {len(runs)} pairs:")
+        print(format_comparison(mean_over(runs), a.name_a, a.name_b))
     return 0
 
 
@@ -332,8 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     me.set_defaults(fn=lambda a: 0 if merge(a.checkpoints, a.output, a.method, a.scale, a.density, a.base) else 1)
     co = sub.add_parser("compare", help="two models on the same rows: per task B - A with a paired bootstrap "
                         "95 %% interval (a side may be several single-task checkpoints)")
-    co.add_argument("--a", nargs="+", required=True, metavar="CKPT", help="model A: a checkpoint, or one per task")
-    co.add_argument("--b", nargs="+", required=True, metavar="CKPT", help="model B: a checkpoint, or one per task")
+    co.add_argument("--a", nargs="+", required=True, action="append", metavar="CKPT",
+                    help="model A: a checkpoint, or one per task; repeat --a/--b for more pairs (e.g. seeds)")
+    co.add_argument("--b", nargs="+", required=True, action="append", metavar="CKPT",
+                    help="model B: a checkpoint, or one per task")
     for t in TASKS:
         co.add_argument(f"--{t}", metavar="FILE", help=f"labelled {t} file (default: the runs' validation split)")
     co.add_argument("--name-a", default="A", help="A's column heading")

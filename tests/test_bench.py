@@ -158,6 +158,10 @@ def test_quality_smoke_single_vs_multi_task(ray_cluster, tmp_path, capsys):
                       "single-task models merged (ties)", "multi-task, --preset hour",
                       "single-task (3 models), --preset hour's budget"]
     assert [row[0].strip() for row in gaps[1:]] == setups[1:] and all(row[-1].strip().endswith("of 1") for row in gaps[1:])
+    for row in gaps[1:]:                                        # the mean gap and its bootstrap interval
+        for cell in row[2:6]:
+            gap, low, high = map(float, re.fullmatch(r" ([+-][\d.]+)(?: \*)? \[([+-][\d.]+), ([+-][\d.]+)\] ", cell).groups())
+            assert low <= high and abs(gap) <= 1
     against = {row[0].strip(): row[1].strip() for row in gaps[1:]}    # the hour against its own budget's models
     assert against == {**{s: "single-task (3 models)" for s in setups[1:]}, "multi-task, --preset hour": setups[-1]}
     assert [(row[0].strip(), row[1].strip()) for row in per_seed[1:]] == [("1", s) for s in setups]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from raymtl.analysis.compare import compare, format_comparison
+from raymtl.analysis.compare import compare, format_comparison, mean_over
 from raymtl.analysis.metrics import overall, pearson
 from raymtl.cli import main
 from raymtl.config import smoke
@@ -57,6 +57,21 @@ def test_overall_is_resampled_over_the_three_tasks_together():
     assert diffs["sst"].high == diffs["sst"].low == -1.0 and diffs["quora"].low == 1.0
 
 
+def test_the_mean_over_seeds_narrows_the_interval_of_each_seed():
+    rng = np.random.default_rng(5)
+    runs = []
+    for seed in range(3):
+        y = rng.integers(0, 2, 500)
+        a = np.where(rng.random(500) < 0.8, y, 1 - y)
+        b = np.where(rng.random(500) < 0.82, y, 1 - y)
+        runs.append(compare({"quora": a}, {"quora": b}, {"quora": y}, seed=seed))
+    (mean,) = mean_over(runs)
+    assert mean.rows == 1500 and mean.diff == pytest.approx(np.mean([r[0].diff for r in runs]))
+    assert mean.high - mean.low < min(r[0].high - r[0].low for r in runs) * 0.75     # about 1/sqrt(3) as wide
+    with pytest.raises(ValueError, match="do not line up"):
+        mean_over([runs[0], compare({"sst": y}, {"sst": y}, {"sst": y})])
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, data_dir):
     """A three-task checkpoint, a second one of other weights, and single-task SST/STS ones,
@@ -87,6 +102,14 @@ def test_compare_scores_both_sides_on_the_same_validation_rows(checkpoints, caps
     table = capsys.readouterr().out.splitlines()
     assert "| joint | singles |" in table[0] and [line.split(" | ")[0] for line in table[2:]] == ["| sst", "| sts"]
     assert " 20 |" in table[2]                                         # 10 % of 200 rows
+    # two pairs (as two seeds would be): each pair's table, then their mean; A/B swapped cancels
+    assert main(["compare", "--a", ck["multi"], "--b", ck["other"], "--a", ck["other"], "--b", ck["multi"],
+                 "--device", "cpu", "--resamples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "pair 2: --a " in out and out.count("| sst |") == 3
+    mean = out.split("mean over the 2 pairs:")[1].splitlines()[3:]
+    assert [row.split(" | ")[:2] for row in mean] == [["| sst", "40"], ["| quora", "40"], ["| sts", "40"], ["| overall", "120"]]
+    assert all(row.split(" | ")[4].startswith(("+0.0000", "-0.0000")) for row in mean)
 
 
 def test_compare_refuses_what_it_cannot_pair(checkpoints, tmp_path, data_dir, capsys):
@@ -99,6 +122,8 @@ def test_compare_refuses_what_it_cannot_pair(checkpoints, tmp_path, data_dir, ca
     assert main(["compare", "--a", ck["multi"], "--b", ck["sst"], "--sts", f"{data_dir}/sts/train.csv",
                  "--device", "cpu"]) == 2
     assert "--b has no head for sts (it has ['sst'])" in capsys.readouterr().err
+    assert main(["compare", "--a", ck["multi"], "--b", ck["other"], "--a", ck["sst"], "--device", "cpu"]) == 2
+    assert "2 --a against 1 --b: give them in pairs" in capsys.readouterr().err
     moved = tmp_path / "other-split"
     shutil.copytree(ck["other"], moved)
     (moved / "config.json").write_text(json.dumps({"data": {"data_dir": data_dir, "max_rows": 200, "split_seed": 7}}))

@@ -9,7 +9,7 @@ mean) is resampled with every task's rows drawn afresh in the same replicate.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,7 +20,8 @@ from raymtl.tasks import TASKS
 @dataclass(frozen=True)
 class Difference:
     """``b - a`` on ``rows`` rows, its 95 % percentile interval and the share of resamples in
-    which B does not beat A (a one-sided bootstrap p-value for "B is better")."""
+    which B does not beat A (a one-sided bootstrap p-value for "B is better"); ``draws`` are
+    the resampled differences themselves."""
     task: str
     rows: int
     a: float
@@ -28,6 +29,7 @@ class Difference:
     low: float
     high: float
     b_not_better: float
+    draws: np.ndarray = field(repr=False, compare=False, default_factory=lambda: np.zeros(0))
 
     @property
     def diff(self) -> float:
@@ -66,9 +68,26 @@ def compare(preds_a: dict[str, np.ndarray], preds_b: dict[str, np.ndarray], labe
 
 
 def _difference(task: str, rows: int, a: float, b: float, boot_a: np.ndarray, boot_b: np.ndarray) -> Difference:
-    d = boot_b - boot_a
+    return _from_draws(task, rows, a, b, boot_b - boot_a)
+
+
+def _from_draws(task: str, rows: int, a: float, b: float, d: np.ndarray) -> Difference:
     low, high = np.percentile(d, [2.5, 97.5])
-    return Difference(task, rows, a, b, float(low), float(high), float((d <= 0).mean()))
+    return Difference(task, rows, a, b, float(low), float(high), float((d <= 0).mean()), d)
+
+
+def mean_over(runs: list[list[Difference]]) -> list[Difference]:
+    """The mean difference over independent comparisons (e.g. seeds, each on its own
+    validation split), per task: the replicate-wise mean of their bootstraps is a bootstrap of
+    the mean, so its interval is the interval of "B - A averaged over seeds"."""
+    out = []
+    for same in zip(*runs):
+        if len({d.task for d in same}) != 1 or len({len(d.draws) for d in same}) != 1:
+            raise ValueError(f"mean_over: tasks {[d.task for d in same]} with {[len(d.draws) for d in same]} "
+                             "resamples do not line up")
+        out.append(_from_draws(same[0].task, sum(d.rows for d in same), float(np.mean([d.a for d in same])),
+                               float(np.mean([d.b for d in same])), np.mean([d.draws for d in same], axis=0)))
+    return out
 
 
 def format_comparison(diffs: list[Difference], name_a: str = "A", name_b: str = "B") -> str:
