@@ -49,8 +49,8 @@ def hour() -> MTLConfig:
     several epochs; the learning rate decays over the whole run), validated every 150 steps,
     stopped when the overall score has not improved for 4 validations. Each task's own parts
     (head, PALs, own layers) are kept at its best validation (``keep_task_best``): SST peaks
-    after 2.5 epochs while Quora and STS go on improving (seed 2: +0.006 overall; seed 42: +0.000;
-    docs/quality-log.md)."""
+    after 2.5 epochs while Quora and STS go on improving (seed 2: +0.006 overall; seed 42: +0.000 to
+    step 1,050, SST +0.009 at its best step 1,500; docs/quality-log.md)."""
     return MTLConfig().replace(name="hour", steps=1800, eval_every=150, early_stop=4, precision="auto",
                                keep_task_best=True)
 
@@ -93,8 +93,9 @@ RECIPES: dict[str, Recipe] = {
                     "79 min to the early stop at step 1650 (seed 2)"),
                    "validation, bench/quality.py seeds 42/1/2, before keep_task_best: SST 0.511, Quora 0.853, STS 0.881, "
                    "overall 0.768 (+0.007 over mtl, -0.010 against three single-task models on the hour's budget, "
-                   "seed 2); with keep_task_best, seed 2: 0.4941 / 0.8586 / 0.8873, overall 0.7655 (-0.003 against "
-                   "them); docs/results/quality.md, docs/quality-log.md"),
+                   "seed 2); with keep_task_best, seed 2: 0.4941 / 0.8586 / 0.8873, overall 0.7655; seed 42: 0.4965 / "
+                   "0.8644 / 0.8768, 0.7664 (against them: Quora, STS level, SST -0.015 [-0.004, +0.034], "
+                   "raymtl compare); docs/results/quality.md, docs/quality-log.md"),
     **{f"single-{t}": Recipe(single_task(t), f"python jobs/mtl.py --preset single-{t}", runtime, expected)
        for t, runtime, expected in (("sst", "3 min", "validation, 5 seeds: SST 0.502"),
                                     ("quora", "4-5 min", "validation, 5 seeds: Quora 0.832"),

@@ -147,9 +147,9 @@ def random_state(rng: random.Random, device) -> dict:
 
 def set_random_state(state: dict, rng: random.Random, device) -> None:
     rng.setstate(state["sampler"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())             # (both setters take CPU byte tensors)
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def stalled(history: list[dict], score: str, patience: int) -> bool:
