@@ -42,9 +42,12 @@ def registered_step(run_dir: Path):
     return latest["metrics"]["step"] if latest else None
 
 
-def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint(ray_cluster, data_dir, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint(ray_cluster, data_dir, tmp_path, workers):
+    # two workers: ZeRO-2 on gloo, each rank with its own data shard and its own random state
     cfg = smoke().replace(data_dir=data_dir, output=str(tmp_path), steps=40, eval_every=10,
-                          max_rows=240, cpus_per_worker=1.0, max_failures=2, keep_checkpoints=10,
+                          max_rows=240, cpus_per_worker=1.0 if workers == 1 else 0.9, num_workers=workers,
+                          zero_stage=0 if workers == 1 else 2, max_failures=2, keep_checkpoints=10,
                           log_every=1)
     out = {}
     runner = threading.Thread(target=lambda: out.update(summary=fit(cfg, verbose=False)))
@@ -61,7 +64,7 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint(ray_cluster, data_
     os.kill(pids[0], signal.SIGKILL)
     killed_at = time.time()
     time.sleep(1.0)                                   # let the log monitor flush the worker's file
-    killed_step = last_logged_step(pids[0])
+    killed_step = max(filter(None, map(last_logged_step, pids)), default=None)   # (rank 0 logs the steps)
     runner.join(timeout=600)
     summary = out["summary"]
     assert summary.metrics["step"] == 40

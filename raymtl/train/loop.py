@@ -136,16 +136,22 @@ def start_history(checkpoint_dir: Path | None) -> list[dict]:
     return json.loads(f.read_text()) if f and f.is_file() else []
 
 
-def random_state(rng: random.Random, device) -> dict:
-    """The random state a resumed run needs to go on as if never stopped: the task sampler's and
+def random_state(rng: random.Random, device, world: int) -> list[dict]:
+    """Collective: the random state a resumed run needs to go on as if never stopped, one per
+    rank (their batches differ in shape, so dropout draws differ): the task sampler's and
     torch's (dropout, MLM masks, SMART noise), on the CPU and on the worker's GPU."""
     state = {"sampler": rng.getstate(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+    states = [state] * world
+    if world > 1:
+        dist.all_gather_object(states, state)
+    return states
 
 
-def set_random_state(state: dict, rng: random.Random, device) -> None:
+def set_random_state(states: list[dict], rank: int, rng: random.Random, device) -> None:
+    """This rank's state of ``random_state`` (the last one where the run had fewer workers)."""
+    state = states[min(rank, len(states) - 1)]
     rng.setstate(state["sampler"])
     torch.set_rng_state(state["torch"].cpu())             # (both setters take CPU byte tensors)
     if device.type == "cuda" and "cuda" in state:
@@ -240,7 +246,7 @@ def train_loop_per_worker(config: dict) -> None:
             step = client["step"]
             if "stream_batches" in client:   # where the streams and the random state were
                 drawn.update(client["stream_batches"])
-                set_random_state(client["random_state"], rng, device)
+                set_random_state(client["random_state"], rank, rng, device)
             if periodic is not None and "periodic_fusion" in client:
                 periodic.load_state_dict(client["periodic_fusion"])
             if hasattr(weighting, "load_client_state") and "weighting" in client:
@@ -269,7 +275,7 @@ def train_loop_per_worker(config: dict) -> None:
                 client["weighting"] = weighting.client_state()
             if task_best is not None:                        # each task's best own parts so far
                 client["task_best"] = task_best.state_dict()
-            client["stream_batches"], client["random_state"] = dict(drawn), random_state(rng, device)
+            client["stream_batches"], client["random_state"] = dict(drawn), random_state(rng, device, world)
             eng.save_checkpoint(engine, Path(tmp), step, rank, tokenizer, config["cfg"], metrics, client,
                                 override=task_best.export() if task_best is not None else None)
             if rank == 0:
