@@ -116,9 +116,8 @@ def runs_for_seed(base: MTLConfig, seed: int, setups: list[tuple[str, str, dict]
     seeded = base.replace(seed=seed, split_seed=seed)
     out, ckpts = {}, {}
 
-    def add(setup: str, runs: list[dict], tasks=TASKS) -> None:
-        out[setup] = {t: m[f"val_{t}"] for m, t in zip(runs, tasks)} if len(runs) > 1 else \
-            {t: runs[0][f"val_{t}"] for t in tasks}
+    def add(setup: str, runs: list[dict]) -> None:      # one run for all tasks, or one per task in TASKS' order
+        out[setup] = {t: runs[i if len(runs) > 1 else 0][f"val_{t}"] for i, t in enumerate(TASKS)}
         ckpts[setup] = [m["best_checkpoint"] for m in runs]
 
     add(SINGLE, [fit_once(seeded.replace(tasks=(t,), name=f"single-{t}-s{seed}", **SUM_LOSS, **PLAIN_ENCODER))
