@@ -93,9 +93,9 @@ RECIPES: dict[str, Recipe] = {
                     "79 min to the early stop at step 1650 (seed 2)"),
                    "validation, bench/quality.py seeds 42/1/2, before keep_task_best: SST 0.511, Quora 0.853, STS 0.881, "
                    "overall 0.768 (+0.007 over mtl, -0.010 against three single-task models on the hour's budget, "
-                   "seed 2); with keep_task_best, seed 2: 0.4941 / 0.8586 / 0.8873, overall 0.7655; seed 42: 0.4965 / "
-                   "0.8644 / 0.8768, 0.7664 (against them: Quora, STS level, SST -0.015 [-0.004, +0.034], "
-                   "raymtl compare); docs/results/quality.md, docs/quality-log.md"),
+                   "seed 2); with keep_task_best, seeds 2 / 42 / 1: overall 0.7655 / 0.7664 / 0.7808, mean 0.5152 / "
+                   "0.8569 / 0.8811 = 0.7709 (against its single-task models on the same budget: Quora, STS level, "
+                   "SST -0.011 [-0.004, +0.026], raymtl compare); docs/results/quality.md, docs/quality-log.md"),
     **{f"single-{t}": Recipe(single_task(t), f"python jobs/mtl.py --preset single-{t}", runtime, expected)
        for t, runtime, expected in (("sst", "3 min", "validation, 5 seeds: SST 0.502"),
                                     ("quora", "4-5 min", "validation, 5 seeds: Quora 0.832"),
