@@ -47,13 +47,13 @@ def main(argv=None) -> int:
     print("|---|---|---|")
     for t in tasks:
         rows = rng.sample(splits[t][0], min(a.batches * cfg.train.batch_size, len(splits[t][0])))
-        losses, norms = [], []
+        losses, norms, mean = [], [], None
         for b in row_batches(model, tokenizer, t, rows, cfg.data.max_length, cfg.train.batch_size):
             loss = task_loss(model.heads[t].kind, model(t, b), b)
             g = task_gradients({t: loss}, shared)[0]
             losses.append(loss.item())
             norms.append(g.norm().item())
-            mean = g if len(norms) == 1 else mean + (g - mean) / len(norms)
+            mean = g if mean is None else mean + (g - mean) / len(norms)
         mean_grads.append(mean)
         print(f"| {t} | " + ", ".join(f"{x:.3f}" for x in losses) + " | " + ", ".join(f"{x:.2f}" for x in norms) + " |")
     G = torch.stack(mean_grads)
